@@ -1,0 +1,49 @@
+# Quick start: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+# Extra pip arguments for torch (e.g. an index URL for a CPU or CUDA build of your choice).
+TORCH_PIP_ARGS ?=
+NPROC ?= 2
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-all test-gpu lint format demo bench-exit-overhead clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PY) -c "import torch, megatron.core, megatron.early_exit; print('venv ready: torch', torch.__version__)"
+	touch $(STAMP)
+
+# Unit + distributed (gloo) tests; `slow` and `gpu` tiers are left out.
+test: venv
+	$(PY) -m pytest -q -m "not slow and not gpu" tests
+
+test-all: venv
+	$(PY) -m pytest -q tests
+
+test-gpu: venv
+	$(PY) -m pytest -q -m gpu tests
+
+lint: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+# Main job on an embedded default: tiny early-exit GPT, PP=2 on 2 CPU processes.
+demo: venv
+	bash examples/demo.sh
+
+bench-exit-overhead: venv
+	$(PY) benchmarks/exit_overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache outputs

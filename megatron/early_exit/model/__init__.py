@@ -1,0 +1,22 @@
+"""Early-exit GPT on megatron-core's GPTModel."""
+
+from megatron.early_exit.model.exit_head import ExitHead
+from megatron.early_exit.model.gpt_model import (
+    EarlyExitGPTModel,
+    ExitForwardOutput,
+    ExitState,
+    build_model,
+    tied_embedding_ranks,
+)
+from megatron.early_exit.model.specs import LayerSpecs, get_layer_specs
+
+__all__ = [
+    "EarlyExitGPTModel",
+    "ExitForwardOutput",
+    "ExitHead",
+    "ExitState",
+    "LayerSpecs",
+    "build_model",
+    "get_layer_specs",
+    "tied_embedding_ranks",
+]

@@ -1,0 +1,25 @@
+"""Packaging: `megatron` is a namespace package shared with the megatron-core wheel."""
+
+from setuptools import find_namespace_packages, setup
+
+setup(
+    name="ee-megatron",
+    version="0.1.0",
+    description="Early-exit LLMs on megatron-core: 3D-parallel training and fast inference",
+    python_requires=">=3.10",
+    packages=find_namespace_packages(include=["megatron.early_exit", "megatron.early_exit.*"]),
+    install_requires=[
+        "megatron-core==0.16.1",
+        "torch>=2.4",
+        "numpy",
+        "sentencepiece",
+        "psutil",
+        "packaging",
+    ],
+    extras_require={
+        # Optional GPU accelerators; used only when they import and work (platform layer).
+        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+        "dev": ["pytest", "ruff", "matplotlib"],
+    },
+    py_modules=["pretrain_early_exit_gpt"],
+)
