@@ -343,6 +343,7 @@ class CheckpointConfig:
     save_interval: int | None = None
     no_load_optim: bool = False
     no_load_rng: bool = False
+    finetune: bool = False  # load weights, restart at iteration 0
 
     def validate(self) -> None:
         if self.save_interval is not None:

@@ -1,0 +1,15 @@
+"""Pipeline schedules with early-exit losses, and exit-loss weight schedules."""
+
+from megatron.early_exit.pipeline.loss_weights import ExitLossWeights
+from megatron.early_exit.pipeline.schedules import (
+    forward_backward_1f1b,
+    forward_backward_no_pipelining,
+    get_forward_backward_func,
+)
+
+__all__ = [
+    "ExitLossWeights",
+    "forward_backward_1f1b",
+    "forward_backward_no_pipelining",
+    "get_forward_backward_func",
+]

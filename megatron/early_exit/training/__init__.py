@@ -1,0 +1,1 @@
+"""Training: distributed start-up, model/optimizer setup, loop, metrics, checkpoints."""

@@ -1,0 +1,204 @@
+"""Reshardable, atomic checkpoints with megatron.core.dist_checkpointing.
+
+Layout on disk:
+    ROOT/iter_0000010/                 one dist checkpoint (model, optimizer, RNG, ...)
+    ROOT/latest_checkpointed_iteration.txt
+
+A save writes into `iter_N.tmp/`, renames it to `iter_N/` once every rank finished, and
+only then rewrites the tracker (temp file + os.replace). A crash at any point leaves the
+previous checkpoint and tracker intact. Model and optimizer state are sharded by global
+tensor, so a checkpoint loads into any TP/PP/DP layout; the RNG state is per rank and is
+restored only into the same layout.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+from megatron.early_exit.training.setup import TrainState
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+_OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_tracker(root: str) -> int:
+    path = os.path.join(root, TRACKER_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint in {root!r}: {TRACKER_FILE} is missing")
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path} is corrupt (expected an iteration number, got {text!r})")
+    return int(text)
+
+
+def _layout() -> dict[str, int]:
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _rng_sharded_object(data) -> ShardedObject:
+    layout = _layout()
+    return ShardedObject(
+        key="rng_state",
+        data=data,
+        global_shape=(layout["pp"], layout["tp"], layout["dp"]),
+        global_offset=(
+            parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_data_parallel_rank(),
+        ),
+        replica_id=0,
+    )
+
+
+def _rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state(
+    state: TrainState, is_loading: bool, with_optimizer: bool, with_rng: bool
+) -> dict:
+    model_sd = state.model.sharded_state_dict()
+    sd = {"model": model_sd}
+    if with_optimizer:
+        sd["optimizer"] = state.optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=_OPTIMIZER_SHARDING
+        )
+    if with_rng:
+        sd["rng_state"] = _rng_sharded_object(_rng_state() if not is_loading else None)
+    return sd
+
+
+def save_checkpoint(root: str, iteration: int, state: TrainState, extra: dict | None = None):
+    rank0 = dist.get_rank() == 0
+    final = checkpoint_dir(root, iteration)
+    tmp = final + ".tmp"
+    if rank0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted save
+        os.makedirs(tmp)
+    dist.barrier()
+    sd = _sharded_state(state, is_loading=False, with_optimizer=True, with_rng=True)
+    sd.update(
+        iteration=iteration,
+        scheduler=state.scheduler.state_dict(),
+        layout=_layout(),
+        extra=extra or {},
+    )
+    dist_checkpointing.save(sd, tmp)
+    dist.barrier()
+    if rank0:
+        old = final + ".old"
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _write_tracker(root, iteration)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def _write_tracker(root: str, iteration: int) -> None:
+    path = os.path.join(root, TRACKER_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(
+    root: str, state: TrainState, load_optimizer: bool = True, load_rng: bool = True
+) -> int:
+    """Load the latest checkpoint under `root` into `state`; return its iteration."""
+    iteration = read_tracker(root)
+    path = checkpoint_dir(root, iteration)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{TRACKER_FILE} points to iteration {iteration} but {path} is missing")
+    common = dist_checkpointing.load_common_state_dict(path)
+    same_layout = common.get("layout") == _layout()
+    if load_optimizer and state.optimizer.config.use_distributed_optimizer:
+        _prepare_distributed_optimizer_for_load(state.optimizer)
+    sd = _sharded_state(
+        state, is_loading=True, with_optimizer=load_optimizer, with_rng=load_rng and same_layout
+    )
+    try:
+        loaded = dist_checkpointing.load(sd, path)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the context users need
+        raise CheckpointError(
+            f"could not load {path}: {exc}. Was it saved from a model with the same "
+            "architecture and exit layers?"
+        ) from exc
+    state.model.load_state_dict(loaded["model"], strict=True)
+    if load_optimizer:
+        with torch.no_grad():  # the distributed optimizer copies into views of leaf params
+            state.optimizer.load_state_dict(loaded["optimizer"])
+        state.scheduler.load_state_dict(loaded["scheduler"])
+    if "rng_state" in loaded:
+        _restore_rng(loaded["rng_state"])
+    return iteration
+
+
+def _prepare_distributed_optimizer_for_load(optimizer) -> None:
+    """Two megatron-core 0.16.1 gaps on the torch.optim.Adam fallback (no apex/TE):
+
+    * torch's Adam has no state before its first step, but DistributedOptimizer's
+      state_dict expects it: materialise it with dummy values before loading.
+    * a fully_reshardable load skips the per-parameter 'step' entry yet copies every key
+      of the Adam state: supply the current 'step' so the copy succeeds.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if not getattr(DistributedOptimizer, "_ee_step_patch", False):
+        original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+        def set_states(self, model_param, tensors):
+            group_index, order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][order]
+            param_state = self.optimizer.state[main_param]
+            if "step" in param_state and "step" not in tensors:
+                tensors = dict(tensors, step=param_state["step"])
+            return original(self, model_param, tensors)
+
+        DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+        DistributedOptimizer._ee_step_patch = True
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer):
+            opt._init_optimizer_states_with_dummy_values()

@@ -1,0 +1,75 @@
+"""Gather per-stage losses to every rank; print one log line and a JSON line on rank 0."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron.early_exit.training.losses import exit_loss_key, lm_loss_key
+
+
+def reduce_losses(
+    per_microbatch: list[dict[str, torch.Tensor]], exit_layers: list[int], device: torch.device
+) -> tuple[float | None, dict[int, float]]:
+    """Mean LM loss and mean loss of EVERY exit over microbatches and DP replicas.
+
+    Each loss lives on the stage that owns it; one all-reduce over the world collects
+    them (TP replicas hold identical values, so only TP rank 0 contributes).
+    """
+    keys = [lm_loss_key()] + [exit_loss_key(n) for n in exit_layers]
+    sums = torch.zeros(2 * len(keys), dtype=torch.float64, device=device)
+    if parallel_state.get_tensor_model_parallel_rank() == 0:
+        for mb in per_microbatch:
+            for i, key in enumerate(keys):
+                if key in mb:
+                    sums[i] += float(mb[key])
+                    sums[len(keys) + i] += 1
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    means = [
+        (sums[i] / sums[len(keys) + i]).item() if sums[len(keys) + i] > 0 else None
+        for i in range(len(keys))
+    ]
+    return means[0], {n: means[1 + i] for i, n in enumerate(exit_layers)}
+
+
+class MetricsWriter:
+    """Rank-0 log lines and JSON lines (`--metrics-file`)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.enabled = not dist.is_initialized() or dist.get_rank() == 0
+        self.path = path
+        if self.enabled and path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        print(format_log_line(record), flush=True)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def format_log_line(record: dict) -> str:
+    parts = [f"{record.get('split', 'train')} iteration {record['iteration']}"]
+    if record.get("lm_loss") is not None:
+        parts.append(f"lm loss {record['lm_loss']:.4f}")
+    exits = record.get("exit_losses") or {}
+    if exits:
+        parts.append(
+            "exit losses " + " ".join(f"L{k}: {v:.4f}" for k, v in exits.items() if v is not None)
+        )
+    if record.get("grad_norm") is not None:
+        parts.append(f"grad norm {record['grad_norm']:.4f}")
+    if record.get("lr") is not None:
+        parts.append(f"lr {record['lr']:.3e}")
+    if record.get("iteration_time_s") is not None:
+        parts.append(f"{1000 * record['iteration_time_s']:.1f} ms/iter")
+    if record.get("tokens_per_s") is not None:
+        parts.append(f"{record['tokens_per_s']:.0f} tokens/s")
+    return " | ".join(parts)

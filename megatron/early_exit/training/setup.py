@@ -1,0 +1,117 @@
+"""Build this rank's model stage, wrap it (precision, DDP), and create optimizer + LR schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
+from megatron.core.utils import get_attr_wrapped_model
+
+from megatron.early_exit.config import EarlyExitTransformerConfig, RunConfig
+from megatron.early_exit.model import EarlyExitGPTModel, build_model
+from megatron.early_exit.platform import Platform
+
+# clip_grad=0 means "do not clip"; megatron-core then skips the grad norm, which we log.
+_NO_CLIP = 1e30
+
+
+@dataclass
+class TrainState:
+    model: torch.nn.Module  # DDP(Float16Module?(EarlyExitGPTModel))
+    optimizer: MegatronOptimizer
+    scheduler: OptimizerParamScheduler
+
+    @property
+    def unwrapped(self) -> EarlyExitGPTModel:
+        return unwrap(self.model)
+
+
+def unwrap(model: torch.nn.Module) -> EarlyExitGPTModel:
+    while not isinstance(model, EarlyExitGPTModel):
+        model = model.module
+    return model
+
+
+def finalize_grads(model_chunks: list[torch.nn.Module]) -> None:
+    """megatron-core's DP/TP/embedding grad finalisation, plus tied exits with an untied head."""
+    finalize_model_grads(model_chunks)
+    for chunk in model_chunks:
+        get_attr_wrapped_model(chunk, "allreduce_tied_exit_grads")()
+
+
+def build_stage_model(
+    run: RunConfig, config: EarlyExitTransformerConfig, platform: Platform, use_te: bool
+) -> torch.nn.Module:
+    model = build_model(
+        config,
+        vocab_size=run.padded_vocab_size(),
+        max_sequence_length=run.model.resolved_max_position_embeddings(),
+        share_embeddings_and_output_weights=not run.model.untie_embeddings_and_output_weights,
+        position_embedding_type=run.model.position_embedding_type,
+        rotary_base=run.model.rotary_base,
+        rotary_percent=run.model.rotary_percent,
+        use_te=use_te,
+    )
+    model.to(platform.device())
+    if config.fp16 or config.bf16:
+        model = Float16Module(config, model)
+    return model
+
+
+def setup_training(
+    run: RunConfig, config: EarlyExitTransformerConfig, platform: Platform, use_te: bool
+) -> TrainState:
+    model = build_stage_model(run, config, platform, use_te)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=run.parallel.use_distributed_optimizer,
+    )
+    model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    config.finalize_model_grads_func = finalize_grads
+
+    t = run.training
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad if t.clip_grad > 0 else _NO_CLIP,
+            bf16=t.bf16,
+            fp16=t.fp16,
+            params_dtype=t.params_dtype,
+            loss_scale=t.loss_scale,
+            initial_loss_scale=t.initial_loss_scale,
+            use_distributed_optimizer=run.parallel.use_distributed_optimizer,
+        ),
+        [model],
+    )
+    if t.fp16:
+        config.grad_scale_func = optimizer.scale_loss
+    decay_iters = t.lr_decay_iters or max(t.train_iters, 1)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if t.lr_warmup_iters > 0 else t.lr,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.lr_warmup_iters,
+        lr_decay_steps=max(decay_iters, t.lr_warmup_iters + 1),
+        lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=max(t.train_iters, 1),
+        wd_incr_style="constant",
+    )
+    return TrainState(model=model, optimizer=optimizer, scheduler=scheduler)

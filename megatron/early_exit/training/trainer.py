@@ -1,0 +1,133 @@
+"""The training loop over the library: data -> schedule -> optimizer -> metrics/checkpoints."""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron.early_exit.config import RunConfig, build_transformer_config
+from megatron.early_exit.data import MockGPTDataset, microbatch_iterator
+from megatron.early_exit.pipeline import ExitLossWeights, get_forward_backward_func
+from megatron.early_exit.platform import Platform
+from megatron.early_exit.training import checkpointing
+from megatron.early_exit.training.initialize import initialize_distributed
+from megatron.early_exit.training.losses import make_loss_func
+from megatron.early_exit.training.metrics import MetricsWriter, reduce_losses
+from megatron.early_exit.training.setup import TrainState, setup_training
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, platform: Platform, use_te: bool = False) -> None:
+        self.run = run
+        self.platform = platform
+        self.device = platform.device()
+        self.config = build_transformer_config(run, use_te=use_te)
+        initialize_distributed(run, self.config, platform)
+        self.state: TrainState = setup_training(run, self.config, platform, use_te)
+        self.dataset = MockGPTDataset(run.data.vocab_size, run.model.seq_length, run.training.seed)
+        self.exit_weights = ExitLossWeights(run.exits)
+        self.writer = MetricsWriter(run.logging.metrics_file)
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.num_microbatches = run.training.num_microbatches(self.dp_size)
+        self.global_batch_size = run.training.resolved_global_batch_size(self.dp_size)
+        self.iteration = 0
+        ck = run.checkpoint
+        if ck.load:
+            self.iteration = checkpointing.load_checkpoint(
+                ck.load, self.state, load_optimizer=not ck.no_load_optim, load_rng=not ck.no_load_rng
+            )
+            if ck.finetune:
+                self.iteration = 0
+        self._last_saved = self.iteration if ck.load and ck.load == ck.save else None
+
+    # ------------------------------------------------------------------ one step
+    def _forward_step(self, exit_weights, data_iterator, model):
+        batch = next(data_iterator).to(self.device)
+        output = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
+        loss_func = make_loss_func(
+            batch, self.state.unwrapped, exit_weights, self.run.exits.use_dynamic_exit_layer_weight
+        )
+        return output, loss_func
+
+    def _microbatches(self, iteration: int):
+        return microbatch_iterator(
+            self.dataset,
+            iteration,
+            self.global_batch_size,
+            self.run.training.micro_batch_size,
+            self.dp_rank,
+            self.dp_size,
+        )
+
+    def train_step(self, iteration: int) -> dict:
+        state = self.state
+        start = time.perf_counter()
+        state.model.zero_grad_buffer()
+        state.optimizer.zero_grad()
+        weights = self.exit_weights.at(iteration)
+        per_microbatch = get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, weights),
+            data_iterator=self._microbatches(iteration),
+            model=state.model,
+            num_microbatches=self.num_microbatches,
+            seq_length=self.run.model.seq_length,
+            micro_batch_size=self.run.training.micro_batch_size,
+            config=self.config,
+        )
+        lr = state.optimizer.param_groups[0]["lr"]
+        success, grad_norm, _ = state.optimizer.step()
+        if success:
+            state.scheduler.step(increment=1)
+        lm_loss, exit_losses = reduce_losses(
+            per_microbatch, self.run.exits.exit_layer_nums, self.device
+        )
+        elapsed = time.perf_counter() - start
+        return {
+            "split": "train",
+            "iteration": iteration + 1,
+            "lm_loss": lm_loss,
+            "exit_losses": {str(k): v for k, v in exit_losses.items()},
+            "exit_weights": {str(k): v for k, v in weights.items()},
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "update_successful": bool(success),
+            "lr": lr,
+            "iteration_time_s": elapsed,
+            "tokens_per_s": self.global_batch_size * self.run.model.seq_length / elapsed,
+        }
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> list[dict]:
+        records = []
+        t = self.run.training
+        ck = self.run.checkpoint
+        while self.iteration < t.train_iters:
+            record = self.train_step(self.iteration)
+            self.iteration += 1
+            records.append(record)
+            if self.iteration % self.run.logging.log_interval == 0 or self.iteration == t.train_iters:
+                self.writer.log(record)
+            if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
+                self.save()
+        if ck.save and self._last_saved != self.iteration:
+            self.save()
+        return records
+
+    def save(self) -> None:
+        checkpointing.save_checkpoint(
+            self.run.checkpoint.save, self.iteration, self.state, extra={"run": _summary(self.run)}
+        )
+        self._last_saved = self.iteration
+        if dist.get_rank() == 0:
+            print(f"saved checkpoint iteration {self.iteration} to {self.run.checkpoint.save}")
+
+
+def _summary(run: RunConfig) -> dict:
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(run).items() if k in ("model", "exits", "data")}
+
+

@@ -1,0 +1,39 @@
+"""Pretrain an early-exit GPT. Launch with torchrun, e.g.
+
+    torchrun --nproc-per-node 2 pretrain_early_exit_gpt.py --mock-data --vocab-size 256 \
+        --pipeline-model-parallel-size 2 --exit-layer-nums 1 3 --train-iters 20
+"""
+
+import sys
+
+
+def main(argv=None) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    import megatron.early_exit  # noqa: F401  (guards broken GPU accelerators first)
+    from megatron.early_exit.arguments import parse_run_config
+    from megatron.early_exit.config import ConfigError
+    from megatron.early_exit.platform import init_platform
+    from megatron.early_exit.training.initialize import destroy_distributed, world_size_from_env
+
+    platform = init_platform()
+    try:
+        run = parse_run_config(argv, world_size_from_env(), device_is_cuda=platform.is_cuda)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    from megatron.early_exit.model.specs import transformer_engine_usable
+    from megatron.early_exit.training.trainer import Trainer
+
+    trainer = Trainer(run, platform, use_te=transformer_engine_usable(platform.is_cuda))
+    try:
+        trainer.train()
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":  # dist_checkpointing starts spawn-based helpers: keep this guard
+    sys.exit(main())
