@@ -95,7 +95,8 @@ def _restore_rng(state: dict) -> None:
 def _sharded_state(
     state: TrainState, is_loading: bool, with_optimizer: bool, with_rng: bool
 ) -> dict:
-    model_sd = state.model.sharded_state_dict()
+    # Keys from the bare model: independent of DDP/Float16Module wrapping.
+    model_sd = state.unwrapped.sharded_state_dict()
     sd = {"model": model_sd}
     if with_optimizer:
         sd["optimizer"] = state.optimizer.sharded_state_dict(
@@ -115,11 +116,14 @@ def save_checkpoint(root: str, iteration: int, state: TrainState, extra: dict | 
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted save
         os.makedirs(tmp)
     dist.barrier()
-    sd = _sharded_state(state, is_loading=False, with_optimizer=True, with_rng=True)
+    # Before the first step torch's Adam has no state to save (e.g. an initial checkpoint).
+    with_optimizer = _optimizer_has_state(state.optimizer)
+    sd = _sharded_state(state, is_loading=False, with_optimizer=with_optimizer, with_rng=True)
     sd.update(
         iteration=iteration,
         scheduler=state.scheduler.state_dict(),
         layout=_layout(),
+        has_optimizer=with_optimizer,
         extra=extra or {},
     )
     dist_checkpointing.save(sd, tmp)
@@ -154,6 +158,8 @@ def load_checkpoint(
         raise CheckpointError(f"{TRACKER_FILE} points to iteration {iteration} but {path} is missing")
     common = dist_checkpointing.load_common_state_dict(path)
     same_layout = common.get("layout") == _layout()
+    if not common.get("has_optimizer", True):
+        load_optimizer = False  # saved before the first optimizer step
     if load_optimizer and state.optimizer.config.use_distributed_optimizer:
         _prepare_distributed_optimizer_for_load(state.optimizer)
     sd = _sharded_state(
@@ -166,7 +172,7 @@ def load_checkpoint(
             f"could not load {path}: {exc}. Was it saved from a model with the same "
             "architecture and exit layers?"
         ) from exc
-    state.model.load_state_dict(loaded["model"], strict=True)
+    state.unwrapped.load_state_dict(loaded["model"], strict=True)
     if load_optimizer:
         with torch.no_grad():  # the distributed optimizer copies into views of leaf params
             state.optimizer.load_state_dict(loaded["optimizer"])
@@ -174,6 +180,16 @@ def load_checkpoint(
     if "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])
     return iteration
+
+
+def _optimizer_has_state(optimizer) -> bool:
+    local = any(
+        len(inner.optimizer.state) > 0
+        for inner in getattr(optimizer, "chained_optimizers", [optimizer])
+    )
+    flag = torch.tensor([1.0 if local else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank must agree
+    return bool(flag.item())
 
 
 def _prepare_distributed_optimizer_for_load(optimizer) -> None:
