@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-size", type=int, default=2)
     g.add_argument("--global-batch-size", type=int, default=None)
     g.add_argument("--train-iters", type=int, default=10)
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop after an iteration divisible by this (saving if --save)")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine")
@@ -178,6 +180,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
             micro_batch_size=args.micro_batch_size,
             global_batch_size=args.global_batch_size,
             train_iters=args.train_iters,
+            exit_interval=args.exit_interval,
             lr=args.lr,
             min_lr=args.min_lr,
             lr_decay_style=args.lr_decay_style,

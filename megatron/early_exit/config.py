@@ -255,6 +255,7 @@ class TrainingConfig:
     micro_batch_size: int = 2
     global_batch_size: int | None = None  # default: micro batch x data-parallel size
     train_iters: int = 10
+    exit_interval: int | None = None  # stop (and save) once iteration % exit_interval == 0
     lr: float = 1e-3
     min_lr: float = 0.0
     lr_decay_style: str = "cosine"
@@ -300,6 +301,9 @@ class TrainingConfig:
             f"{self.micro_batch_size * data_parallel_size}",
         )
         _require(self.train_iters >= 0, "--train-iters must be >= 0")
+        _require(
+            self.exit_interval is None or self.exit_interval > 0, "--exit-interval must be > 0"
+        )
         _require(self.lr >= 0 and self.min_lr >= 0, "--lr and --min-lr must be >= 0")
         _require(self.min_lr <= self.lr, f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
         _require(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 
 import numpy as np
 import torch
@@ -107,8 +108,35 @@ def _sharded_state(
     return sd
 
 
+def _die_with_parent() -> None:
+    """Runs in the results-queue manager process: exit when the trainer dies (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _ensure_results_queue_dies_with_us() -> None:
+    """dist_checkpointing lazily spawns a multiprocessing Manager for its write results.
+    If the trainer is killed, that manager outlives it (holding the job's stdout/stderr
+    open). Start it ourselves with a parent-death signal instead."""
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=_die_with_parent)
+        filesystem_async._results_queue = manager.Queue()
+        filesystem_async._ee_results_manager = manager  # keep it referenced
+
+
 def save_checkpoint(root: str, iteration: int, state: TrainState, extra: dict | None = None):
     rank0 = dist.get_rank() == 0
+    _ensure_results_queue_dies_with_us()
     final = checkpoint_dir(root, iteration)
     tmp = final + ".tmp"
     if rank0:
@@ -127,6 +155,7 @@ def save_checkpoint(root: str, iteration: int, state: TrainState, extra: dict | 
         extra=extra or {},
     )
     dist_checkpointing.save(sd, tmp)
+    _maybe_inject_fault(iteration)
     dist.barrier()
     if rank0:
         old = final + ".old"
@@ -136,6 +165,16 @@ def save_checkpoint(root: str, iteration: int, state: TrainState, extra: dict | 
         _write_tracker(root, iteration)
         shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
+
+
+def _maybe_inject_fault(iteration: int) -> None:
+    """EE_FAULT_INJECT=kill_during_save[:ITER] SIGKILLs this process mid-save (tests only)."""
+    spec = os.environ.get("EE_FAULT_INJECT", "")
+    if not spec.startswith("kill_during_save"):
+        return
+    _, _, at = spec.partition(":")
+    if not at or int(at) == iteration:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_tracker(root: str, iteration: int) -> None:
@@ -176,6 +215,8 @@ def load_checkpoint(
     if load_optimizer:
         with torch.no_grad():  # the distributed optimizer copies into views of leaf params
             state.optimizer.load_state_dict(loaded["optimizer"])
+        if state.optimizer.config.use_distributed_optimizer:
+            _restore_adam_steps(state.optimizer, loaded["optimizer"])
         state.scheduler.load_state_dict(loaded["scheduler"])
     if "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])
@@ -190,6 +231,28 @@ def _optimizer_has_state(optimizer) -> bool:
     flag = torch.tensor([1.0 if local else 0.0])
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank must agree
     return bool(flag.item())
+
+
+def _restore_adam_steps(optimizer, loaded: dict) -> None:
+    """Set torch Adam's per-parameter 'step' from the checkpoint's param groups.
+
+    The fully reshardable format keeps the step count only in the param groups; on the
+    torch.optim.Adam fallback megatron-core 0.16.1 does not copy it back, which would
+    silently restart Adam's bias correction.
+    """
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    per_optimizer = [loaded] if "optimizer" in loaded else [loaded[i] for i in sorted(loaded)]
+    for inner, sd in zip(inners, per_optimizer):
+        steps = {g["step"] for g in sd["optimizer"]["param_groups"] if "step" in g}
+        if len(steps) != 1:
+            continue
+        step = float(steps.pop())
+        for param_state in inner.optimizer.state.values():
+            if "step" in param_state:
+                old = param_state["step"]
+                param_state["step"] = (
+                    torch.full_like(old, step) if torch.is_tensor(old) else type(old)(step)
+                )
 
 
 def _prepare_distributed_optimizer_for_load(optimizer) -> None:

@@ -112,6 +112,8 @@ class Trainer:
                 self.writer.log(record)
             if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
                 self.save()
+            if t.exit_interval and self.iteration % t.exit_interval == 0:
+                break
         if ck.save and self._last_saved != self.iteration:
             self.save()
         return records

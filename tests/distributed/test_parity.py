@@ -1,0 +1,81 @@
+"""Same lm loss, every exit loss and grad norm in every TP/PP/DP/SP layout.
+
+All layouts start from one reference checkpoint made by a single process, then train a
+few iterations on the same mock samples (deterministic per global sample index).
+"""
+
+import pytest
+
+from tests.distributed.launch import ENTRY, TINY, assert_close_records, layout_args, torchrun, train
+
+pytestmark = pytest.mark.distributed
+
+# 4 layers, exits at 1 and 3 with exit norms and untied heads (the acceptance model).
+UNTIED = [*TINY, "--exit-layer-nums", "1", "3", "--use-exit-norm", "--untie-exit-output-weights"]
+# Llama-style backbone with tied exit heads and an untied LM head: the middle/last stages
+# hold copies of the word embeddings that must stay in sync.
+LLAMA_TIED = [
+    *TINY, "--exit-layer-nums", "2", "3", "--use-exit-norm", "--use-exit-mlp",
+    "--normalization", "RMSNorm", "--position-embedding-type", "rope", "--swiglu",
+    "--group-query-attention", "--num-query-groups", "2",
+    "--untie-embeddings-and-output-weights", "--disable-bias-linear",
+]  # fmt: skip
+# GPT-2 style, everything tied: exits on a middle stage share megatron's embedding group.
+GPT2_TIED = [*TINY, "--exit-layer-nums", "2", "3"]
+ITERS = ["--train-iters", "2", "--no-load-optim", "--finetune"]
+
+
+def _reference(tmp_path_factory, name, model_args):
+    ckpt = tmp_path_factory.mktemp(name) / "ckpt"
+    torchrun(1, ENTRY, [*model_args, "--train-iters", "0", "--save", str(ckpt)])
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def untied_ref(tmp_path_factory):
+    ckpt = _reference(tmp_path_factory, "untied", UNTIED)
+    base = train(1, [*UNTIED, *ITERS, "--load", str(ckpt)], ckpt.parent / "tp1pp1.jsonl")
+    return ckpt, base
+
+
+@pytest.mark.parametrize(
+    "nproc,tp,pp,sp,distopt",
+    [
+        (2, 2, 1, False, False),
+        (2, 1, 2, False, False),
+        (4, 2, 2, False, False),
+        (4, 1, 2, False, False),  # TP1 PP2 DP2
+        (2, 2, 1, True, False),  # TP2 + sequence parallel
+        (4, 1, 2, False, True),  # PP2 DP2 + distributed optimizer
+    ],
+    ids=["tp2", "pp2", "tp2pp2", "pp2dp2", "tp2sp", "pp2dp2-distopt"],
+)
+def test_parity_untied_exits(untied_ref, tmp_path, nproc, tp, pp, sp, distopt):
+    ckpt, base = untied_ref
+    assert len(base) == 2 and all(r["lm_loss"] > 0 for r in base)
+    got = train(
+        nproc,
+        [*UNTIED, *ITERS, "--load", str(ckpt), *layout_args(tp, pp, sp, distopt)],
+        tmp_path / "m.jsonl",
+    )
+    assert_close_records(base, got, rel=1e-5, label=f"TP{tp}PP{pp}x{nproc}")
+
+
+@pytest.mark.parametrize(
+    "name,model_args,layouts",
+    [
+        ("llama", LLAMA_TIED, [(4, 1, 4), (4, 2, 2)]),
+        ("gpt2", GPT2_TIED, [(4, 1, 4)]),
+    ],
+)
+def test_parity_tied_exits_across_stages(tmp_path_factory, tmp_path, name, model_args, layouts):
+    """Tied exit heads on stages without the embedding (PP=4: exits on middle stages)."""
+    ckpt = _reference(tmp_path_factory, name, model_args)
+    base = train(1, [*model_args, *ITERS, "--load", str(ckpt)], tmp_path / "base.jsonl")
+    for nproc, tp, pp in layouts:
+        got = train(
+            nproc,
+            [*model_args, *ITERS, "--load", str(ckpt), *layout_args(tp, pp)],
+            tmp_path / f"tp{tp}pp{pp}.jsonl",
+        )
+        assert_close_records(base, got, rel=1e-5, label=f"{name} TP{tp}PP{pp}")
