@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument(
-        "--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute"
+        "--position-embedding-type",
+        choices=["learned_absolute", "rope"],
+        default="learned_absolute",
     )
     g.add_argument("--rotary-base", type=int, default=10000)
     g.add_argument("--rotary-percent", type=float, default=1.0)
@@ -54,8 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
 
     g = p.add_argument_group("early exit")
-    g.add_argument("--exit-layer-nums", type=int, nargs="+", default=[],
-                   help="1-based layers that get an exit (after the layer; before with --pre-exit)")
+    g.add_argument(
+        "--exit-layer-nums",
+        type=int,
+        nargs="+",
+        default=[],
+        help="1-based layers that get an exit (after the layer; before with --pre-exit)",
+    )
     g.add_argument("--pre-exit", action="store_true")
     g.add_argument("--use-exit-norm", action="store_true")
     g.add_argument("--use-exit-mlp", action="store_true")
@@ -65,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-layer-weight", type=float, nargs="+", default=[])
     g.add_argument("--exit-layer-weight-init", type=float, nargs="+", default=[])
     g.add_argument("--exit-layer-weight-warmup-iters", type=int, default=0)
-    g.add_argument("--exit-layer-weight-warmup-style", choices=["linear", "cosine"],
-                   default="linear")
+    g.add_argument(
+        "--exit-layer-weight-warmup-style", choices=["linear", "cosine"], default="linear"
+    )
     g.add_argument("--use-dynamic-exit-layer-weight", action="store_true")
 
     g = p.add_argument_group("parallelism")
@@ -81,8 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-size", type=int, default=2)
     g.add_argument("--global-batch-size", type=int, default=None)
     g.add_argument("--train-iters", type=int, default=10)
-    g.add_argument("--exit-interval", type=int, default=None,
-                   help="stop after an iteration divisible by this (saving if --save)")
+    g.add_argument(
+        "--exit-interval",
+        type=int,
+        default=None,
+        help="stop after an iteration divisible by this (saving if --save)",
+    )
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine")
@@ -120,7 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
     vpp = None
-    if args.num_layers_per_virtual_pipeline_stage is not None:
+    pp = args.pipeline_model_parallel_size
+    if (
+        args.num_layers_per_virtual_pipeline_stage is not None
+        and pp > 0
+        and args.num_layers % pp == 0
+    ):
         per_stage = args.num_layers // max(args.pipeline_model_parallel_size, 1)
         n = args.num_layers_per_virtual_pipeline_stage
         if n <= 0 or per_stage % n:

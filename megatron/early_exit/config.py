@@ -65,6 +65,11 @@ class ExitConfig:
                 f"1..{num_layers} (layer numbers are 1-based)",
             )
         _require(len(set(nums)) == len(nums), f"--exit-layer-nums has duplicates: {nums}")
+        if not nums:
+            _require(
+                not (self.exit_layer_weight or self.exit_layer_weight_init),
+                "exit layer weights given but no --exit-layer-nums",
+            )
         _require(nums == sorted(nums), f"--exit-layer-nums must be increasing, got {nums}")
         n = len(nums)
         if self.exit_layer_weight:
@@ -88,7 +93,9 @@ class ExitConfig:
                 f"{len(self.exit_layer_temperature)}",
             )
             for t in self.exit_layer_temperature:
-                _require(t > 0, f"--exit-layer-temperature must be > 0, got {t}")
+                _require(
+                    t > 0 and math.isfinite(t), f"--exit-layer-temperature must be > 0, got {t}"
+                )
         _require(
             self.exit_layer_weight_warmup_style in ("linear", "cosine"),
             "--exit-layer-weight-warmup-style must be 'linear' or 'cosine', got "
@@ -103,10 +110,9 @@ class ExitConfig:
                 bool(self.exit_layer_weight_init),
                 "--exit-layer-weight-warmup-iters needs --exit-layer-weight-init (start values)",
             )
-        if n == 0:
-            _require(
-                not (self.exit_layer_weight or self.exit_layer_weight_init),
-                "exit layer weights given but no --exit-layer-nums",
+        elif self.exit_layer_weight_init:
+            raise ConfigError(
+                "--exit-layer-weight-init has no effect without --exit-layer-weight-warmup-iters"
             )
 
 
@@ -201,6 +207,10 @@ class ModelConfig:
             "dropout probabilities must be in [0, 1)",
         )
         _require(self.make_vocab_size_divisible_by > 0, "--make-vocab-size-divisible-by > 0")
+        _require(0.0 < self.rotary_percent <= 1.0, "--rotary-percent must be in (0, 1]")
+        _require(self.init_method_std > 0, "--init-method-std must be > 0")
+        if self.num_query_groups is not None and not self.group_query_attention:
+            raise ConfigError("--num-query-groups needs --group-query-attention")
 
 
 @dataclass
@@ -215,7 +225,9 @@ class ParallelConfig:
 
     @property
     def data_parallel_size(self) -> int:
-        return self.world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+        return self.world_size // (
+            self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        )
 
     def validate(self, num_layers: int) -> None:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
@@ -312,6 +324,16 @@ class TrainingConfig:
         )
         _require(self.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
         _require(self.clip_grad >= 0, "--clip-grad must be >= 0 (0 disables clipping)")
+        _require(self.weight_decay >= 0, "--weight-decay must be >= 0")
+        for name, beta in (("--adam-beta1", self.adam_beta1), ("--adam-beta2", self.adam_beta2)):
+            _require(0.0 <= beta < 1.0, f"{name} must be in [0, 1), got {beta}")
+        _require(self.adam_eps > 0, "--adam-eps must be > 0")
+        _require(
+            self.lr_decay_iters is None or self.lr_decay_iters > 0, "--lr-decay-iters must be > 0"
+        )
+        _require(self.seed >= 0, "--seed must be >= 0")
+        _require(self.loss_scale is None or self.loss_scale > 0, "--loss-scale must be > 0")
+        _require(self.initial_loss_scale > 0, "--initial-loss-scale must be > 0")
         _require(not (self.bf16 and self.fp16), "--bf16 and --fp16 are mutually exclusive")
         if (self.bf16 or self.fp16) and not device_is_cuda:
             raise ConfigError(

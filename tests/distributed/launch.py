@@ -50,9 +50,7 @@ def torchrun(
     return proc
 
 
-def train(
-    nproc: int, args: list[str], metrics_file: Path, env: dict | None = None
-) -> list[dict]:
+def train(nproc: int, args: list[str], metrics_file: Path, env: dict | None = None) -> list[dict]:
     torchrun(nproc, ENTRY, [*args, "--metrics-file", str(metrics_file)], env=env)
     return read_metrics(metrics_file)
 
@@ -75,9 +73,10 @@ def assert_close_records(a: list[dict], b: list[dict], rel: float, label: str) -
     assert len(a) == len(b), f"{label}: {len(a)} vs {len(b)} records"
     for ra, rb in zip(a, b):
         assert ra["iteration"] == rb["iteration"]
-        pairs = [("lm_loss", ra["lm_loss"], rb["lm_loss"]), ("grad_norm", ra["grad_norm"], rb["grad_norm"])]
+        pairs = [(k, ra[k], rb[k]) for k in ("lm_loss", "grad_norm")]
         assert ra["exit_losses"].keys() == rb["exit_losses"].keys(), label
-        pairs += [(f"exit {k}", ra["exit_losses"][k], rb["exit_losses"][k]) for k in ra["exit_losses"]]
+        for k in ra["exit_losses"]:
+            pairs.append((f"exit {k}", ra["exit_losses"][k], rb["exit_losses"][k]))
         for name, x, y in pairs:
             assert x is not None and y is not None, f"{label}: {name} missing"
             assert abs(x - y) <= rel * max(abs(x), abs(y)), (

@@ -9,7 +9,7 @@ import sys
 
 
 def main() -> None:
-    import megatron.early_exit  # noqa: F401
+    import megatron.early_exit  # noqa: F401, I001  (first: guards broken accelerators)
     from megatron.core import parallel_state
 
     from megatron.early_exit.arguments import parse_run_config

@@ -6,6 +6,8 @@ training script uses, and must fail before any process group exists.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -70,7 +72,7 @@ CASES = [
         "exit-weight-without-exits",
         _with_base("--exit-layer-weight", "0.5"),
         1,
-        ["--exit-layer-weight has 1 values but there are 0 exits"],
+        ["exit layer weights given but no --exit-layer-nums"],
     ),
     (
         "exit-weight-init-count",
@@ -383,3 +385,24 @@ def test_valid_config_parses(world_size, extra, dp, gbs, num_microbatches):
     assert run.exits.num_exits == 2
     # Vocabulary padded so each of the 2 TP shards gets the same share.
     assert run.padded_vocab_size() == 256
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--exit-layer-nums", "1", "--exit-layer-weight-init", "0.5"], "no effect without"),
+        (["--exit-layer-nums", "1", "--exit-layer-temperature", "inf"], "must be > 0"),
+        (["--num-query-groups", "2"], "needs --group-query-attention"),
+        (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+        (["--adam-beta1", "2"], "--adam-beta1 must be in [0, 1)"),
+        (["--lr-decay-iters", "-5"], "--lr-decay-iters must be > 0"),
+        (["--rotary-percent", "0"], "--rotary-percent must be in (0, 1]"),
+        (["--seed", "-1"], "--seed must be >= 0"),
+        (["--loss-scale", "-1"], "--loss-scale must be > 0"),
+        (["--initial-loss-scale", "0"], "--initial-loss-scale must be > 0"),
+    ],
+)
+def test_out_of_range_values_are_refused(argv, needle):
+    base = ["--mock-data", "--vocab-size", "128"]
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        parse_run_config([*base, *argv], 1)

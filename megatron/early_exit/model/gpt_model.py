@@ -357,4 +357,3 @@ def build_model(
         rotary_base=rotary_base,
         rotary_percent=rotary_percent,
     )
-

@@ -227,7 +227,9 @@ def forward_backward_1f1b(
                 input_tensor = None
                 p2p.send_backward(input_grad, first)
             else:
-                input_tensor = requires_grad(p2p.send_backward_recv_forward(input_grad, shape, first))
+                input_tensor = requires_grad(
+                    p2p.send_backward_recv_forward(input_grad, shape, first)
+                )
 
         if not forward_only:
             for _ in range(num_warmup):

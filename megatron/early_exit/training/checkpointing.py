@@ -43,7 +43,8 @@ def read_tracker(root: str) -> int:
     path = os.path.join(root, TRACKER_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint in {root!r}: {TRACKER_FILE} is missing")
-    text = open(path).read().strip()
+    with open(path) as f:
+        text = f.read().strip()
     if not text.isdigit():
         raise CheckpointError(f"{path} is corrupt (expected an iteration number, got {text!r})")
     return int(text)
@@ -194,7 +195,9 @@ def load_checkpoint(
     iteration = read_tracker(root)
     path = checkpoint_dir(root, iteration)
     if not os.path.isdir(path):
-        raise CheckpointError(f"{TRACKER_FILE} points to iteration {iteration} but {path} is missing")
+        raise CheckpointError(
+            f"{TRACKER_FILE} points to iteration {iteration} but {path} is missing"
+        )
     common = dist_checkpointing.load_common_state_dict(path)
     same_layout = common.get("layout") == _layout()
     if not common.get("has_optimizer", True):

@@ -38,7 +38,10 @@ class Trainer:
         ck = run.checkpoint
         if ck.load:
             self.iteration = checkpointing.load_checkpoint(
-                ck.load, self.state, load_optimizer=not ck.no_load_optim, load_rng=not ck.no_load_rng
+                ck.load,
+                self.state,
+                load_optimizer=not ck.no_load_optim,
+                load_rng=not ck.no_load_rng,
             )
             if ck.finetune:
                 self.iteration = 0
@@ -108,7 +111,10 @@ class Trainer:
             record = self.train_step(self.iteration)
             self.iteration += 1
             records.append(record)
-            if self.iteration % self.run.logging.log_interval == 0 or self.iteration == t.train_iters:
+            if (
+                self.iteration % self.run.logging.log_interval == 0
+                or self.iteration == t.train_iters
+            ):
                 self.writer.log(record)
             if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
                 self.save()
@@ -131,5 +137,3 @@ def _summary(run: RunConfig) -> dict:
     from dataclasses import asdict
 
     return {k: v for k, v in asdict(run).items() if k in ("model", "exits", "data")}
-
-
