@@ -10,7 +10,11 @@ import sys
 def main(argv=None) -> int:
     import warnings
 
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    # megatron-core and torch.distributed.checkpoint warn on every CPU run about optional
+    # fused kernels and deprecated internals they call themselves; keep the log readable.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed.*")
     import megatron.early_exit  # noqa: F401  (guards broken GPU accelerators first)
     from megatron.early_exit.arguments import parse_run_config
     from megatron.early_exit.config import ConfigError
