@@ -22,6 +22,13 @@ LLAMA_TIED = [
 ]  # fmt: skip
 # GPT-2 style, everything tied: exits on a middle stage share megatron's embedding group.
 GPT2_TIED = [*TINY, "--exit-layer-nums", "2", "3"]
+# Every head option at once: pre-exits (the stage-1 exit reads the received activation),
+# exit blocks and MLPs, temperature, dynamic per-token weights, custom weights.
+ALL_HEAD_OPTIONS = [
+    *TINY, "--exit-layer-nums", "1", "3", "--pre-exit", "--use-exit-block", "--use-exit-mlp",
+    "--use-exit-norm", "--exit-layer-temperature", "2.0", "--use-dynamic-exit-layer-weight",
+    "--exit-layer-weight", "0.3", "0.7", "--untie-exit-output-weights",
+]  # fmt: skip
 ITERS = ["--train-iters", "2", "--no-load-optim", "--finetune"]
 
 
@@ -66,10 +73,12 @@ def test_parity_untied_exits(untied_ref, tmp_path, nproc, tp, pp, sp, distopt):
     [
         ("llama", LLAMA_TIED, [(4, 1, 4), (4, 2, 2)]),
         ("gpt2", GPT2_TIED, [(4, 1, 4)]),
+        ("heads", ALL_HEAD_OPTIONS, [(2, 1, 2), (2, 2, 1)]),
     ],
 )
-def test_parity_tied_exits_across_stages(tmp_path_factory, tmp_path, name, model_args, layouts):
-    """Tied exit heads on stages without the embedding (PP=4: exits on middle stages)."""
+def test_parity_across_stages(tmp_path_factory, tmp_path, name, model_args, layouts):
+    """Tied exit heads on stages without the embedding (PP=4: exits on middle stages),
+    and every exit-head option."""
     ckpt = _reference(tmp_path_factory, name, model_args)
     base = train(1, [*model_args, *ITERS, "--load", str(ckpt)], tmp_path / "base.jsonl")
     for nproc, tp, pp in layouts:

@@ -314,9 +314,9 @@ class EarlyExitGPTModel(GPTModel):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token cross entropy [b, s] and the exit's detached max probability [b, s]."""
         logits = self.exit_logits(layer_number, state)
-        loss = self.compute_language_model_loss(labels, logits)
-        with torch.no_grad():
+        with torch.no_grad():  # before the loss: megatron's vocab-parallel CE works in place
             max_prob = vocab_parallel_max_prob(logits.float()).transpose(0, 1)
+        loss = self.compute_language_model_loss(labels, logits)
         return loss, max_prob
 
 
