@@ -13,11 +13,10 @@ VOCAB, SEQ, BATCH = 256, 16, 2
 @pytest.fixture(scope="module")
 def dist_world():
     import torch.distributed as dist
-
-    import megatron.early_exit  # noqa: F401
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+    import megatron.early_exit  # noqa: F401
     from megatron.early_exit.platform import init_platform
 
     init_platform(force_cpu=True)
@@ -42,9 +41,7 @@ def _model(**exit_kwargs):
     run.exits = ExitConfig(**exit_kwargs)
     run.validate()
     torch.manual_seed(0)
-    model = build_model(
-        build_transformer_config(run), VOCAB, SEQ, True, "learned_absolute"
-    ).eval()
+    model = build_model(build_transformer_config(run), VOCAB, SEQ, True, "learned_absolute").eval()
     return model
 
 
@@ -100,9 +97,7 @@ def test_temperature_divides_logits_and_max_prob_is_softmax_max(dist_world):
 
     tokens, positions = _inputs()
     plain = _model(exit_layer_nums=[2], untie_exit_output_weights=True)
-    hot = _model(
-        exit_layer_nums=[2], untie_exit_output_weights=True, exit_layer_temperature=[4.0]
-    )
+    hot = _model(exit_layer_nums=[2], untie_exit_output_weights=True, exit_layer_temperature=[4.0])
     hot.load_state_dict(plain.state_dict())
     state = plain(tokens, positions, None).exit_states[2]
     a = plain.exit_logits(2, state)
