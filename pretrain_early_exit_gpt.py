@@ -29,11 +29,15 @@ def main(argv=None) -> int:
         return 2
 
     from megatron.early_exit.model.specs import transformer_engine_usable
+    from megatron.early_exit.training.checkpointing import CheckpointError
     from megatron.early_exit.training.trainer import Trainer
 
-    trainer = Trainer(run, platform, use_te=transformer_engine_usable(platform.is_cuda))
     try:
+        trainer = Trainer(run, platform, use_te=transformer_engine_usable(platform.is_cuda))
         trainer.train()
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
         destroy_distributed()
     return 0

@@ -443,6 +443,8 @@ def build_transformer_config(run: RunConfig, use_te: bool = False) -> EarlyExitT
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         sequence_parallel=p.sequence_parallel,
         batch_p2p_comm=p.batch_p2p_comm,
+        # Free sent activations' data (autograd keeps only grad_fn); see pipeline/schedules.py.
+        deallocate_pipeline_outputs=True,
         params_dtype=t.params_dtype,
         pipeline_dtype=t.params_dtype,
         bf16=t.bf16,

@@ -101,3 +101,14 @@ def test_load_missing_checkpoint_fails_clearly(tmp_path):
     )
     assert proc.returncode != 0
     assert "latest_checkpointed_iteration.txt is missing" in proc.stderr + proc.stdout
+
+
+def test_load_checkpoint_of_other_architecture_fails_clearly(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    torchrun(1, ENTRY, [*MODEL, "--train-iters", "0", "--save", str(ckpt)])
+    other = [*TINY, "--exit-layer-nums", "2", "--use-exit-mlp"]
+    proc = torchrun(1, ENTRY, [*other, "--train-iters", "1", "--load", str(ckpt)], check=False)
+    assert proc.returncode != 0
+    out = proc.stderr + proc.stdout
+    assert "does not match the model" in out and "exit_heads.2.mlp" in out
+    assert "exit heads at layers [3]" in out or "exit heads at layers [1, 3]" in out

@@ -208,7 +208,8 @@ def forward_backward_1f1b(
             p2p.send_forward(_sent_tensor(output), last)
             if not forward_only:
                 in_flight.append((input_tensor, output, loss_func))
-                _deallocate(output, config)
+                if not last:  # the last stage's output is its loss, needed by loss_func
+                    _deallocate(output, config)
 
         input_tensor = requires_grad(p2p.recv_forward(shape, first)) if num_steady > 0 else None
         for i in range(num_steady):
@@ -221,7 +222,8 @@ def forward_backward_1f1b(
                 continue
             output_grad = p2p.send_forward_recv_backward(_sent_tensor(output), shape, last)
             in_flight.append((input_tensor, output, loss_func))
-            _deallocate(output, config)
+            if not last:
+                _deallocate(output, config)
             input_grad = backward_one(output_grad)
             if final:
                 input_tensor = None

@@ -22,8 +22,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron.early_exit.training.setup import TrainState
 
@@ -207,9 +209,10 @@ def load_checkpoint(
     sd = _sharded_state(
         state, is_loading=True, with_optimizer=load_optimizer, with_rng=load_rng and same_layout
     )
+    _check_model_keys(state.unwrapped, sd["model"], path)
     try:
         loaded = dist_checkpointing.load(sd, path)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the context users need
+    except (Exception, CheckpointException) as exc:  # re-raised with the context users need
         raise CheckpointError(
             f"could not load {path}: {exc}. Was it saved from a model with the same "
             "architecture and exit layers?"
@@ -224,6 +227,29 @@ def load_checkpoint(
     if "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])
     return iteration
+
+
+def _check_model_keys(model, model_sd: dict, path: str) -> None:
+    """Refuse, by name, a checkpoint whose model tensors do not match this model's."""
+    saved = {
+        k for k in dist_checkpointing.load_tensors_metadata(path) if not k.startswith("optimizer.")
+    }
+    wanted = {v.key for v in nested_values(model_sd) if isinstance(v, ShardedTensor)}
+    missing = sorted(wanted - saved)
+    # Exit heads are stage-local: each rank checks the layers its own stage holds.
+    first, last = model.layer_offset + 1, model.layer_offset + model.num_local_layers
+    theirs = {int(k.split(".")[1]) for k in saved if k.startswith("exit_heads.")}
+    extra = sorted(n for n in theirs - set(model.local_exit_layers) if first <= n <= last)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensors of this model are not in it, e.g. {missing[:3]}")
+        if extra:
+            parts.append(f"it has exit heads at layers {extra} that this model lacks")
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model: {'; '.join(parts)}. Load a "
+            "checkpoint saved with the same architecture and exit layers."
+        )
 
 
 def _optimizer_has_state(optimizer) -> bool:
