@@ -111,7 +111,9 @@ def test_exit_loss_is_cross_entropy_of_exit_logits(dist_world):
     tokens, positions = _inputs()
     labels = torch.roll(tokens, -1, dims=1)
     out = model(tokens, positions, None, labels=labels)
-    loss, max_prob = model.exit_loss(2, out.exit_states[2], labels)
+    assert model.exit_loss(2, out.exit_states[2], labels)[1] is None  # only when asked
+    out = model(tokens, positions, None, labels=labels)
+    loss, max_prob = model.exit_loss(2, out.exit_states[2], labels, with_max_prob=True)
     logits = model.exit_logits(2, out.exit_states[2]).transpose(0, 1).float()  # [b, s, V]
     expected = torch.nn.functional.cross_entropy(
         logits.reshape(-1, VOCAB), labels.reshape(-1), reduction="none"

@@ -310,12 +310,14 @@ class EarlyExitGPTModel(GPTModel):
         )
 
     def exit_loss(
-        self, layer_number: int, state: ExitState, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token cross entropy [b, s] and the exit's detached max probability [b, s]."""
+        self, layer_number: int, state: ExitState, labels: torch.Tensor, with_max_prob: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token cross entropy [b, s] and, if asked, the exit's detached max probability."""
         logits = self.exit_logits(layer_number, state)
-        with torch.no_grad():  # before the loss: megatron's vocab-parallel CE works in place
-            max_prob = vocab_parallel_max_prob(logits.float()).transpose(0, 1)
+        max_prob = None
+        if with_max_prob:
+            with torch.no_grad():  # before the loss: megatron's vocab-parallel CE is in place
+                max_prob = vocab_parallel_max_prob(logits.float()).transpose(0, 1)
         loss = self.compute_language_model_loss(labels, logits)
         return loss, max_prob
 

@@ -44,7 +44,9 @@ def make_loss_func(
             metrics[lm_loss_key()] = lm.detach()
             total = lm
         for layer, state in sorted(out.exit_states.items()):
-            per_token, max_prob = model.exit_loss(layer, state, batch.labels)
+            per_token, max_prob = model.exit_loss(
+                layer, state, batch.labels, with_max_prob=dynamic_exit_weight
+            )
             loss = masked_mean(per_token, mask)
             metrics[exit_loss_key(layer)] = loss.detach()
             weighted = masked_mean(per_token * max_prob, mask) if dynamic_exit_weight else loss
