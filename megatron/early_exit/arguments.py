@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-batch-size", type=int, default=None)
     g.add_argument("--train-iters", type=int, default=10)
     g.add_argument(
+        "--eval-interval", type=int, default=None, help="validate every N iterations and at the end"
+    )
+    g.add_argument("--eval-iters", type=int, default=10, help="global batches per validation")
+    g.add_argument(
         "--exit-interval",
         type=int,
         default=None,
@@ -198,6 +202,8 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
             global_batch_size=args.global_batch_size,
             train_iters=args.train_iters,
             exit_interval=args.exit_interval,
+            eval_interval=args.eval_interval,
+            eval_iters=args.eval_iters,
             lr=args.lr,
             min_lr=args.min_lr,
             lr_decay_style=args.lr_decay_style,

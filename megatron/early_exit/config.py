@@ -268,6 +268,8 @@ class TrainingConfig:
     global_batch_size: int | None = None  # default: micro batch x data-parallel size
     train_iters: int = 10
     exit_interval: int | None = None  # stop (and save) once iteration % exit_interval == 0
+    eval_interval: int | None = None  # validate every N iterations (and at the end)
+    eval_iters: int = 10  # global batches per validation
     lr: float = 1e-3
     min_lr: float = 0.0
     lr_decay_style: str = "cosine"
@@ -316,6 +318,10 @@ class TrainingConfig:
         _require(
             self.exit_interval is None or self.exit_interval > 0, "--exit-interval must be > 0"
         )
+        _require(
+            self.eval_interval is None or self.eval_interval > 0, "--eval-interval must be > 0"
+        )
+        _require(self.eval_iters >= 1, "--eval-iters must be >= 1")
         _require(self.lr >= 0 and self.min_lr >= 0, "--lr and --min-lr must be >= 0")
         _require(self.min_lr <= self.lr, f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
         _require(

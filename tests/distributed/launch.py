@@ -70,6 +70,8 @@ def layout_args(tp: int, pp: int, sp: bool = False, distopt: bool = False) -> li
 
 def assert_close_records(a: list[dict], b: list[dict], rel: float, label: str) -> None:
     """Same lm loss, every exit loss and grad norm, iteration by iteration."""
+    a = [r for r in a if r["split"] == "train"]
+    b = [r for r in b if r["split"] == "train"]
     assert len(a) == len(b), f"{label}: {len(a)} vs {len(b)} records"
     for ra, rb in zip(a, b):
         assert ra["iteration"] == rb["iteration"]

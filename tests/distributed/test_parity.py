@@ -88,3 +88,19 @@ def test_parity_across_stages(tmp_path_factory, tmp_path, name, model_args, layo
             tmp_path / f"tp{tp}pp{pp}.jsonl",
         )
         assert_close_records(base, got, rel=1e-5, label=f"{name} TP{tp}PP{pp}")
+
+
+def test_validation_losses_match_across_layouts(untied_ref, tmp_path):
+    """Forward-only 1F1B (evaluation) reports every exit's validation loss, in any layout."""
+    ckpt, _ = untied_ref
+    args = [*UNTIED, *ITERS, "--load", str(ckpt), "--eval-interval", "1", "--eval-iters", "2"]
+    base = train(1, args, tmp_path / "a.jsonl")
+    got = train(4, [*args, *layout_args(2, 2)], tmp_path / "b.jsonl")
+    valid_a = [r for r in base if r["split"] == "valid"]
+    valid_b = [r for r in got if r["split"] == "valid"]
+    assert [r["iteration"] for r in valid_a] == [1, 2]
+    assert set(valid_a[0]["exit_losses"]) == {"1", "3"}
+    for a, b in zip(valid_a, valid_b):
+        assert abs(a["lm_loss"] - b["lm_loss"]) <= 1e-5 * a["lm_loss"]
+        for k, v in a["exit_losses"].items():
+            assert abs(v - b["exit_losses"][k]) <= 1e-5 * v

@@ -22,6 +22,8 @@ EXPECTED_FLAGS = [
     "--bf16",
     "--clip-grad",
     "--disable-bias-linear",
+    "--eval-interval",
+    "--eval-iters",
     "--exit-interval",
     "--exit-layer-nums",
     "--exit-layer-temperature",

@@ -28,6 +28,10 @@ class Trainer:
         initialize_distributed(run, self.config, platform)
         self.state: TrainState = setup_training(run, self.config, platform, use_te)
         self.dataset = MockGPTDataset(run.data.vocab_size, run.model.seq_length, run.training.seed)
+        # Validation samples come from another seed: never seen in training.
+        self.valid_dataset = MockGPTDataset(
+            run.data.vocab_size, run.model.seq_length, run.training.seed + 1
+        )
         self.exit_weights = ExitLossWeights(run.exits)
         self.writer = MetricsWriter(run.logging.metrics_file)
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -56,9 +60,9 @@ class Trainer:
         )
         return output, loss_func
 
-    def _microbatches(self, iteration: int):
+    def _microbatches(self, iteration: int, dataset=None):
         return microbatch_iterator(
-            self.dataset,
+            dataset or self.dataset,
             iteration,
             self.global_batch_size,
             self.run.training.micro_batch_size,
@@ -116,13 +120,50 @@ class Trainer:
                 or self.iteration == t.train_iters
             ):
                 self.writer.log(record)
+            if t.eval_interval and self.iteration % t.eval_interval == 0:
+                records.append(self.evaluate())
             if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
                 self.save()
             if t.exit_interval and self.iteration % t.exit_interval == 0:
                 break
+        if t.eval_interval and (not records or records[-1]["split"] != "valid"):
+            records.append(self.evaluate())
         if ck.save and self._last_saved != self.iteration:
             self.save()
         return records
+
+    def evaluate(self) -> dict:
+        """Mean LM and exit losses over `eval_iters` validation global batches (no grads)."""
+        start = time.perf_counter()
+        self.state.model.eval()
+        weights = self.exit_weights.at(self.iteration)
+        per_microbatch = []
+        try:
+            for i in range(self.run.training.eval_iters):
+                per_microbatch += get_forward_backward_func()(
+                    forward_step_func=partial(self._forward_step, weights),
+                    data_iterator=self._microbatches(i, self.valid_dataset),
+                    model=self.state.model,
+                    num_microbatches=self.num_microbatches,
+                    seq_length=self.run.model.seq_length,
+                    micro_batch_size=self.run.training.micro_batch_size,
+                    config=self.config,
+                    forward_only=True,
+                )
+        finally:
+            self.state.model.train()
+        lm_loss, exit_losses = reduce_losses(
+            per_microbatch, self.run.exits.exit_layer_nums, self.device
+        )
+        record = {
+            "split": "valid",
+            "iteration": self.iteration,
+            "lm_loss": lm_loss,
+            "exit_losses": {str(k): v for k, v in exit_losses.items()},
+            "eval_time_s": time.perf_counter() - start,
+        }
+        self.writer.log(record)
+        return record
 
     def save(self) -> None:
         checkpointing.save_checkpoint(
