@@ -284,9 +284,10 @@ def _time_exit_head(a, trainer, cuda, sync, masked_mean, ExitState) -> dict:
     """Forward+backward of this stage's exit head(s) on one microbatch, in isolation.
 
     Cumulative split: the tied [s*b, h] x [h, V] projection alone (backward from a fixed
-    random gradient), + vocab-parallel cross entropy (all a plain exit loss needs), + the
-    detached max-probability `exit_loss` also computes (used only by dynamic weighting).
-    One transformer layer of the same stage, timed the same way, gives the scale.
+    random gradient); the library's `exit_loss` as training calls it by default (projection
+    + vocab-parallel cross entropy); and with the detached max-probability that
+    --use-dynamic-exit-layer-weight adds. One transformer layer of the same stage, timed
+    the same way, gives the scale.
     """
     import torch
     import torch.distributed as dist
@@ -308,20 +309,20 @@ def _time_exit_head(a, trainer, cuda, sync, masked_mean, ExitState) -> dict:
     def projection(layer, x):
         model.exit_logits(layer, ExitState(x)).backward(grad_logits)
 
-    def projection_ce(layer, x):
-        logits = model.exit_logits(layer, ExitState(x))
-        masked_mean(model.compute_language_model_loss(labels, logits), mask).backward()
-
     def exit_loss(layer, x):
         per_token, _ = model.exit_loss(layer, ExitState(x), labels)
         masked_mean(per_token, mask).backward()
+
+    def exit_loss_dynamic(layer, x):
+        per_token, max_prob = model.exit_loss(layer, ExitState(x), labels, with_max_prob=True)
+        masked_mean(per_token * max_prob, mask).backward()
 
     def transformer_layer(_layer, x):
         out = model.decoder.layers[0](hidden_states=x, attention_mask=None)
         (out[0] if isinstance(out, tuple) else out).backward(grad_h)
 
     reps, warm = 10, 2
-    cases = (projection, projection_ce, exit_loss, transformer_layer)
+    cases = (projection, exit_loss, exit_loss_dynamic, transformer_layer)
     samples: dict[str, list[float]] = {f.__name__: [] for f in cases}
     failed: set[str] = set()
     for i in range(warm + reps):  # interleave the cases so noise hits them alike
@@ -645,8 +646,8 @@ def write_markdown(res: dict, path: str) -> None:
         "",
         "Exit head timed alone on each rank, one microbatch, fwd+bwd (ms):",
         "",
-        "| rank | exit layers | projection | + cross entropy | + max-prob (full exit_loss) "
-        "| x microbatches | one transformer layer |",
+        "| rank | exit layers | projection | exit_loss (+ cross entropy) | with max-prob "
+        "(dynamic weights) | exit_loss x microbatches | one transformer layer |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, eh in res["exit_head_isolated"].items():
@@ -655,8 +656,8 @@ def write_markdown(res: dict, path: str) -> None:
             return f"{1e3 * eh[key]:.1f}" if key in eh else "-"
 
         lines.append(
-            f"| {name} | {eh['layers']} | {ms('projection_s')} | {ms('projection_ce_s')} | "
-            f"{ms('exit_loss_s')} | {ms('exit_loss_per_iteration_s')} | "
+            f"| {name} | {eh['layers']} | {ms('projection_s')} | {ms('exit_loss_s')} | "
+            f"{ms('exit_loss_dynamic_s')} | {ms('exit_loss_per_iteration_s')} | "
             f"{ms('transformer_layer_s')} |"
         )
     m = run["num_microbatches"]
@@ -665,8 +666,9 @@ def write_markdown(res: dict, path: str) -> None:
         f"{k} {1e3 * eh.get('exit_loss_per_iteration_s', 0.0):.0f}" for k, eh in heads.items()
     )
     maxprob = ", ".join(
-        f"{k} {1e3 * m * (eh.get('exit_loss_s', 0.0) - eh.get('projection_ce_s', 0.0)):.0f}"
+        f"{k} {1e3 * m * (eh['exit_loss_dynamic_s'] - eh['exit_loss_s']):.0f}"
         for k, eh in heads.items()
+        if "exit_loss_dynamic_s" in eh and "exit_loss_s" in eh
     )
     cpu_delta = ", ".join(
         f"{k} {1e3 * (v['exits']['cpu_s_per_rank_median'][k] - x):.0f}"
@@ -678,9 +680,9 @@ def write_markdown(res: dict, path: str) -> None:
         + ("" if gpu else f"; CPU time per iteration grows by {cpu_delta} ms")
         + f". The exit head alone, x {m} microbatches, costs {per_iter} ms per iteration "
         "(both stages run theirs concurrently, so the pipeline pays about one stage's share; "
-        "isolated timings are good to ~20%). Of that, the detached max-probability that "
-        "`exit_loss` always computes (used only by dynamic exit weights) is "
-        f"{maxprob} ms per iteration.",
+        "isolated timings are good to ~20%). Dynamic exit weights "
+        "(--use-dynamic-exit-layer-weight, not used here) would add the detached "
+        f"max-probability: {maxprob or 'n/a'} ms per iteration.",
         "",
         f"Rule of thumb from the FLOP model: one exit head costs V/(12h+2s) = "
         f"{fm['head_gflop'] / fm['layer_gflop']:.2f} transformer layers here, so one exit on "
