@@ -18,24 +18,29 @@ def main(argv=None) -> int:
     import megatron.early_exit  # noqa: F401  (guards broken GPU accelerators first)
     from megatron.early_exit.arguments import parse_run_config
     from megatron.early_exit.config import ConfigError
+    from megatron.early_exit.data.tokenizers import TokenizerError, build_tokenizer
     from megatron.early_exit.platform import init_platform
     from megatron.early_exit.training.initialize import destroy_distributed, world_size_from_env
 
     platform = init_platform()
     try:
         run = parse_run_config(argv, world_size_from_env(), device_is_cuda=platform.is_cuda)
-    except ConfigError as exc:
+        tokenizer = build_tokenizer(run.data.tokenizer_config())
+        run.resolve_vocab(tokenizer.vocab_size)
+    except (ConfigError, TokenizerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    from megatron.early_exit.data.gpt_data import DataError
     from megatron.early_exit.model.specs import transformer_engine_usable
     from megatron.early_exit.training.checkpointing import CheckpointError
     from megatron.early_exit.training.trainer import Trainer
 
     try:
-        trainer = Trainer(run, platform, use_te=transformer_engine_usable(platform.is_cuda))
+        use_te = transformer_engine_usable(platform.is_cuda)
+        trainer = Trainer(run, platform, use_te=use_te, tokenizer=tokenizer)
         trainer.train()
-    except CheckpointError as exc:
+    except (CheckpointError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -116,8 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--initial-loss-scale", type=float, default=2.0**32)
 
     g = p.add_argument_group("data")
-    g.add_argument("--mock-data", action="store_true")
+    g.add_argument("--mock-data", action="store_true", help="seeded synthetic token ids")
+    g.add_argument(
+        "--data-path", nargs="+", default=[], help="PREFIX or weighted blend 'W1 P1 W2 P2 ...'"
+    )
+    g.add_argument("--split", default="969,30,1", help="train,valid,test weights")
+    g.add_argument("--data-cache-path", default=None, help="index cache (shared by all nodes)")
     g.add_argument("--tokenizer-type", default="NullTokenizer")
+    g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: encoder.json")
+    g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: vocab.bpe")
+    g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model or HF dir/json")
     g.add_argument("--vocab-size", type=int, default=None)
 
     g = p.add_argument_group("checkpointing")
@@ -221,7 +229,15 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
             initial_loss_scale=args.initial_loss_scale,
         ),
         data=DataConfig(
-            mock_data=args.mock_data, tokenizer_type=args.tokenizer_type, vocab_size=args.vocab_size
+            mock_data=args.mock_data,
+            data_path=list(args.data_path),
+            split=args.split,
+            data_cache_path=args.data_cache_path,
+            tokenizer_type=args.tokenizer_type,
+            vocab_file=args.vocab_file,
+            merge_file=args.merge_file,
+            tokenizer_model=args.tokenizer_model,
+            vocab_size=args.vocab_size,
         ),
         checkpoint=CheckpointConfig(
             save=args.save,

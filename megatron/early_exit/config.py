@@ -350,22 +350,50 @@ class TrainingConfig:
 @dataclass
 class DataConfig:
     mock_data: bool = False
+    data_path: list[str] = field(default_factory=list)  # ["PREFIX"] or ["0.7", "A", "0.3", "B"]
+    split: str = "969,30,1"
+    data_cache_path: str | None = None
     tokenizer_type: str = "NullTokenizer"
-    vocab_size: int | None = None
+    vocab_file: str | None = None
+    merge_file: str | None = None
+    tokenizer_model: str | None = None
+    vocab_size: int | None = None  # NullTokenizer's vocabulary; else taken from the tokenizer
+
+    def tokenizer_config(self):
+        from megatron.early_exit.data.tokenizers import TokenizerConfig
+
+        return TokenizerConfig(
+            tokenizer_type=self.tokenizer_type,
+            vocab_file=self.vocab_file,
+            merge_file=self.merge_file,
+            tokenizer_model=self.tokenizer_model,
+            vocab_size=self.vocab_size,
+        )
 
     def validate(self) -> None:
+        from megatron.early_exit.data.tokenizers import TOKENIZER_TYPES
+
         _require(
-            self.mock_data,
-            "no training data: pass --mock-data (real datasets arrive with --data-path)",
+            self.mock_data or self.data_path,
+            "no training data: pass --data-path PREFIX (from tools/preprocess_data.py) or "
+            "--mock-data",
         )
         _require(
-            self.tokenizer_type == "NullTokenizer",
-            f"--tokenizer-type {self.tokenizer_type} is not available yet; use NullTokenizer",
+            not (self.mock_data and self.data_path),
+            "--mock-data and --data-path exclude each other",
         )
         _require(
-            self.vocab_size is not None and self.vocab_size > 1,
-            "--tokenizer-type NullTokenizer needs --vocab-size N (N > 1)",
+            self.tokenizer_type in TOKENIZER_TYPES,
+            f"--tokenizer-type {self.tokenizer_type!r} is unknown; choose one of "
+            f"{', '.join(TOKENIZER_TYPES)}",
         )
+        if self.tokenizer_type == "NullTokenizer":
+            _require(
+                self.vocab_size is not None and self.vocab_size > 1,
+                "--tokenizer-type NullTokenizer needs --vocab-size N (N > 1)",
+            )
+        elif self.mock_data:
+            raise ConfigError("--mock-data generates token ids; use --tokenizer-type NullTokenizer")
 
 
 @dataclass
@@ -412,6 +440,17 @@ class RunConfig:
         self.checkpoint.validate()
         self.logging.validate()
         return self
+
+    def resolve_vocab(self, tokenizer_vocab_size: int) -> None:
+        """Take the vocabulary from the tokenizer; --vocab-size may only be larger."""
+        given = self.data.vocab_size
+        if self.data.tokenizer_type != "NullTokenizer" and given is not None:
+            _require(
+                given >= tokenizer_vocab_size,
+                f"the tokenizer has {tokenizer_vocab_size} tokens but --vocab-size is {given}: "
+                "the model's vocabulary must hold every token id",
+            )
+        self.data.vocab_size = max(given or 0, tokenizer_vocab_size)
 
     def padded_vocab_size(self) -> int:
         return pad_vocab_size(

@@ -286,9 +286,21 @@ CASES = [
     ),
     (
         "unknown-tokenizer",
+        _with_base("--tokenizer-type", "BertWordPiece"),
+        1,
+        ["--tokenizer-type 'BertWordPiece' is unknown", "GPT2BPETokenizer"],
+    ),
+    (
+        "mock-data-with-real-tokenizer",
         _with_base("--tokenizer-type", "GPT2BPETokenizer"),
         1,
-        ["--tokenizer-type GPT2BPETokenizer is not available yet"],
+        ["--mock-data generates token ids"],
+    ),
+    (
+        "mock-and-real-data",
+        _with_base("--data-path", "corpus_text_document"),
+        1,
+        ["--mock-data and --data-path exclude each other"],
     ),
     (
         "save-interval-without-save",

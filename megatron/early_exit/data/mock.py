@@ -53,14 +53,17 @@ class MockGPTDataset:
 
 
 def microbatch_iterator(
-    dataset: MockGPTDataset,
+    dataset,
     iteration: int,
     global_batch_size: int,
     micro_batch_size: int,
     data_parallel_rank: int,
     data_parallel_size: int,
 ) -> Iterator[Batch]:
-    """This DP rank's microbatches of one iteration's global batch, in order."""
+    """This DP rank's microbatches of one iteration's global batch, in order.
+
+    `dataset` is anything with `.batch(global_sample_indices) -> Batch`.
+    """
     per_rank = global_batch_size // data_parallel_size
     start = iteration * global_batch_size + data_parallel_rank * per_rank
     for m in range(per_rank // micro_batch_size):

@@ -10,6 +10,8 @@ from megatron.core import parallel_state
 
 from megatron.early_exit.config import RunConfig, build_transformer_config
 from megatron.early_exit.data import MockGPTDataset, microbatch_iterator
+from megatron.early_exit.data.gpt_data import BatchSource, build_gpt_datasets, samples_per_split
+from megatron.early_exit.data.tokenizers import Tokenizer, build_tokenizer
 from megatron.early_exit.pipeline import ExitLossWeights, get_forward_backward_func
 from megatron.early_exit.platform import Platform
 from megatron.early_exit.training import checkpointing
@@ -20,24 +22,28 @@ from megatron.early_exit.training.setup import TrainState, setup_training
 
 
 class Trainer:
-    def __init__(self, run: RunConfig, platform: Platform, use_te: bool = False) -> None:
+    def __init__(
+        self,
+        run: RunConfig,
+        platform: Platform,
+        use_te: bool = False,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
         self.run = run
         self.platform = platform
         self.device = platform.device()
         self.config = build_transformer_config(run, use_te=use_te)
         initialize_distributed(run, self.config, platform)
         self.state: TrainState = setup_training(run, self.config, platform, use_te)
-        self.dataset = MockGPTDataset(run.data.vocab_size, run.model.seq_length, run.training.seed)
-        # Validation samples come from another seed: never seen in training.
-        self.valid_dataset = MockGPTDataset(
-            run.data.vocab_size, run.model.seq_length, run.training.seed + 1
-        )
+        self.tokenizer = tokenizer or build_tokenizer(run.data.tokenizer_config())
         self.exit_weights = ExitLossWeights(run.exits)
         self.writer = MetricsWriter(run.logging.metrics_file)
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.num_microbatches = run.training.num_microbatches(self.dp_size)
         self.global_batch_size = run.training.resolved_global_batch_size(self.dp_size)
+        self.dataset, self.valid_dataset = self._build_datasets()
+        self._eval_runs = 0
         self.iteration = 0
         ck = run.checkpoint
         if ck.load:
@@ -50,6 +56,28 @@ class Trainer:
             if ck.finetune:
                 self.iteration = 0
         self._last_saved = self.iteration if ck.load and ck.load == ck.save else None
+
+    def _build_datasets(self):
+        run = self.run
+        if run.data.mock_data:
+            # Validation samples come from another seed: never seen in training.
+            train = MockGPTDataset(run.data.vocab_size, run.model.seq_length, run.training.seed)
+            valid = MockGPTDataset(run.data.vocab_size, run.model.seq_length, run.training.seed + 1)
+            return train, valid
+        t = run.training
+        eval_iters = t.eval_iters if t.eval_interval else 0
+        train, valid, _ = build_gpt_datasets(
+            run.data.data_path,
+            run.data.split,
+            run.model.seq_length,
+            t.seed,
+            self.tokenizer,
+            samples_per_split(
+                t.train_iters, self.global_batch_size, t.eval_interval or t.train_iters, eval_iters
+            ),
+            run.data.data_cache_path,
+        )
+        return BatchSource(train), (BatchSource(valid) if valid is not None else None)
 
     # ------------------------------------------------------------------ one step
     def _forward_step(self, exit_weights, data_iterator, model):
@@ -138,8 +166,11 @@ class Trainer:
         self.state.model.eval()
         weights = self.exit_weights.at(self.iteration)
         per_microbatch = []
+        eval_iters = self.run.training.eval_iters
+        first = self._eval_runs * eval_iters  # each validation reads new samples
+        self._eval_runs += 1
         try:
-            for i in range(self.run.training.eval_iters):
+            for i in range(first, first + eval_iters):
                 per_microbatch += get_forward_backward_func()(
                     forward_step_func=partial(self._forward_step, weights),
                     data_iterator=self._microbatches(i, self.valid_dataset),
