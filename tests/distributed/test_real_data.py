@@ -58,7 +58,7 @@ def test_training_on_indexed_data_reports_validation_in_every_layout(corpus, tmp
     piped = train(2, [*args, *layout_args(1, 2)], tmp_path / "pp2.jsonl")
     assert_close_records(single, piped, rel=1e-5, label="real data PP2")
     valid = [r for r in piped if r["split"] == "valid"]
-    assert [r["iteration"] for r in valid] == [3, 6]
+    assert [r["iteration"] for r in valid] == [0, 3, 6]
     assert all(set(r["exit_losses"]) == {"1", "3"} for r in valid)
     for a, b in zip([r for r in single if r["split"] == "valid"], valid):
         assert abs(a["lm_loss"] - b["lm_loss"]) <= 1e-5 * a["lm_loss"]

@@ -418,3 +418,17 @@ def test_out_of_range_values_are_refused(argv, needle):
     base = ["--mock-data", "--vocab-size", "128"]
     with pytest.raises(ConfigError, match=re.escape(needle)):
         parse_run_config([*base, *argv], 1)
+
+
+def test_tokenizer_vocabulary_larger_than_model_vocabulary_is_refused():
+    from megatron.early_exit.arguments import parse_run_config as parse
+
+    run = parse(["--data-path", "corpus", "--tokenizer-type", "GPT2BPETokenizer",
+                 "--vocab-size", "1000"], 1)  # fmt: skip
+    with pytest.raises(
+        ConfigError, match="the tokenizer has 50257 tokens but --vocab-size is 1000"
+    ):
+        run.resolve_vocab(50257)
+    run.data.vocab_size = None
+    run.resolve_vocab(50257)
+    assert run.padded_vocab_size() == 50304  # padded to a multiple of 128 x TP

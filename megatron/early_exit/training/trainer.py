@@ -139,6 +139,8 @@ class Trainer:
         records = []
         t = self.run.training
         ck = self.run.checkpoint
+        if t.eval_interval and self.iteration == 0 and t.train_iters > 0:
+            records.append(self.evaluate())  # the baseline every later validation improves on
         while self.iteration < t.train_iters:
             record = self.train_step(self.iteration)
             self.iteration += 1
