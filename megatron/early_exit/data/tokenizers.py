@@ -242,7 +242,32 @@ class GPT2BPETokenizer(Tokenizer):
 
 
 # ---- SentencePiece ------------------------------------------------------------------------
-class SentencePieceTokenizer(Tokenizer):
+class _StoredSpecialIds(Tokenizer):
+    """Tokenizers that resolve their vocabulary size and special ids once, at load."""
+
+    _vocab_size: int
+    _eod: int
+    _bos: int | None = None
+    _pad: int | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def bos(self) -> int | None:
+        return self._bos
+
+    @property
+    def pad(self) -> int | None:
+        return self._pad
+
+
+class SentencePieceTokenizer(_StoredSpecialIds):
     """A SentencePiece .model. `tokenize` adds no BOS/EOS; EOD is the model's eos id."""
 
     _NAME = "SentencePieceTokenizer"
@@ -278,22 +303,6 @@ class SentencePieceTokenizer(Tokenizer):
 
     def __reduce__(self):
         return (type(self), (self._model_file,))
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
-    def bos(self) -> int | None:
-        return self._bos
-
-    @property
-    def pad(self) -> int | None:
-        return self._pad
 
     def tokenize(self, text: str) -> list[int]:
         return list(self._sp.encode(text, out_type=int))
@@ -348,7 +357,7 @@ def _hf_special_tokens(directory: str) -> dict[str, str]:
     return found
 
 
-class HuggingFaceTokenizer(Tokenizer):
+class HuggingFaceTokenizer(_StoredSpecialIds):
     """A `tokenizers` tokenizer.json (or a directory holding one). No special tokens added."""
 
     def __init__(self, path: str) -> None:
@@ -413,22 +422,6 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def __reduce__(self):
         return (type(self), (self._path,))
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
-    def bos(self) -> int | None:
-        return self._bos
-
-    @property
-    def pad(self) -> int | None:
-        return self._pad
 
     def tokenize(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
