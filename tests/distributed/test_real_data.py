@@ -81,3 +81,34 @@ def test_missing_data_path_is_a_clear_error(tmp_path):
     )
     assert proc.returncode != 0
     assert "nope" in proc.stderr and "error:" in proc.stderr
+
+
+def _data_args(corpus, tmp_path, *extra):
+    return [
+        *MODEL, "--data-path", corpus, "--tokenizer-type", "NullTokenizer",
+        "--vocab-size", "256", "--data-cache-path", str(tmp_path / "cache"), *extra,
+    ]  # fmt: skip
+
+
+def test_small_corpus_without_validation_trains(corpus, tmp_path):
+    # The default split leaves the test range of a 200-document corpus empty: unread splits
+    # must not be built (megatron-core would loop forever on an empty one).
+    records = train(1, _data_args(corpus, tmp_path, "--train-iters", "2"), tmp_path / "m.jsonl")
+    assert [r["iteration"] for r in records] == [1, 2]
+
+
+def test_last_validation_off_the_interval_has_samples(corpus, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    args = _data_args(corpus, tmp_path, "--split", "90,10,0", "--train-iters", "5",
+                      "--eval-interval", "2", "--eval-iters", "1", "--save", str(ckpt))  # fmt: skip
+    records = train(1, args, tmp_path / "m.jsonl")
+    assert [r["iteration"] for r in records if r["split"] == "valid"] == [0, 2, 4, 5]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
+
+
+def test_validation_without_validation_documents_is_refused(corpus, tmp_path):
+    args = _data_args(corpus, tmp_path, "--split", "100,0,0", "--train-iters", "2",
+                      "--eval-interval", "1")  # fmt: skip
+    proc = torchrun(1, ENTRY, args, check=False)
+    assert proc.returncode != 0
+    assert "--eval-interval needs validation data" in proc.stderr

@@ -133,14 +133,19 @@ def samples_per_split(
 ) -> list[int]:
     """Samples to build per split, as Megatron counts them.
 
-    train: train_iters * gbs; valid: (train_iters // eval_interval + 1) * eval_iters * gbs
-    (one eval run every interval plus the final one); test: eval_iters * gbs.
+    train: train_iters * gbs; valid: `num_validations` * eval_iters * gbs (the trainer
+    validates at the start, every interval and after the last iteration); test: eval_iters * gbs.
     """
     train = train_iters * global_batch_size
     if eval_iters <= 0:
         return [train, 0, 0]
-    runs = train_iters // eval_interval + 1 if eval_interval else 1
+    runs = num_validations(train_iters, eval_interval) if eval_interval else 1
     return [train, runs * eval_iters * global_batch_size, eval_iters * global_batch_size]
+
+
+def num_validations(train_iters: int, eval_interval: int) -> int:
+    """Validations of a run from iteration 0: at the start, every interval, at the end."""
+    return 1 + train_iters // eval_interval + (1 if train_iters % eval_interval else 0)
 
 
 def _check_split(split: str) -> None:
@@ -276,6 +281,10 @@ def build_gpt_datasets(
     prefixes, weights = parse_data_path(data_path)
     if len(prefixes) == 1:
         weights = None  # a single dataset needs no blending
+    elif weights is None:
+        # megatron-core builds an unweighted blend as one epoch, whatever was asked;
+        # weighting by token counts gives the same mixture at the requested size.
+        weights = [float(_num_tokens(p)) for p in prefixes]
     if len(num_samples) != 3 or any(n is not None and n < 0 for n in num_samples):
         raise DataError(f"num_samples needs 3 non-negative counts, got {list(num_samples)}")
     if weights is not None and any(n is None for n in num_samples):
@@ -300,6 +309,13 @@ def build_gpt_datasets(
     )
     sizes = list(num_samples)
     _check_contents(prefixes, tokenizer, config.split_matrix, sizes, split)
+    # Splits nobody reads are not built (an empty one would make megatron-core loop
+    # forever); the document ranges of the others stay as --split defines them.
+    config.split_matrix = [
+        None if size == 0 else rng for rng, size in zip(config.split_matrix, sizes)
+    ]
+    if all(rng is None for rng in config.split_matrix):
+        return (None, None, None)
     on_rank = is_built_on_rank or (lambda: True)
     with _process_group():
         try:
@@ -310,7 +326,19 @@ def build_gpt_datasets(
                 f"global rank 0 writes it to {cache}, which every rank must see (use a "
                 "shared --data-cache-path)"
             ) from None
+    for name, ds, size in zip(("train", "valid", "test"), datasets, sizes):
+        if ds is not None and size is not None and len(ds) < size:
+            raise DataError(
+                f"the {name} split has {len(ds)} samples but {size} are needed; use more data, "
+                "another --split, or fewer iterations"
+            )
     return tuple(datasets)
+
+
+def _num_tokens(prefix: str) -> int:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    return int(IndexedDataset(prefix, mmap=True).sequence_lengths.sum())
 
 
 # ---------------------------------------------------------------------------- batches

@@ -95,7 +95,10 @@ class NullTokenizer(Tokenizer):
         return self._vocab_size - 1
 
     def tokenize(self, text: str) -> list[int]:
-        ids = [int(t) for t in text.split()]
+        try:
+            ids = [int(t) for t in text.split()]
+        except ValueError as exc:
+            raise TokenizerError(f"NullTokenizer reads space-separated token ids: {exc}") from None
         bad = [i for i in ids if not 0 <= i < self._vocab_size]
         if bad:
             raise TokenizerError(

@@ -10,7 +10,12 @@ from megatron.core import parallel_state
 
 from megatron.early_exit.config import RunConfig, build_transformer_config
 from megatron.early_exit.data import MockGPTDataset, microbatch_iterator
-from megatron.early_exit.data.gpt_data import BatchSource, build_gpt_datasets, samples_per_split
+from megatron.early_exit.data.gpt_data import (
+    BatchSource,
+    DataError,
+    build_gpt_datasets,
+    samples_per_split,
+)
 from megatron.early_exit.data.tokenizers import Tokenizer, build_tokenizer
 from megatron.early_exit.pipeline import ExitLossWeights, get_forward_backward_func
 from megatron.early_exit.platform import Platform
@@ -66,17 +71,24 @@ class Trainer:
             return train, valid
         t = run.training
         eval_iters = t.eval_iters if t.eval_interval else 0
+        sizes = samples_per_split(
+            t.train_iters, self.global_batch_size, t.eval_interval, eval_iters
+        )
+        sizes[2] = 0  # the test split is not read during training
         train, valid, _ = build_gpt_datasets(
             run.data.data_path,
             run.data.split,
             run.model.seq_length,
             t.seed,
             self.tokenizer,
-            samples_per_split(
-                t.train_iters, self.global_batch_size, t.eval_interval or t.train_iters, eval_iters
-            ),
+            sizes,
             run.data.data_cache_path,
         )
+        if t.eval_interval and valid is None:
+            raise DataError(
+                f"--eval-interval needs validation data but --split {run.data.split} gives the "
+                "valid split no documents"
+            )
         return BatchSource(train), (BatchSource(valid) if valid is not None else None)
 
     # ------------------------------------------------------------------ one step
@@ -90,7 +102,7 @@ class Trainer:
 
     def _microbatches(self, iteration: int, dataset=None):
         return microbatch_iterator(
-            dataset or self.dataset,
+            self.dataset if dataset is None else dataset,
             iteration,
             self.global_batch_size,
             self.run.training.micro_batch_size,
