@@ -87,6 +87,7 @@ def is_text_input(path: str) -> bool:
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
     """Paths and globs -> existing files (globs sorted), in the given order, no duplicates."""
     files: list[str] = []
+    seen: set[str] = set()
     for pattern in patterns:
         if glob.has_magic(pattern):
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
@@ -98,7 +99,10 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
             if not os.path.isfile(pattern):
                 raise PreprocessError(f"input is not a file: {pattern}")
             matches = [pattern]
-        files.extend(m for m in matches if m not in files)
+        for m in matches:
+            if m not in seen:  # a set: inputs can be hundreds of thousands of shards
+                seen.add(m)
+                files.append(m)
     if not files:
         raise PreprocessError("no input files given")
     return files

@@ -107,7 +107,13 @@ class NullTokenizer(Tokenizer):
         return ids
 
     def detokenize(self, ids: list[int]) -> str:
-        return " ".join(str(int(i)) for i in ids)
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self._vocab_size]
+        if bad:
+            raise TokenizerError(
+                f"NullTokenizer ids out of range [0, {self._vocab_size}): {bad[:5]}"
+            )
+        return " ".join(map(str, ids))
 
 
 TOKENIZER_TYPES = (
