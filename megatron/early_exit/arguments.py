@@ -20,6 +20,7 @@ from megatron.early_exit.config import (
     RunConfig,
     TrainingConfig,
 )
+from megatron.early_exit.data.tokenizers import add_tokenizer_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,11 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--split", default="969,30,1", help="train,valid,test weights")
     g.add_argument("--data-cache-path", default=None, help="index cache (shared by all nodes)")
-    g.add_argument("--tokenizer-type", default="NullTokenizer")
-    g.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: encoder.json")
-    g.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: vocab.bpe")
-    g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model or HF dir/json")
-    g.add_argument("--vocab-size", type=int, default=None)
+    add_tokenizer_arguments(g)
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None)

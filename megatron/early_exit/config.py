@@ -360,15 +360,9 @@ class DataConfig:
     vocab_size: int | None = None  # NullTokenizer's vocabulary; else taken from the tokenizer
 
     def tokenizer_config(self):
-        from megatron.early_exit.data.tokenizers import TokenizerConfig
+        from megatron.early_exit.data.tokenizers import tokenizer_config_from_args
 
-        return TokenizerConfig(
-            tokenizer_type=self.tokenizer_type,
-            vocab_file=self.vocab_file,
-            merge_file=self.merge_file,
-            tokenizer_model=self.tokenizer_model,
-            vocab_size=self.vocab_size,
-        )
+        return tokenizer_config_from_args(self)  # same field names as the flags
 
     def validate(self) -> None:
         from megatron.early_exit.data.tokenizers import TOKENIZER_TYPES

@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 import numpy
 
 from megatron.early_exit.data.tokenizers import (
-    TOKENIZER_TYPES,
     Tokenizer,
-    TokenizerConfig,
     TokenizerError,
+    add_tokenizer_arguments,
     build_tokenizer,
+    tokenizer_config_from_args,
 )
 
 TokenizerFactory = Callable[[], Tokenizer]
@@ -426,14 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--append-eod", action="store_true", help="append the tokenizer's EOD to every document"
     )
-    g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    g.add_argument("--vocab-file", help="GPT2BPETokenizer encoder.json")
-    g.add_argument("--merge-file", help="GPT2BPETokenizer vocab.bpe")
-    g.add_argument(
-        "--tokenizer-model", help="SentencePiece .model, or HF directory / tokenizer.json"
-    )
-    g.add_argument("--vocab-size", type=int, help="NullTokenizer vocabulary size")
+    add_tokenizer_arguments(p.add_argument_group("tokenizer"), tokenizer_type_required=True)
     r = p.add_argument_group("runtime")
     r.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     r.add_argument("--chunksize", type=int, default=64, help="documents per task sent to a worker")
@@ -446,13 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = TokenizerConfig(
-        tokenizer_type=args.tokenizer_type,
-        vocab_file=args.vocab_file,
-        merge_file=args.merge_file,
-        tokenizer_model=args.tokenizer_model,
-        vocab_size=args.vocab_size,
-    )
+    cfg = tokenizer_config_from_args(args)
     try:
         result = preprocess(
             args.input,

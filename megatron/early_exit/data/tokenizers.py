@@ -152,6 +152,31 @@ def _check_ids(ids: Iterable[Any], vocab_size: int, name: str) -> list[int]:
     return out
 
 
+class _StoredSpecialIds(Tokenizer):
+    """Tokenizers that resolve their vocabulary size and special ids once, at load."""
+
+    _vocab_size: int
+    _eod: int
+    _bos: int | None = None
+    _pad: int | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def bos(self) -> int | None:
+        return self._bos
+
+    @property
+    def pad(self) -> int | None:
+        return self._pad
+
+
 # ---- GPT-2 byte-level BPE -----------------------------------------------------------------
 def _load_gpt2_encoder(path: str) -> dict[str, int]:
     _check_file(path, "--vocab-file")
@@ -197,7 +222,7 @@ def _load_gpt2_merges(path: str) -> list[tuple[str, str]]:
     return merges
 
 
-class GPT2BPETokenizer(Tokenizer):
+class GPT2BPETokenizer(_StoredSpecialIds):
     """GPT-2 byte-level BPE from encoder.json + vocab.bpe (own implementation)."""
 
     EOD_TOKEN = "<|endoftext|>"
@@ -230,14 +255,6 @@ class GPT2BPETokenizer(Tokenizer):
         return (type(self), self._files)
 
     @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
     def vocab(self) -> dict[str, int]:
         """Token string (byte-level alphabet) -> id."""
         return self._bpe.encoder
@@ -251,31 +268,6 @@ class GPT2BPETokenizer(Tokenizer):
 
 
 # ---- SentencePiece ------------------------------------------------------------------------
-class _StoredSpecialIds(Tokenizer):
-    """Tokenizers that resolve their vocabulary size and special ids once, at load."""
-
-    _vocab_size: int
-    _eod: int
-    _bos: int | None = None
-    _pad: int | None = None
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
-    def bos(self) -> int | None:
-        return self._bos
-
-    @property
-    def pad(self) -> int | None:
-        return self._pad
-
-
 class SentencePieceTokenizer(_StoredSpecialIds):
     """A SentencePiece .model. `tokenize` adds no BOS/EOS; EOD is the model's eos id."""
 
@@ -438,6 +430,31 @@ class HuggingFaceTokenizer(_StoredSpecialIds):
     def detokenize(self, ids: Sequence[int]) -> str:
         ids = _check_ids(ids, self._vocab_size, "HuggingFaceTokenizer")
         return self._tok.decode(ids, skip_special_tokens=False)
+
+
+# ---- command-line flags -------------------------------------------------------------------
+def add_tokenizer_arguments(group, tokenizer_type_required: bool = False) -> None:
+    """The Megatron tokenizer flags, shared by training, preprocessing and later tools."""
+    if tokenizer_type_required:
+        group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    else:
+        group.add_argument("--tokenizer-type", default="NullTokenizer")
+    group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: encoder.json")
+    group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: vocab.bpe")
+    group.add_argument(
+        "--tokenizer-model", default=None, help="SentencePiece .model, or HF dir / tokenizer.json"
+    )
+    group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary")
+
+
+def tokenizer_config_from_args(args) -> TokenizerConfig:
+    return TokenizerConfig(
+        tokenizer_type=args.tokenizer_type,
+        vocab_file=args.vocab_file,
+        merge_file=args.merge_file,
+        tokenizer_model=args.tokenizer_model,
+        vocab_size=args.vocab_size,
+    )
 
 
 # ---- factory ------------------------------------------------------------------------------
