@@ -23,11 +23,12 @@ def reduce_losses(
     keys = [lm_loss_key()] + [exit_loss_key(n) for n in exit_layers]
     sums = torch.zeros(2 * len(keys), dtype=torch.float64, device=device)
     if parallel_state.get_tensor_model_parallel_rank() == 0:
-        for mb in per_microbatch:
-            for i, key in enumerate(keys):
-                if key in mb:
-                    sums[i] += float(mb[key])
-                    sums[len(keys) + i] += 1
+        # Accumulate on the device: no host sync per microbatch and metric.
+        for i, key in enumerate(keys):
+            values = [mb[key] for mb in per_microbatch if key in mb]
+            if values:
+                sums[i] = torch.stack(values).to(device=device, dtype=torch.float64).sum()
+                sums[len(keys) + i] = len(values)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sums)
     means = [
