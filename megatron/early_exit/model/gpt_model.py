@@ -208,18 +208,24 @@ class EarlyExitGPTModel(GPTModel):
             return self.tied_exit_weight.weight
         return weight
 
+    def _embedding_group_with_peers(self):
+        """megatron-core's embedding group if this rank shares word embeddings with others."""
+        if self.config.pipeline_model_parallel_size == 1 or not dist.is_initialized():
+            return None
+        group = parallel_state.get_embedding_group(check_initialized=False)
+        if group is None:
+            return None
+        ranks = dist.get_process_group_ranks(group)
+        return group if dist.get_rank() in ranks and len(ranks) > 1 else None
+
     def _sync_tied_exit_weight_init(self, share_embeddings: bool) -> None:
         """Copy the first stage's embedding into this stage's tied copy (zeros + all-reduce).
 
         GPTModel already did this for the first and last stages when the LM head is tied;
         the remaining members of the embedding group join here, in the same group order.
         """
-        if self.config.pipeline_model_parallel_size == 1 or not dist.is_initialized():
-            return
-        group = parallel_state.get_embedding_group(check_initialized=False)
-        if group is None or dist.get_rank() not in dist.get_process_group_ranks(group):
-            return
-        if dist.get_process_group_ranks(group) == [dist.get_rank()]:
+        group = self._embedding_group_with_peers()
+        if group is None:
             return
         gpt_model_did_it = share_embeddings and (self.pre_process or self.post_process)
         if gpt_model_did_it:
@@ -237,12 +243,8 @@ class EarlyExitGPTModel(GPTModel):
         """
         if self.share_embeddings_and_output_weights:
             return
-        if self.config.pipeline_model_parallel_size == 1:
-            return
-        group = parallel_state.get_embedding_group(check_initialized=False)
-        if group is None or dist.get_rank() not in dist.get_process_group_ranks(group):
-            return
-        if len(dist.get_process_group_ranks(group)) == 1:
+        group = self._embedding_group_with_peers()
+        if group is None:
             return
         weight = self.tied_exit_output_weight()
         grad = getattr(weight, "main_grad", None)
