@@ -9,7 +9,7 @@ TORCH_PIP_ARGS ?=
 NPROC ?= 2
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-all test-gpu lint format demo bench-exit-overhead clean
+.PHONY: venv test test-all test-gpu lint format demo bench-exit-overhead bench-server-load bench-inference perf-model bench-bubble-filling bench-ee-tuning clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,25 @@ demo: venv
 
 bench-exit-overhead: venv
 	$(PY) benchmarks/exit_overhead.py
+
+bench-bubble-filling: venv
+	$(PY) benchmarks/bubble_filling.py
+
+# EE-Tuning cost (partial vs full stage loading vs full training) + SmolLM2 tuning curves.
+bench-ee-tuning: venv
+	$(PY) benchmarks/ee_tuning.py --smollm2-metrics outputs/ee_tuning/metrics.jsonl
+
+# Bubble fraction, exit overhead and bubble-filling gain of the paper's 1.3B-30B configs (math).
+perf-model: venv
+	$(PY) -W ignore benchmarks/perf_model.py
+
+bench-server-load: venv
+	$(PY) benchmarks/server_load.py
+
+# Early-exit inference speed/agreement vs threshold; CKPT: a checkpoint with exits.
+CKPT ?= outputs/demo/checkpoint
+bench-inference: venv
+	$(PY) benchmarks/inference_early_exit.py --load $(CKPT) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache outputs

@@ -16,20 +16,26 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed.*")
     import megatron.early_exit  # noqa: F401  (guards broken GPU accelerators first)
-    from megatron.early_exit.arguments import parse_run_config
+    from megatron.early_exit.arguments import parse_args, parse_run_config
     from megatron.early_exit.config import ConfigError
     from megatron.early_exit.data.tokenizers import TokenizerError, build_tokenizer
     from megatron.early_exit.platform import init_platform
     from megatron.early_exit.training.initialize import destroy_distributed, world_size_from_env
 
-    platform = init_platform()
     try:
-        run = parse_run_config(argv, world_size_from_env(), device_is_cuda=platform.is_cuda)
+        # A dry run checks a GPU launch script anywhere: validate as on CUDA (bf16 allowed)
+        # and never touch devices or process groups.
+        dry_run = parse_args(argv).dry_run
+        platform = None if dry_run else init_platform()
+        is_cuda = dry_run or platform.is_cuda
+        run = parse_run_config(argv, world_size_from_env(), device_is_cuda=is_cuda)
         tokenizer = build_tokenizer(run.data.tokenizer_config())
         run.resolve_vocab(tokenizer.vocab_size)
     except (ConfigError, TokenizerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if dry_run:
+        return dry_run_report(run)
 
     from megatron.early_exit.data.gpt_data import DataError
     from megatron.early_exit.model.specs import transformer_engine_usable
@@ -45,6 +51,18 @@ def main(argv=None) -> int:
         return 1
     finally:
         destroy_distributed()
+    return 0
+
+
+def dry_run_report(run) -> int:
+    import json
+
+    from megatron.early_exit.training.layout import describe_run
+
+    layout = describe_run(run)
+    print("dry run: configuration is valid")
+    print(layout.format())
+    print("DRY_RUN_JSON " + json.dumps(layout.to_dict(), sort_keys=True))
     return 0
 
 

@@ -14,6 +14,7 @@ from megatron.early_exit.config import (
     ConfigError,
     DataConfig,
     ExitConfig,
+    FillConfig,
     LoggingConfig,
     ModelConfig,
     ParallelConfig,
@@ -21,6 +22,7 @@ from megatron.early_exit.config import (
     TrainingConfig,
 )
 from megatron.early_exit.data.tokenizers import add_tokenizer_arguments
+from megatron.early_exit.training.checkpoint_args import CheckpointError, read_checkpoint_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp16", action="store_true")
     g.add_argument("--loss-scale", type=float, default=None)
     g.add_argument("--initial-loss-scale", type=float, default=2.0**32)
+    g.add_argument(
+        "--tune-exit",
+        action="store_true",
+        help="EE-Tuning: freeze the loaded backbone, train only the exit heads on exit losses",
+    )
+    g.add_argument(
+        "--tune-exit-pipeline-parallel-size",
+        type=int,
+        default=None,
+        help="with --tune-exit: run (and load) only the first k pipeline stages; all exits "
+        "must live there (world size TP x k x DP)",
+    )
 
     g = p.add_argument_group("data")
     g.add_argument("--mock-data", action="store_true", help="seeded synthetic token ids")
@@ -133,9 +147,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true")
 
+    g = p.add_argument_group("bubble filling")
+    g.add_argument(
+        "--fill-explicit-bubbles",
+        action="store_true",
+        help="train exits with extra microbatches in 1F1B pipeline bubbles",
+    )
+    g.add_argument(
+        "--num-fill-warmup-microbatches", type=int, default=None, help="default: automatic"
+    )
+    g.add_argument(
+        "--num-fill-cooldown-microbatches", type=int, default=None, help="default: automatic"
+    )
+    g.add_argument(
+        "--backward-forward-ratio",
+        type=float,
+        default=2.0,
+        help="backward/forward time, for the automatic fill counts",
+    )
+    g.add_argument(
+        "--print-pipeline-schedule",
+        action="store_true",
+        help="print each stage's order of forward/backward/fill steps at start-up",
+    )
+
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--metrics-file", default=None)
+    g.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="parse and validate for WORLD_SIZE GPUs, print the parallel layout and parameter "
+        "counts, and exit without creating process groups",
+    )
     return p
 
 
@@ -200,6 +244,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
             sequence_parallel=args.sequence_parallel,
             use_distributed_optimizer=args.use_distributed_optimizer,
             batch_p2p_comm=not args.no_batch_p2p_comm,
+            tune_exit_pipeline_parallel_size=args.tune_exit_pipeline_parallel_size,
             world_size=world_size,
         ),
         training=TrainingConfig(
@@ -224,6 +269,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
             fp16=args.fp16,
             loss_scale=args.loss_scale,
             initial_loss_scale=args.initial_loss_scale,
+            tune_exit=args.tune_exit,
         ),
         data=DataConfig(
             mock_data=args.mock_data,
@@ -245,6 +291,13 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
             finetune=args.finetune,
         ),
         logging=LoggingConfig(log_interval=args.log_interval, metrics_file=args.metrics_file),
+        fill=FillConfig(
+            fill_explicit_bubbles=args.fill_explicit_bubbles,
+            num_fill_warmup_microbatches=args.num_fill_warmup_microbatches,
+            num_fill_cooldown_microbatches=args.num_fill_cooldown_microbatches,
+            backward_forward_ratio=args.backward_forward_ratio,
+            print_pipeline_schedule=args.print_pipeline_schedule,
+        ),
     )
 
 
@@ -252,5 +305,24 @@ def parse_run_config(
     argv: Sequence[str] | None, world_size: int, device_is_cuda: bool = False
 ) -> RunConfig:
     """Parse and validate; raises ConfigError (before any process group exists)."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     return config_from_args(args, world_size).validate(device_is_cuda=device_is_cuda)
+
+
+def parse_args(
+    argv: Sequence[str] | None, parser: argparse.ArgumentParser | None = None
+) -> argparse.Namespace:
+    """Parse flags; with `--load DIR`, the checkpoint's recorded model/tokenizer flags are the
+    defaults (flags given on the command line still win)."""
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "load", None):
+        try:
+            saved = read_checkpoint_args(args.load)
+        except CheckpointError as exc:
+            raise ConfigError(str(exc)) from exc
+        if saved:
+            known = {a.dest for a in parser._actions}
+            parser.set_defaults(**{k: v for k, v in saved.items() if k in known})
+            args = parser.parse_args(argv)
+    return args

@@ -222,11 +222,17 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False
     batch_p2p_comm: bool = True
     world_size: int = 1
+    # EE-Tuning: run only the first k of the pipeline_model_parallel_size stages.
+    tune_exit_pipeline_parallel_size: int | None = None
+
+    @property
+    def runtime_pipeline_parallel_size(self) -> int:
+        return self.tune_exit_pipeline_parallel_size or self.pipeline_model_parallel_size
 
     @property
     def data_parallel_size(self) -> int:
         return self.world_size // (
-            self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+            self.tensor_model_parallel_size * self.runtime_pipeline_parallel_size
         )
 
     def validate(self, num_layers: int) -> None:
@@ -234,10 +240,18 @@ class ParallelConfig:
         _require(tp >= 1, f"--tensor-model-parallel-size must be >= 1, got {tp}")
         _require(pp >= 1, f"--pipeline-model-parallel-size must be >= 1, got {pp}")
         _require(self.world_size >= 1, f"world size must be >= 1, got {self.world_size}")
+        k = self.tune_exit_pipeline_parallel_size
+        if k is not None:
+            _require(
+                1 <= k <= pp,
+                f"--tune-exit-pipeline-parallel-size {k} must be in 1..{pp} "
+                "(--pipeline-model-parallel-size)",
+            )
+        stages = self.runtime_pipeline_parallel_size  # EE-Tuning may run only the first k
         _require(
-            self.world_size % (tp * pp) == 0,
+            self.world_size % (tp * stages) == 0,
             f"world size {self.world_size} is not divisible by tensor-parallel size {tp} x "
-            f"pipeline-parallel size {pp} = {tp * pp}",
+            f"pipeline-parallel size {stages} = {tp * stages}",
         )
         _require(
             num_layers % pp == 0,
@@ -285,6 +299,7 @@ class TrainingConfig:
     fp16: bool = False
     loss_scale: float | None = None  # fixed fp16 loss scale; dynamic when None
     initial_loss_scale: float = 2.0**32
+    tune_exit: bool = False  # EE-Tuning: train only exit heads on a frozen backbone
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -415,6 +430,33 @@ class LoggingConfig:
 
 
 @dataclass
+class FillConfig:
+    """Bubble filling of the 1F1B schedule (pipeline/bubble_filling.py)."""
+
+    fill_explicit_bubbles: bool = False
+    num_fill_warmup_microbatches: int | None = None  # None: automatic
+    num_fill_cooldown_microbatches: int | None = None  # None: automatic
+    backward_forward_ratio: float = 2.0
+    print_pipeline_schedule: bool = False
+
+    def validate(self, run: RunConfig) -> None:
+        if not self.fill_explicit_bubbles:
+            for flag, value in (
+                ("--num-fill-warmup-microbatches", self.num_fill_warmup_microbatches),
+                ("--num-fill-cooldown-microbatches", self.num_fill_cooldown_microbatches),
+            ):
+                _require(value is None, f"{flag} needs --fill-explicit-bubbles")
+            return
+        _require(
+            not getattr(run.training, "tune_exit", False),
+            "--fill-explicit-bubbles is for pretraining; --tune-exit has its own schedule",
+        )
+        from megatron.early_exit.pipeline.bubble_filling import plan_for_run
+
+        plan_for_run(run)  # raises ConfigError for counts or layouts it cannot schedule
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     exits: ExitConfig = field(default_factory=ExitConfig)
@@ -423,17 +465,45 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    fill: FillConfig = field(default_factory=FillConfig)
 
     def validate(self, device_is_cuda: bool = False) -> RunConfig:
         """Check everything that can be checked without process groups; raise ConfigError."""
         self.parallel.validate(self.model.num_layers)
         self.model.validate(self.parallel.tensor_model_parallel_size)
         self.exits.validate(self.model.num_layers)
+        self._validate_exit_tuning()
         self.training.validate(self.parallel.data_parallel_size, device_is_cuda)
         self.data.validate()
         self.checkpoint.validate()
         self.logging.validate()
+        self.fill.validate(self)
         return self
+
+    def _validate_exit_tuning(self) -> None:
+        k = self.parallel.tune_exit_pipeline_parallel_size
+        if not self.training.tune_exit:
+            _require(k is None, "--tune-exit-pipeline-parallel-size needs --tune-exit")
+            return
+        _require(
+            self.exits.num_exits > 0,
+            "--tune-exit trains exit heads but the model has none: add them to the checkpoint "
+            "first with tools/checkpoint/add_exits.py (or pass --exit-layer-nums)",
+        )
+        _require(
+            self.checkpoint.load is not None,
+            "--tune-exit tunes the exits of a pretrained model: pass --load CHECKPOINT "
+            "(made with tools/checkpoint/add_exits.py)",
+        )
+        if k is not None:
+            depth = self.model.num_layers * k // self.parallel.pipeline_model_parallel_size
+            deepest = max(self.exits.exit_layer_nums)
+            _require(
+                deepest <= depth,
+                f"--tune-exit-pipeline-parallel-size {k}: the first {k} of "
+                f"{self.parallel.pipeline_model_parallel_size} stages hold layers 1..{depth} "
+                f"but there is an exit at layer {deepest}",
+            )
 
     def resolve_vocab(self, tokenizer_vocab_size: int) -> None:
         """Take the vocabulary from the tokenizer; --vocab-size may only be larger."""

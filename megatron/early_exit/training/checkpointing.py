@@ -27,29 +27,18 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron.early_exit.training.checkpoint_args import (  # noqa: F401  (re-exported)
+    ARGS_FILE,
+    TRACKER_FILE,
+    CheckpointError,
+    args_from_run,
+    checkpoint_dir,
+    read_tracker,
+    write_checkpoint_args,
+)
 from megatron.early_exit.training.setup import TrainState
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
 _OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def checkpoint_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def read_tracker(root: str) -> int:
-    path = os.path.join(root, TRACKER_FILE)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint in {root!r}: {TRACKER_FILE} is missing")
-    with open(path) as f:
-        text = f.read().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{path} is corrupt (expected an iteration number, got {text!r})")
-    return int(text)
 
 
 def _layout() -> dict[str, int]:
@@ -97,10 +86,12 @@ def _restore_rng(state: dict) -> None:
 
 
 def _sharded_state(
-    state: TrainState, is_loading: bool, with_optimizer: bool, with_rng: bool
+    state: TrainState, is_loading: bool, with_optimizer: bool, with_rng: bool, hook=None
 ) -> dict:
     # Keys from the bare model: independent of DDP/Float16Module wrapping.
     model_sd = state.unwrapped.sharded_state_dict()
+    if hook is not None:  # e.g. EE-Tuning of the first k stages: full-model global shapes
+        model_sd = hook.model_sd(model_sd, is_loading)
     sd = {"model": model_sd}
     if with_optimizer:
         sd["optimizer"] = state.optimizer.sharded_state_dict(
@@ -137,7 +128,19 @@ def _ensure_results_queue_dies_with_us() -> None:
         filesystem_async._ee_results_manager = manager  # keep it referenced
 
 
-def save_checkpoint(root: str, iteration: int, state: TrainState, extra: dict | None = None):
+def save_checkpoint(
+    root: str,
+    iteration: int,
+    state: TrainState,
+    extra: dict | None = None,
+    args: dict | None = None,
+    hook=None,
+):
+    """Save atomically; `args` (flag values, see checkpoint_args) go to `ee_args.json`.
+
+    `hook` (tuning.partial.PartialStagesCheckpoint) adapts the model's sharded state and
+    adds the tensors a partial run does not hold, so the checkpoint stays complete.
+    """
     rank0 = dist.get_rank() == 0
     _ensure_results_queue_dies_with_us()
     final = checkpoint_dir(root, iteration)
@@ -149,7 +152,11 @@ def save_checkpoint(root: str, iteration: int, state: TrainState, extra: dict | 
     dist.barrier()
     # Before the first step torch's Adam has no state to save (e.g. an initial checkpoint).
     with_optimizer = _optimizer_has_state(state.optimizer)
-    sd = _sharded_state(state, is_loading=False, with_optimizer=with_optimizer, with_rng=True)
+    sd = _sharded_state(
+        state, is_loading=False, with_optimizer=with_optimizer, with_rng=True, hook=hook
+    )
+    if hook is not None:
+        sd["carried_over"] = hook.carry_over(sd["model"])
     sd.update(
         iteration=iteration,
         scheduler=state.scheduler.state_dict(),
@@ -161,6 +168,8 @@ def save_checkpoint(root: str, iteration: int, state: TrainState, extra: dict | 
     _maybe_inject_fault(iteration)
     dist.barrier()
     if rank0:
+        if args is not None:
+            write_checkpoint_args(tmp, args)
         old = final + ".old"
         if os.path.exists(final):
             os.replace(final, old)
@@ -191,7 +200,7 @@ def _write_tracker(root: str, iteration: int) -> None:
 
 
 def load_checkpoint(
-    root: str, state: TrainState, load_optimizer: bool = True, load_rng: bool = True
+    root: str, state: TrainState, load_optimizer: bool = True, load_rng: bool = True, hook=None
 ) -> int:
     """Load the latest checkpoint under `root` into `state`; return its iteration."""
     iteration = read_tracker(root)
@@ -207,17 +216,24 @@ def load_checkpoint(
     if load_optimizer and state.optimizer.config.use_distributed_optimizer:
         _prepare_distributed_optimizer_for_load(state.optimizer)
     sd = _sharded_state(
-        state, is_loading=True, with_optimizer=load_optimizer, with_rng=load_rng and same_layout
+        state,
+        is_loading=True,
+        with_optimizer=load_optimizer,
+        with_rng=load_rng and same_layout,
+        hook=hook,
     )
     _check_model_keys(state.unwrapped, sd["model"], path)
     try:
-        loaded = dist_checkpointing.load(sd, path)
+        # A partial run (hook) reads only a subset of the layers: no full-coverage check.
+        loaded = dist_checkpointing.load(sd, path, validate_access_integrity=hook is None)
     except (Exception, CheckpointException) as exc:  # re-raised with the context users need
         raise CheckpointError(
             f"could not load {path}: {exc}. Was it saved from a model with the same "
             "architecture and exit layers?"
         ) from exc
     state.unwrapped.load_state_dict(loaded["model"], strict=True)
+    if hook is not None:
+        hook.source = path
     if load_optimizer:
         with torch.no_grad():  # the distributed optimizer copies into views of leaf params
             state.optimizer.load_state_dict(loaded["optimizer"])

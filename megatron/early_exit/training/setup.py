@@ -67,9 +67,17 @@ def build_stage_model(
 
 
 def setup_training(
-    run: RunConfig, config: EarlyExitTransformerConfig, platform: Platform, use_te: bool
+    run: RunConfig,
+    config: EarlyExitTransformerConfig,
+    platform: Platform,
+    use_te: bool,
+    tuning=None,
 ) -> TrainState:
+    """`tuning` (tuning.ExitTuning, with --tune-exit) freezes the backbone before DDP and
+    the optimizer see the parameters: both then cover only the exit heads."""
     model = build_stage_model(run, config, platform, use_te)
+    if tuning is not None:
+        tuning.prepare(unwrap(model))
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -77,6 +85,10 @@ def setup_training(
     )
     model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     config.finalize_model_grads_func = finalize_grads
+    if tuning is not None:
+        from megatron.early_exit.tuning.session import finalize_exit_grads
+
+        config.finalize_model_grads_func = finalize_exit_grads
 
     t = run.training
     optimizer = get_megatron_optimizer(

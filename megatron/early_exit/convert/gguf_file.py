@@ -1,0 +1,243 @@
+"""GGUF (llama.cpp) -> Hugging Face folder: dequantized float32 weights, config.json,
+and a tokenizer.json rebuilt from the file's tokenizer metadata.
+
+Supported: general.architecture "llama" with a byte-level BPE tokenizer
+(tokenizer.ggml.model "gpt2"), e.g. SmolLM2. llama.cpp's converter permutes the rows of
+attn_q/attn_k from HF's rotate-half RoPE layout to its interleaved one; we invert that.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron.early_exit.convert.errors import ConversionError
+from megatron.early_exit.convert.hf_files import atomic_dir, write_json, write_safetensors
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+# llama.cpp pre-tokenizer names we can rebuild (regex splits of GPT-2 + digits).
+_PRE_TOKENIZERS = ("default", "gpt2", "smollm")
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+def _reader(path: str):
+    if not os.path.isfile(path):
+        raise ConversionError(f"GGUF file {path!r} does not exist")
+    try:
+        import gguf
+    except ImportError as exc:
+        raise ConversionError(f"GGUF conversion needs the `gguf` package ({exc})") from None
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as exc:  # the reader raises ValueError/struct errors on bad files
+        raise ConversionError(f"{path} is not a readable GGUF file ({exc})") from None
+
+
+def _meta(reader, key: str, default: Any = None, required: bool = True) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        if required and default is None:
+            raise ConversionError(f"the GGUF file lacks metadata {key!r}")
+        return default
+    return field.contents()
+
+
+def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Invert llama.cpp's Q/K row permutation (interleaved pairs -> rotate-half halves)."""
+    rows = w.shape[0]
+    half = rows // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """(HF config dict, HF-named float32 tensors, tokenizer metadata)."""
+    import gguf
+
+    r = _reader(path)
+    arch = _meta(r, "general.architecture")
+    if arch != "llama":
+        raise ConversionError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
+    p = "llama."
+    heads = int(_meta(r, p + "attention.head_count"))
+    kv_heads = int(_meta(r, p + "attention.head_count_kv", heads))
+    hidden = int(_meta(r, p + "embedding_length"))
+    if _meta(r, p + "expert_count", 0, required=False):
+        raise ConversionError("mixture-of-experts GGUF models are not supported")
+    if _meta(r, p + "rope.scaling.type", "none", required=False) not in ("none", None):
+        raise ConversionError("GGUF models with RoPE scaling are not supported")
+    tensors: dict[str, torch.Tensor] = {}
+    for t in r.tensors:
+        name = _hf_name(t.name)
+        try:
+            data = gguf.quants.dequantize(t.data, t.tensor_type)
+        except (NotImplementedError, ValueError) as exc:
+            raise ConversionError(
+                f"cannot dequantize {t.name} ({t.tensor_type.name}): {exc}"
+            ) from None
+        w = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).reshape(
+            [int(n) for n in reversed(t.shape)]
+        )
+        if ".self_attn.q_proj." in name:
+            w = unpermute_rows(w, heads)
+        elif ".self_attn.k_proj." in name:
+            w = unpermute_rows(w, kv_heads)
+        tensors[name] = w
+    tokens = list(_meta(r, "tokenizer.ggml.tokens"))
+    embed = tensors.get("model.embed_tokens.weight")
+    if embed is None:
+        raise ConversionError("the GGUF file has no token_embd.weight")
+    if embed.shape[0] != len(tokens):
+        raise ConversionError(
+            f"token_embd has {embed.shape[0]} rows but the tokenizer has {len(tokens)} tokens"
+        )
+    head_dim = int(_meta(r, p + "rope.dimension_count", hidden // heads, required=False))
+    tok = {
+        "model": _meta(r, "tokenizer.ggml.model"),
+        "pre": _meta(r, "tokenizer.ggml.pre", "default", required=False),
+        "tokens": tokens,
+        "token_type": list(_meta(r, "tokenizer.ggml.token_type", [], required=False)),
+        "merges": list(_meta(r, "tokenizer.ggml.merges", [], required=False)),
+        "chat_template": _meta(r, "tokenizer.chat_template", "", required=False) or None,
+        "add_bos_token": bool(_meta(r, "tokenizer.ggml.add_bos_token", False, required=False)),
+    }
+    for key in ("bos", "eos", "unknown", "padding"):
+        value = _meta(r, f"tokenizer.ggml.{key}_token_id", -1, required=False)
+        tok[f"{key}_id"] = int(value) if value is not None and int(value) >= 0 else None
+    num_layers = int(_meta(r, p + "block_count"))
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": len(tokens),
+        "hidden_size": hidden,
+        "intermediate_size": int(_meta(r, p + "feed_forward_length")),
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": int(_meta(r, p + "context_length", 2048, required=False)),
+        "rms_norm_eps": float(_meta(r, p + "attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(_meta(r, p + "rope.freq_base", 10000.0, required=False)),
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": float(_meta(r, p + "rope.freq_base", 10000.0, required=False)),
+        },
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": "lm_head.weight" not in tensors,
+        "bos_token_id": tok["bos_id"],
+        "eos_token_id": tok["eos_id"],
+        "pad_token_id": tok["padding_id"],
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+    return config, tensors, tok
+
+
+def _hf_name(gguf_name: str) -> str:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in _TOP_NAMES:
+        return f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
+    raise ConversionError(
+        f"GGUF tensor {gguf_name!r} has no Llama equivalent (unsupported variant)"
+    )
+
+
+def build_tokenizer_json(tok: dict[str, Any]):
+    """A `tokenizers.Tokenizer` equivalent to llama.cpp's byte-level BPE tokenizer."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    if tok["model"] != "gpt2":
+        raise ConversionError(
+            f"GGUF tokenizer model {tok['model']!r} is not supported (only byte-level BPE 'gpt2')"
+        )
+    if tok["pre"] not in _PRE_TOKENIZERS:
+        raise ConversionError(
+            f"GGUF pre-tokenizer {tok['pre']!r} is not supported ({', '.join(_PRE_TOKENIZERS)})"
+        )
+    if not tok["merges"]:
+        raise ConversionError("the GGUF tokenizer has no merges")
+    vocab = {t: i for i, t in enumerate(tok["tokens"])}
+    merges = [tuple(m.split(" ", 1)) for m in tok["merges"]]
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if tok["pre"] == "smollm":  # llama.cpp: digits split one by one, then the GPT-2 regex
+        tk.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
+    else:
+        tk.pre_tokenizer = byte_level
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    types = tok["token_type"] or [1] * len(tok["tokens"])
+    special = [t for t, k in zip(tok["tokens"], types) if k == _CONTROL]
+    user = [t for t, k in zip(tok["tokens"], types) if k == _USER_DEFINED]
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    if user:
+        tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+    if tk.get_vocab_size(with_added_tokens=True) != len(tok["tokens"]):
+        raise ConversionError("rebuilt tokenizer's vocabulary size differs from the GGUF's")
+    return tk
+
+
+def tokenizer_config(tok: dict[str, Any], max_length: int) -> dict[str, Any]:
+    tokens = tok["tokens"]
+    name = {
+        k: (tokens[tok[f"{k}_id"]] if tok[f"{k}_id"] is not None else None)
+        for k in ("bos", "eos", "unknown", "padding")
+    }
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": name["bos"],
+        "eos_token": name["eos"],
+        "unk_token": name["unknown"],
+        "pad_token": name["padding"],
+        "add_bos_token": tok["add_bos_token"],
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_length,
+    }
+    if tok.get("chat_template"):
+        cfg["chat_template"] = tok["chat_template"]
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def gguf_to_hf(path: str, out: str, overwrite: bool = False) -> dict[str, Any]:
+    """Write an HF folder for the GGUF model; returns its config.json."""
+    config, tensors, tok = read_gguf(path)
+    tokenizer = build_tokenizer_json(tok)
+    tok_cfg = tokenizer_config(tok, config["max_position_embeddings"])
+    with atomic_dir(out, overwrite) as staging:
+        write_safetensors(tensors, os.path.join(staging, "model.safetensors"), {"format": "pt"})
+        write_json(os.path.join(staging, "config.json"), config)
+        gen = {
+            k: config[k]
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if config[k] is not None
+        }
+        write_json(os.path.join(staging, "generation_config.json"), gen)
+        tokenizer.save(os.path.join(staging, "tokenizer.json"))
+        write_json(os.path.join(staging, "tokenizer_config.json"), tok_cfg)
+        specials = {k: v for k, v in tok_cfg.items() if k.endswith("_token")}
+        write_json(os.path.join(staging, "special_tokens_map.json"), specials)
+    return config

@@ -1,0 +1,202 @@
+"""Hugging Face folder <-> our dist checkpoint (single process, full tensors).
+
+Export writes the backbone as a standard LlamaForCausalLM / GPT2LMHeadModel folder, plus
+what HF has no place for, so nothing is lost and import restores it bit for bit:
+* `early_exit_heads.safetensors`: exit-head tensors under our names (`exit_heads.N.*`),
+  described by the `early_exit` entry of config.json (our exit flags);
+* `megatron_vocab_padding.safetensors`: rows of the padded vocabulary beyond the real
+  one, only when they are not all zero;
+* `ee_megatron` in config.json: our flags that HF does not carry (vocab padding
+  multiple, training sequence length).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from megatron.early_exit.convert.errors import ConversionError
+from megatron.early_exit.convert.hf_arch import (
+    family_of,
+    flags_from_hf,
+    hf_config_from_flags,
+    read_hf_config,
+)
+from megatron.early_exit.convert.hf_files import (
+    EXIT_HEADS_FILE,
+    VOCAB_PADDING_FILE,
+    atomic_dir,
+    check_output_dir,
+    export_tokenizer,
+    import_tokenizer,
+    read_hf_weights,
+    read_safetensors,
+    special_ids,
+    write_json,
+    write_safetensors,
+)
+from megatron.early_exit.convert.megatron_side import (
+    EXIT_PREFIX,
+    Stage,
+    build_run,
+    read_raw_args,
+    resolved_args,
+)
+from megatron.early_exit.convert.weights import OUTPUT, WORD, hf_to_ours, ours_to_hf
+
+EXIT_FLAG_KEYS = (
+    "exit_layer_nums",
+    "pre_exit",
+    "use_exit_norm",
+    "use_exit_mlp",
+    "use_exit_block",
+    "untie_exit_output_weights",
+    "exit_layer_temperature",
+)
+_EXTRA_FLAG_KEYS = ("make_vocab_size_divisible_by", "seq_length", "init_method_std")
+
+
+def _vocab_rows(name: str) -> bool:
+    return name in (WORD, OUTPUT) or (name.startswith(EXIT_PREFIX) and ".output_layer." in name)
+
+
+# ----------------------------------------------------------------------------- import
+def hf_to_megatron(
+    hf_dir: str,
+    out: str,
+    overwrite: bool = False,
+    allow_no_tokenizer: bool = False,
+    seq_length: int | None = None,
+    make_vocab_size_divisible_by: int | None = None,
+) -> dict[str, Any]:
+    """Convert; returns the recorded flags (ee_args.json)."""
+    config = read_hf_config(hf_dir)
+    arch = flags_from_hf(config)
+    flags = dict(arch.flags)
+    flags.update(
+        {k: v for k, v in (config.get("ee_megatron") or {}).items() if k in _EXTRA_FLAG_KEYS}
+    )
+    if seq_length:
+        flags["seq_length"] = seq_length
+    if make_vocab_size_divisible_by:
+        flags["make_vocab_size_divisible_by"] = make_vocab_size_divisible_by
+    ee = config.get("early_exit")
+    tensors = hf_to_ours(arch.family, flags, read_hf_weights(hf_dir))
+    if ee:
+        flags.update({k: ee[k] for k in EXIT_FLAG_KEYS if k in ee})
+        path = os.path.join(hf_dir, ee.get("file", EXIT_HEADS_FILE))
+        if not os.path.isfile(path):
+            raise ConversionError(f"config.json has an early_exit entry but {path} is missing")
+        heads = read_safetensors(path)
+        bad = [k for k in heads if not k.startswith(EXIT_PREFIX)]
+        if bad:
+            raise ConversionError(f"{path}: tensors outside exit heads, e.g. {bad[:3]}")
+        tensors.update({k: v.float() for k, v in heads.items()})
+    padding_path = os.path.join(hf_dir, VOCAB_PADDING_FILE)
+    if os.path.isfile(padding_path):
+        for name, rows in read_safetensors(padding_path).items():
+            if name not in tensors:
+                raise ConversionError(f"{padding_path}: {name!r} matches no converted tensor")
+            tensors[name] = torch.cat([tensors[name], rows.float()], dim=0)
+    vocab = int(flags["vocab_size"])
+    for name in (WORD, OUTPUT):
+        if name in tensors and tensors[name].shape[0] < vocab:
+            raise ConversionError(
+                f"{name} has {tensors[name].shape[0]} rows but config.json says vocab_size {vocab}"
+            )
+
+    check_output_dir(out, overwrite)
+    run = build_run(flags)  # validates the flags (heads vs hidden size, exits, ...)
+    stage = Stage(run, for_saving=True)
+    stage.set_full_weights(tensors, vocab)
+    with atomic_dir(out, overwrite) as staging:
+        iter_dir = stage.save(staging, args=None, extra={"converted_from": os.path.abspath(hf_dir)})
+        tok = import_tokenizer(hf_dir, iter_dir)
+        if tok is None:
+            if not allow_no_tokenizer:
+                raise ConversionError(
+                    f"{hf_dir!r} has no tokenizer (tokenizer.json, or vocab.json + merges.txt); "
+                    "pass --allow-no-tokenizer to record a NullTokenizer instead"
+                )
+            tok = {"tokenizer_type": "NullTokenizer"}
+        args = record_args(run, tok, iter_dir)
+    return args
+
+
+def record_args(run, tok: dict[str, Any], iter_dir: str) -> dict[str, Any]:
+    """Write ee_args.json: model/exit flags and tokenizer (paths relative to iter_dir)."""
+    from megatron.early_exit.data.tokenizers import TokenizerConfig, build_tokenizer
+    from megatron.early_exit.training.checkpoint_args import args_from_run, write_checkpoint_args
+
+    args = args_from_run(run)
+    for key in ("vocab_file", "merge_file", "tokenizer_model"):
+        args[key] = tok.get(key)
+    args["tokenizer_type"] = tok["tokenizer_type"]
+    resolved = {
+        k: (os.path.join(iter_dir, v) if v else v) for k, v in tok.items() if k != "tokenizer_type"
+    }
+    if tok["tokenizer_type"] != "NullTokenizer":
+        tokenizer = build_tokenizer(
+            TokenizerConfig(tokenizer_type=tok["tokenizer_type"], **resolved)
+        )
+        if tokenizer.vocab_size > run.data.vocab_size:
+            raise ConversionError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                f"{run.data.vocab_size} (mismatched files?)"
+            )
+    write_checkpoint_args(iter_dir, args)
+    return args
+
+
+# ----------------------------------------------------------------------------- export
+def megatron_to_hf(root: str, out: str, overwrite: bool = False) -> dict[str, Any]:
+    """Export; returns the written config.json."""
+    iter_dir, raw = read_raw_args(root)
+    flags = resolved_args(iter_dir, raw)
+    family = family_of(flags)
+    check_output_dir(out, overwrite)
+    run = build_run(flags)
+    flags["ffn_hidden_size"] = run.model.resolved_ffn_hidden_size()
+    flags["max_position_embeddings"] = run.model.resolved_max_position_embeddings()
+    stage = Stage(run)
+    stage.load(root)
+    full = stage.full_weights()
+    vocab = int(flags["vocab_size"])
+    padding = {}
+    for name in [n for n in full if _vocab_rows(n)]:
+        rows = full[name]
+        if rows.shape[0] > vocab:
+            if rows[vocab:].any():
+                padding[name] = rows[vocab:]
+            full[name] = rows[:vocab]
+    exits = {k: v for k, v in full.items() if k.startswith(EXIT_PREFIX)}
+    backbone = {k: v for k, v in full.items() if not k.startswith(EXIT_PREFIX)}
+    hf = ours_to_hf(family, flags, backbone)
+    config = hf_config_from_flags(flags, special_ids(flags))
+    config["ee_megatron"] = {k: flags[k] for k in _EXTRA_FLAG_KEYS if k in flags}
+    if flags.get("exit_layer_nums"):
+        config["early_exit"] = {k: flags.get(k) for k in EXIT_FLAG_KEYS}
+        config["early_exit"]["file"] = EXIT_HEADS_FILE
+    with atomic_dir(out, overwrite) as staging:
+        write_safetensors(hf, os.path.join(staging, "model.safetensors"), {"format": "pt"})
+        write_json(os.path.join(staging, "config.json"), config)
+        write_json(
+            os.path.join(staging, "generation_config.json"),
+            {
+                k: config[k]
+                for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                if config.get(k) is not None
+            },
+        )
+        export_tokenizer(flags, staging)
+        if exits:
+            write_safetensors(
+                exits, os.path.join(staging, EXIT_HEADS_FILE), {"format": "ee-megatron"}
+            )
+        if padding:
+            write_safetensors(
+                padding, os.path.join(staging, VOCAB_PADDING_FILE), {"format": "ee-megatron"}
+            )
+    return config

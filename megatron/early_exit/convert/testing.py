@@ -1,0 +1,101 @@
+"""Helpers for conversion tests: tiny random HF models and running the CLIs/workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+TOOLS = ROOT / "tools" / "checkpoint"
+_QUIET = {"PYTHONWARNINGS": "ignore::UserWarning,ignore::FutureWarning", "OMP_NUM_THREADS": "1"}
+
+
+def make_tiny_hf(kind: str, out: str | os.PathLike, seed: int = 0) -> str:
+    """Save a random tiny HF model: "llama" (GQA, untied), "llama_tied" (MHA, tied), "gpt2".
+
+    Norm weights and biases are perturbed so that a wrong mapping cannot hide behind
+    their default values; weights use std 0.1 so logits are not all near zero.
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    if kind.startswith("llama"):
+        tied = kind == "llama_tied"
+        cfg = transformers.LlamaConfig(
+            vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=4 if tied else 2,
+            max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=5000.0,
+            tie_word_embeddings=tied, initializer_range=0.1, bos_token_id=0, eos_token_id=1,
+        )  # fmt: skip
+        model = transformers.LlamaForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = transformers.GPT2Config(
+            vocab_size=200, n_embd=64, n_layer=4, n_head=4, n_positions=64,
+            activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            initializer_range=0.1, bos_token_id=0, eos_token_id=1,
+        )  # fmt: skip
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+            elif name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(str(out))
+    return str(out)
+
+
+def run_tool(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run tools/checkpoint/<name>.py; returns the completed process (no check)."""
+    return subprocess.run(
+        [sys.executable, str(TOOLS / f"{name}.py"), *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **_QUIET},
+    )  # fmt: skip
+
+
+def run_worker(nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `megatron.early_exit.convert.workers` (under torchrun when nproc > 1)."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "megatron.early_exit.convert.workers"]
+    else:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(port),
+            "-m", "megatron.early_exit.convert.workers",
+        ]  # fmt: skip
+    return subprocess.run(
+        [*cmd, *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **_QUIET},
+    )  # fmt: skip
+
+
+def checked(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"command failed ({proc.returncode}): {' '.join(proc.args)}\n"
+            f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+def verify(load, hf_dir, out_json, tp: int = 1, pp: int = 1, extra: tuple = ()) -> dict:
+    """Parity of our checkpoint at TP/PP against an HF folder (see workers.verify)."""
+    args = ["verify", "--load", load, "--hf-dir", hf_dir, "--tp", tp, "--pp", pp, "--out", out_json]
+    checked(run_worker(tp * pp, *args, *extra))
+    return json.loads(Path(out_json).read_text())
+
+
+def compare(a, b, out_json) -> dict:
+    checked(run_worker(1, "compare", "--load", a, "--other", b, "--out", out_json))
+    return json.loads(Path(out_json).read_text())

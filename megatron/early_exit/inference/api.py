@@ -1,0 +1,262 @@
+"""Public API of the early-exit inference engine (typed requests, results, validation).
+
+Everything a front end (CLI, REST server) needs to talk to the engine lives here and
+imports nothing heavy: build `GenerationRequest`s, call `validate_request(...)` early
+to turn bad input into an `InferenceError` (a ValueError with a message naming the
+field), then hand the requests to `InferenceEngine.generate` (engine.py), which is a
+*collective*: every rank of the model-parallel group calls it with the same requests
+(the server broadcasts them from rank 0) and every rank gets the same results.
+
+Modes (`EarlyExitParams.mode`):
+- "none": full model, KV cache, no exit heads evaluated.
+- "early_exit": lossy early exit. A token exits at the first enabled exit whose
+  confidence >= threshold (threshold 1.0: never exit, exactly the full model; 0: the
+  first enabled exit always fires). `method` keeps the KV cache exact:
+  "kv_recompute" (any PP) or "pipeline" (PP > 1); None picks "pipeline" when PP > 1,
+  else "kv_recompute". Both are batched (per-sequence exit decisions).
+- "self_speculative": lossless. The exit at `draft_exit_layer` drafts up to
+  `draft_length` tokens, the full model verifies them in one pass; output equals the full
+  model's (greedy) or follows its distribution exactly (sampling). Any TP/PP (PP > 1 runs
+  stage by stage, not pipelined); a batch is decoded one sequence after another.
+
+Confidence metrics, all mapped to [0, 1] (higher = more confident), computed on the exit's
+softmax at the sampling temperature 1 (raw exit logits):
+- "max_prob": p_top1.
+- "margin": p_top1 - p_top2.
+- "entropy": 1 - H(p) / log(V).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Protocol
+
+Mode = Literal["none", "early_exit", "self_speculative"]
+Method = Literal["kv_recompute", "pipeline"]
+Metric = Literal["max_prob", "margin", "entropy"]
+FinishReason = Literal["length", "eos", "stop"]
+
+MODES = ("none", "early_exit", "self_speculative")
+METHODS = ("kv_recompute", "pipeline")
+METRICS = ("max_prob", "margin", "entropy")
+
+
+class InferenceError(ValueError):
+    """Bad generation input (the server maps it to HTTP 400)."""
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    seed: int = 0  # sampling is a function of (seed, step): identical at any TP/PP/batch
+    stop_sequences: list[str] = field(default_factory=list)  # needs a tokenizer (text)
+    stop_token_ids: list[list[int]] = field(default_factory=list)  # token-level stops
+    eos_token_id: int | None = None  # None: the engine uses the tokenizer's EOS if any
+    ignore_eos: bool = False
+    logprobs: bool = False  # log p(chosen token) under the distribution it was drawn from
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class EarlyExitParams:
+    mode: Mode = "none"
+    method: Method | None = None  # None: "pipeline" if PP > 1, else "kv_recompute"
+    metric: Metric = "max_prob"
+    threshold: float = 0.8  # in [0, 1]; 1.0 never exits
+    exit_layers: list[int] | None = None  # restrict exits (1-based layer numbers); None: all
+    draft_exit_layer: int | None = None  # self_speculative: None = the first exit layer
+    draft_length: int = 4  # self_speculative: max drafted tokens per verification
+    draft_threshold: float = 0.0  # self_speculative: stop drafting below this confidence
+
+
+@dataclass
+class GenerationRequest:
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    early_exit: EarlyExitParams = field(default_factory=EarlyExitParams)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GenerationRequest:
+        return cls(
+            prompt_token_ids=list(d["prompt_token_ids"]),
+            sampling=SamplingParams(**d.get("sampling", {})),
+            early_exit=EarlyExitParams(**d.get("early_exit", {})),
+        )
+
+
+@dataclass
+class GenerationStats:
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    avg_layers_used: float = 0.0  # mean over generated tokens of the exit layer (L = full)
+    elapsed_s: float = 0.0  # wall time of the generate call (shared by a batch)
+    tokens_per_s: float = 0.0
+    # self_speculative only
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    acceptance_rate: float = 0.0
+    mean_accepted_length: float = 0.0  # accepted drafts per verification pass
+    verify_passes: int = 0
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # generated tokens only (stop sequence included, EOS included)
+    exit_layers: list[int]  # per generated token: the layer whose head chose it (L = full)
+    finish_reason: FinishReason
+    logprobs: list[float] | None = None
+    text: str | None = None  # filled by front ends that hold a tokenizer
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What validation needs to know about the loaded model."""
+
+    num_layers: int
+    exit_layers: tuple[int, ...]  # exits the checkpoint has
+    max_sequence_length: int
+    vocab_size: int
+    pipeline_parallel_size: int = 1
+
+
+def _fail(msg: str) -> None:
+    raise InferenceError(msg)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_request(req: GenerationRequest, limits: ModelLimits) -> None:
+    """Raise InferenceError naming the first bad field."""
+    s, e = req.sampling, req.early_exit
+    ids = req.prompt_token_ids
+    if not isinstance(ids, list) or not ids:
+        _fail("prompt is empty: give at least one token")
+    for t in ids:
+        if not _is_int(t) or not 0 <= t < limits.vocab_size:
+            _fail(f"prompt token {t!r} is not an id in [0, {limits.vocab_size})")
+    if not _is_int(s.max_new_tokens) or s.max_new_tokens < 0:
+        _fail(f"max_new_tokens must be an integer >= 0, got {s.max_new_tokens!r}")
+    if len(ids) + s.max_new_tokens > limits.max_sequence_length:
+        _fail(
+            f"prompt ({len(ids)} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds the "
+            f"model's context of {limits.max_sequence_length} tokens"
+        )
+    if not isinstance(s.temperature, (int, float)) or not (
+        math.isfinite(s.temperature) and s.temperature >= 0
+    ):
+        _fail(f"temperature must be a finite number >= 0, got {s.temperature!r}")
+    if not _is_int(s.top_k) or s.top_k < 0:
+        _fail(f"top_k must be an integer >= 0, got {s.top_k!r}")
+    if not isinstance(s.top_p, (int, float)) or not 0 < s.top_p <= 1:
+        _fail(f"top_p must be in (0, 1], got {s.top_p!r}")
+    if not _is_int(s.seed) or s.seed < 0:
+        _fail(f"seed must be an integer >= 0, got {s.seed!r}")
+    for seq in s.stop_sequences:
+        if not isinstance(seq, str) or not seq:
+            _fail(f"stop sequences must be non-empty strings, got {seq!r}")
+    for seq in s.stop_token_ids:
+        if not isinstance(seq, list) or not seq or not all(_is_int(t) for t in seq):
+            _fail(f"stop_token_ids entries must be non-empty lists of ints, got {seq!r}")
+    if s.eos_token_id is not None and not _is_int(s.eos_token_id):
+        _fail(f"eos_token_id must be an integer, got {s.eos_token_id!r}")
+
+    if e.mode not in MODES:
+        _fail(f"early_exit.mode must be one of {MODES}, got {e.mode!r}")
+    if e.method is not None and e.method not in METHODS:
+        _fail(f"early_exit.method must be one of {METHODS} or null, got {e.method!r}")
+    if e.metric not in METRICS:
+        _fail(f"early_exit.metric must be one of {METRICS}, got {e.metric!r}")
+    if not isinstance(e.threshold, (int, float)) or not 0.0 <= e.threshold <= 1.0:
+        _fail(f"early_exit.threshold must be in [0, 1], got {e.threshold!r}")
+    if not isinstance(e.draft_threshold, (int, float)) or not 0.0 <= e.draft_threshold <= 1.0:
+        _fail(f"early_exit.draft_threshold must be in [0, 1], got {e.draft_threshold!r}")
+    if e.exit_layers is not None:
+        for n in e.exit_layers:
+            if not _is_int(n) or n not in limits.exit_layers:
+                _fail(
+                    f"exit layer {n!r} does not exist; the model has exits at layers "
+                    f"{list(limits.exit_layers)}"
+                )
+    if e.mode != "none" and not limits.exit_layers:
+        _fail(f"mode {e.mode!r} needs exit heads but the model has none")
+    if e.mode == "early_exit" and e.method == "pipeline" and limits.pipeline_parallel_size < 2:
+        _fail("early_exit.method 'pipeline' needs pipeline parallelism (PP > 1)")
+    if e.mode == "self_speculative":
+        if not _is_int(e.draft_length) or e.draft_length < 1:
+            _fail(f"early_exit.draft_length must be an integer >= 1, got {e.draft_length!r}")
+        if e.draft_exit_layer is not None and e.draft_exit_layer not in limits.exit_layers:
+            _fail(
+                f"draft exit layer {e.draft_exit_layer!r} does not exist; the model has exits "
+                f"at layers {list(limits.exit_layers)}"
+            )
+
+
+class EngineProtocol(Protocol):
+    """What `megatron.early_exit.inference.engine.InferenceEngine` offers front ends.
+
+    Build one per process with `engine.load_engine(run_config)` (after `--load` parsing;
+    initialises torch.distributed + model parallelism, loads the checkpoint) or
+    `InferenceEngine(model, run_config, tokenizer)` on an already built stage model.
+    """
+
+    limits: ModelLimits
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Collective over the model-parallel group; same requests on every rank.
+
+        Validates first (raises InferenceError on every rank, before any communication).
+        Requests are decoded together as one batch (mixed prompt lengths allowed).
+        """
+        ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def detokenize(self, ids: list[int]) -> str: ...
+
+
+def validate_batch(reqs: list[GenerationRequest], limits: ModelLimits) -> None:
+    """Validate every request; requests batched together must share the early-exit mode."""
+    if not reqs:
+        _fail("no requests given")
+    for i, r in enumerate(reqs):
+        try:
+            validate_request(r, limits)
+        except InferenceError as err:
+            raise InferenceError(f"request {i}: {err}" if len(reqs) > 1 else str(err)) from None
+
+
+__all__ = [
+    "EarlyExitParams",
+    "EngineProtocol",
+    "FinishReason",
+    "GenerationRequest",
+    "GenerationResult",
+    "GenerationStats",
+    "InferenceError",
+    "METHODS",
+    "METRICS",
+    "MODES",
+    "Method",
+    "Metric",
+    "Mode",
+    "ModelLimits",
+    "SamplingParams",
+    "validate_batch",
+    "validate_request",
+]

@@ -1,0 +1,77 @@
+"""Build an InferenceEngine from Megatron-style flags (`--load CKPT` restores the model)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from megatron.early_exit.inference.engine import InferenceEngine
+
+
+@dataclasses.dataclass
+class _ModelOnly:
+    """What load_checkpoint needs from a TrainState when only weights are loaded."""
+
+    model: object
+    optimizer: object = None
+    scheduler: object = None
+
+    @property
+    def unwrapped(self):
+        from megatron.early_exit.training.setup import unwrap
+
+        return unwrap(self.model)
+
+
+def build_engine(run, platform=None) -> InferenceEngine:
+    """Initialise distributed state, build this rank's stage, load `run.checkpoint.load`."""
+    from megatron.early_exit.config import build_transformer_config
+    from megatron.early_exit.data.tokenizers import build_tokenizer
+    from megatron.early_exit.model.specs import transformer_engine_usable
+    from megatron.early_exit.platform import init_platform
+    from megatron.early_exit.training.checkpointing import load_checkpoint
+    from megatron.early_exit.training.initialize import initialize_distributed
+    from megatron.early_exit.training.setup import build_stage_model, unwrap
+
+    platform = platform or init_platform()
+    tokenizer = build_tokenizer(run.data.tokenizer_config())
+    run.resolve_vocab(tokenizer.vocab_size)
+    run.parallel.sequence_parallel = False  # decode chunks are tiny; SP buys nothing here
+    use_te = transformer_engine_usable(platform.is_cuda)
+    config = build_transformer_config(run, use_te=use_te)
+    initialize_distributed(run, config, platform)
+    model = build_stage_model(run, config, platform, use_te)
+    if run.checkpoint.load:
+        load_checkpoint(
+            run.checkpoint.load, _ModelOnly(model), load_optimizer=False, load_rng=False
+        )
+    return InferenceEngine(
+        unwrap(model),
+        vocab_size=tokenizer.vocab_size,
+        max_sequence_length=run.model.resolved_max_position_embeddings(),
+        tokenizer=tokenizer,
+    )
+
+
+def inference_run_config(argv: Sequence[str] | None, device_is_cuda: bool = False, args=None):
+    """RunConfig for inference: like parse_run_config, but needs no training data flags."""
+    from megatron.early_exit.arguments import config_from_args, parse_args
+    from megatron.early_exit.training.initialize import world_size_from_env
+
+    if args is None:
+        args = parse_args(argv)
+    if not args.mock_data and not args.data_path:
+        # Data flags are training-only; satisfy the shared validation without reading data.
+        if args.tokenizer_type == "NullTokenizer":
+            args.mock_data = True
+        else:
+            args.data_path = ["<inference: no data>"]
+    return config_from_args(args, world_size_from_env()).validate(device_is_cuda=device_is_cuda)
+
+
+def engine_from_args(argv: Sequence[str] | None) -> InferenceEngine:
+    from megatron.early_exit.platform import init_platform
+
+    platform = init_platform()
+    run = inference_run_config(argv, platform.is_cuda)
+    return build_engine(run, platform)

@@ -1,0 +1,173 @@
+"""Lossless self-speculative decoding with an early exit as the draft model (PP=1).
+
+Per round: the exit at layer k drafts up to `draft_length` tokens, each through layers
+1..k only (their KV there is final). One verification pass then feeds the last draft
+through 1..k and every not-yet-verified position through k+1..L (the KV-recomputation
+chunk), giving the full model's logits at each drafted position. Greedy: accept the
+longest prefix where draft == full-model argmax, then append the full model's token.
+Sampling: standard speculative rejection sampling (accept d with prob min(1, p(d)/q(d)),
+else draw from norm(max(0, p - q)); a bonus token from p when all are accepted), so the
+output distribution is exactly the full model's. After a rejection the per-layer cache
+lengths are cut back to the accepted positions; stale entries are overwritten later
+(attention only reads positions <= the query's). Sequences of a batch are decoded one
+after another (rounds are per sequence). PP > 1: the same rounds, stage by stage (hidden
+states passed on like in kv_recompute; the draft is broadcast from the exit's stage, the
+verification result from the last stage) - correct, not pipelined.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron.early_exit.inference.sampling import (
+    confidence,
+    generator_for,
+    processed_logprobs,
+)
+from megatron.early_exit.inference.stage import make_chunk
+
+
+def run_self_speculative(engine, st, seqs, ee) -> None:
+    k = ee.draft_exit_layer or ee.exit_layers[0]
+    for i, s in enumerate(seqs):
+        s.spec_stats = {"drafted_tokens": 0, "accepted_tokens": 0, "verify_passes": 0}
+        while s.finish is None:
+            _round(engine, st, i, s, k, ee)
+        d, a, v = (s.spec_stats[x] for x in ("drafted_tokens", "accepted_tokens", "verify_passes"))
+        s.spec_stats["acceptance_rate"] = a / d if d else 0.0
+        s.spec_stats["mean_accepted_length"] = a / v if v else 0.0
+
+
+def _owner(engine, layer: int) -> int:
+    """Pipeline stage holding a layer (uniform split)."""
+    return (layer - 1) // (engine.num_layers // engine.pipe.size)
+
+
+def _forward(engine, st, i, s, from_layer: int, upto: int) -> None:
+    """Newest position through layers from_layer..upto on every stage, with catch-up chunks
+    (positions a layer lacks); hidden states move stage to stage like in kv_recompute.
+    Bookkeeping (cache lengths) is updated identically on every rank."""
+    pipe, p = engine.pipe, s.pos
+    first, last = st.offset + 1, st.offset + len(st.layers)
+    if from_layer == 1 and st.first:
+        chunk = make_chunk([i], [s.emb_len], [p], engine.device)
+        ids = [[s.tokens[q] for q in chunk.pos[0].tolist()]]
+        st.embed(chunk, torch.tensor(ids, device=engine.device))
+    if pipe.stage > 0 and from_layer <= first <= upto:
+        start = s.cache_len[first]
+        flat = pipe.recv((p - start + 1, st.hbuf.shape[-1]), st.dtype, pipe.stage - 1)
+        st.put_flat([i], [start], [p], flat)
+    for layer in range(max(first, from_layer), min(last, upto) + 1):
+        st.run_layer(layer, make_chunk([i], [s.cache_len[layer]], [p], engine.device))
+    if not st.last and from_layer <= last + 1 <= upto:
+        pipe.send(st.get_flat([i], [s.cache_len[last + 1]], [p]), pipe.stage + 1)
+    if from_layer == 1:
+        s.emb_len = p + 1
+    for layer in range(from_layer, upto + 1):
+        s.cache_len[layer] = p + 1
+
+
+def _draft(engine, st, i, s, k, ee, step: int) -> tuple[int, torch.Tensor, float]:
+    """(draft token, its processed log-distribution q [V], exit confidence), on every rank."""
+    sp = s.req.sampling
+    V = engine.limits.vocab_size
+    box = torch.zeros(V + 2, dtype=torch.float64)
+    owner = _owner(engine, k)
+    if engine.pipe.stage == owner:
+        logits = _exit_logits(st, k, i, s, engine.device)
+        q = processed_logprobs(logits[0], sp)
+        if sp.greedy:
+            tok = int(torch.argmax(q))
+        else:
+            tok = int(torch.multinomial(q.exp(), 1, generator=generator_for(sp.seed, step)))
+        box[0], box[1] = tok, float(confidence(logits, ee.metric)[0])
+        box[2:] = q.double()
+    s.xcache_len = s.pos + 1
+    box = engine.pipe.broadcast(box.to(engine.device), owner).cpu()
+    return int(box[0]), box[2:].float(), float(box[1])
+
+
+def _round(engine, st, i, s, k, ee) -> None:
+    sp = s.req.sampling
+    L = engine.num_layers
+    base = s.pos  # newest token, not yet through any layer deeper than what it has
+    budget = sp.max_new_tokens - len(s.gen) - 1  # room for drafts + the full model's token
+    drafts: list[int] = []
+    qs: list[torch.Tensor] = []
+    for j in range(min(ee.draft_length, budget)):
+        _forward(engine, st, i, s, 1, k)
+        tok, q, conf = _draft(engine, st, i, s, k, ee, 3 * (len(s.gen) + j) + 1)
+        drafts.append(tok)
+        qs.append(q)
+        s.tokens.append(tok)
+        if ee.draft_threshold > 0 and conf < ee.draft_threshold:
+            break
+    # verification: the newest token through 1..k, everything pending through k+1..L
+    _forward(engine, st, i, s, 1, k)
+    if engine.pipe.stage == _owner(engine, k) and k in st.exit_caches:
+        st.exit_block_fill(k, make_chunk([i], [s.xcache_len], [s.pos], engine.device))
+    s.xcache_len = s.pos + 1
+    _forward(engine, st, i, s, k + 1, L)
+    box = torch.zeros(ee.draft_length + 3, dtype=torch.float64)
+    if st.last:
+        positions = list(range(base, s.pos + 1))
+        full = st.final_logits([i] * len(positions), positions)
+        accepted, nxt, ps = _accept(drafts, qs, full, sp, len(s.gen))
+        box[0], box[1] = accepted, nxt
+        for j in range(accepted):
+            box[2 + j] = float(ps[j][drafts[j]])
+        box[2 + accepted] = float(ps[accepted][nxt])
+    box = engine.pipe.broadcast(box.to(engine.device), engine.pipe.size - 1).cpu().tolist()
+    accepted, nxt, lps = int(box[0]), int(box[1]), box[2:]
+    s.spec_stats["verify_passes"] += 1
+    s.spec_stats["drafted_tokens"] += len(drafts)
+    s.spec_stats["accepted_tokens"] += accepted
+    # roll back to base + accepted (KV of rejected drafts is dropped)
+    keep = base + accepted + 1
+    s.tokens = s.tokens[: base + 1]  # drafts are re-appended below as accepted tokens
+    for layer in range(1, L + 1):
+        s.cache_len[layer] = min(s.cache_len[layer], keep)
+    s.emb_len = min(s.emb_len, keep)
+    s.xcache_len = min(s.xcache_len, keep)
+    new = [(drafts[j], k, lps[j]) for j in range(accepted)] + [(nxt, L, lps[accepted])]
+    for tok, layer, lp in new:
+        s.tokens.append(tok)
+        s.gen.append(tok)
+        s.exits.append(layer)
+        s.layers_used.append(layer)
+        s.logprobs.append(lp)
+        engine.check_stop(s)
+        if s.finish is not None:
+            break
+    # the tokens list keeps the pending token at the end, like kv_recompute expects
+    s.tokens = s.tokens[: len(s.req.prompt_token_ids) + len(s.gen)]
+
+
+def _exit_logits(st, k, i, s, device):
+    # an exit block sees every position its own cache lacks (hbuf holds layer-k outputs)
+    chunk = make_chunk([i], [s.xcache_len if k in st.exit_caches else s.pos], [s.pos], device)
+    return st.exit_logits(k, chunk, chunk.valid.sum(dim=1) - 1)
+
+
+def _accept(drafts, qs, full, sp, step0):
+    """(accepted drafts, next token, target log-probs per position) from logits [m+1, V]."""
+    ps = [processed_logprobs(full[j], sp) for j in range(full.shape[0])]
+    for j, d in enumerate(drafts):
+        p = ps[j]
+        if sp.greedy:
+            if int(torch.argmax(p)) != d:
+                return j, int(torch.argmax(p)), ps
+            continue
+        ratio = float(torch.exp(p[d] - qs[j][d]))
+        u = float(torch.rand(1, generator=generator_for(sp.seed, 3 * (step0 + j) + 2)))
+        if u >= min(1.0, ratio):
+            resid = (p.exp() - qs[j].exp()).clamp_min(0)
+            g = generator_for(sp.seed, 3 * (step0 + j))
+            return j, int(torch.multinomial(resid / resid.sum(), 1, generator=g)), ps
+    p = ps[len(drafts)]
+    if sp.greedy:
+        tok = int(torch.argmax(p))
+    else:
+        g = generator_for(sp.seed, 3 * (step0 + len(drafts)))
+        tok = int(torch.multinomial(p.exp(), 1, generator=g))
+    return len(drafts), tok, ps

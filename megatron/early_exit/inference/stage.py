@@ -1,0 +1,165 @@
+"""One pipeline stage's inference state: layers, KV caches, hidden buffer, exit heads.
+
+`hbuf[i, p]` holds the newest hidden state computed for position p of sequence i on this
+stage (the output of the deepest local layer that has processed it, or the input that
+arrived from the previous stage). KV recomputation relies on it: a token that exited at
+layer k keeps its layer-k hidden state here until the next step feeds it, together with
+the new token, through layers k+1.. (DESIGN.md, "KV recomputation").
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+from megatron.early_exit.inference.layers import Chunk, KVCache, layer_forward, new_cache
+
+_CHUNKS: dict = {}
+
+
+def make_chunk(seqs: list[int], starts: list[int], ends: list[int], device) -> Chunk:
+    """Rows [start, end] (inclusive) of each sequence, right-padded with the last position.
+
+    Memoised (small LRU): within a decode step every layer usually sees the same ranges."""
+    key = (tuple(seqs), tuple(starts), tuple(ends), str(device))
+    chunk = _CHUNKS.get(key)
+    if chunk is None:
+        chunk = _build_chunk(seqs, starts, ends, device)
+        if len(_CHUNKS) > 64:
+            _CHUNKS.clear()
+        _CHUNKS[key] = chunk
+    return chunk
+
+
+def _build_chunk(seqs: list[int], starts: list[int], ends: list[int], device) -> Chunk:
+    n = max(e - s + 1 for s, e in zip(starts, ends))
+    pos = torch.empty(len(seqs), n, dtype=torch.long)
+    valid = torch.zeros(len(seqs), n, dtype=torch.bool)
+    for r, (s, e) in enumerate(zip(starts, ends)):
+        m = e - s + 1
+        pos[r, :m] = torch.arange(s, e + 1)
+        pos[r, m:] = e
+        valid[r, :m] = True
+    return Chunk(
+        torch.tensor(seqs, dtype=torch.long, device=device),
+        pos.to(device),
+        valid.to(device),
+        max_pos=max(ends),
+    )
+
+
+class StageState:
+    def __init__(self, model, batch: int, max_len: int, vocab_size: int, exit_layers: list[int]):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.vocab_size = vocab_size
+        self.offset = model.layer_offset
+        self.layers = list(model.decoder.layers)
+        self.first = model.pre_process
+        self.last = model.post_process
+        self.pre_exit = model.config.early_exit.pre_exit
+        self.exits = [n for n in model.local_exit_layers if n in exit_layers]
+        self.caches = [
+            new_cache(layer, batch, max_len, self.dtype, self.device) for layer in self.layers
+        ]
+        self.exit_caches: dict[int, KVCache] = {}
+        for n in self.exits:
+            block = model.exit_heads.get(n).block
+            if block is not None:
+                self.exit_caches[n] = new_cache(block, batch, max_len, self.dtype, self.device)
+        h = model.config.hidden_size
+        self.hbuf = torch.zeros(batch, max_len, h, dtype=self.dtype, device=self.device)
+        self.freqs = None
+        if getattr(model, "position_embedding_type", None) == "rope":
+            self.freqs = model.rotary_pos_emb(max_len).squeeze(1)  # [S, 1, d]
+
+    @property
+    def global_layers(self) -> range:
+        return range(self.offset + 1, self.offset + len(self.layers) + 1)
+
+    # ------------------------------------------------------------------ hidden buffer
+    def gather(self, chunk: Chunk) -> torch.Tensor:
+        return self.hbuf[chunk.seq_idx.unsqueeze(1), chunk.pos].transpose(0, 1).contiguous()
+
+    def scatter(self, chunk: Chunk, hidden: torch.Tensor) -> None:
+        rows, cols, seq, pos = chunk.valid_index()
+        self.hbuf[seq, pos] = hidden[cols, rows].to(self.dtype)
+
+    def put_flat(self, seqs, starts, ends, flat: torch.Tensor) -> None:
+        """Store received hidden states [sum(n_i), h] for positions [start_i, end_i]."""
+        o = 0
+        for i, s, e in zip(seqs, starts, ends):
+            self.hbuf[i, s : e + 1] = flat[o : o + e - s + 1].to(self.dtype)
+            o += e - s + 1
+
+    def get_flat(self, seqs, starts, ends) -> torch.Tensor:
+        parts = [self.hbuf[i, s : e + 1] for i, s, e in zip(seqs, starts, ends)]
+        if not parts:
+            return torch.zeros(0, self.hbuf.shape[-1], dtype=self.dtype, device=self.device)
+        return torch.cat(parts).contiguous()
+
+    # ------------------------------------------------------------------ compute
+    def embed(self, chunk: Chunk, tokens: torch.Tensor) -> None:
+        """tokens [b, n] at chunk positions -> hbuf."""
+        emb = self.model.embedding(input_ids=tokens, position_ids=chunk.pos)
+        self.scatter(chunk, emb)
+
+    def run_layer(self, layer_number: int, chunk: Chunk) -> None:
+        idx = layer_number - 1 - self.offset
+        out = layer_forward(
+            self.layers[idx], self.gather(chunk), chunk, self.caches[idx], self.freqs
+        )
+        self.scatter(chunk, out)
+
+    def _full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """[n, V/tp] vocab-parallel -> [n, V_real] float on every TP rank."""
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            logits = gather_from_tensor_model_parallel_region(logits)
+        return logits[..., : self.vocab_size].float()
+
+    def exit_logits(self, layer_number: int, chunk: Chunk, last_rows: torch.Tensor) -> torch.Tensor:
+        """Exit head logits at the newest position of each chunk sequence: [b, V].
+
+        An exit block (a transformer layer in the head) sees the whole chunk so that its
+        own KV cache stays in step with the backbone layer it hangs on.
+        """
+        head = self.model.exit_heads.get(layer_number)
+        b = chunk.seq_idx.shape[0]
+        if head.block is not None:
+            h = layer_forward(
+                head.block, self.gather(chunk), chunk, self.exit_caches[layer_number], self.freqs
+            )
+            h = h[last_rows, torch.arange(b, device=self.device)].unsqueeze(0)
+        else:
+            h = self.hbuf[chunk.seq_idx, chunk.pos[torch.arange(b), last_rows]].unsqueeze(0)
+        if head.mlp is not None:
+            out, bias = head.mlp(h)
+            h = h + (out if bias is None else out + bias)
+        if head.norm is not None:
+            h = head.norm(h)
+        weight = self.model.tied_exit_output_weight() if head.tied else None
+        logits, _ = head.output_layer(h, weight=weight)
+        if head.temperature != 1.0:
+            logits = logits / head.temperature
+        return self._full_logits(logits[0])
+
+    def final_logits(self, seqs: list[int], positions: list[int]) -> torch.Tensor:
+        h = self.hbuf[torch.tensor(seqs), torch.tensor(positions)].unsqueeze(0)
+        norm = getattr(self.model.decoder, "final_layernorm", None)
+        if norm is not None:
+            h = norm(h)
+        weight = None
+        if self.model.share_embeddings_and_output_weights:
+            weight = self.model.shared_embedding_or_output_weight()
+        logits, _ = self.model.output_layer(h, weight=weight)
+        return self._full_logits(logits[0])
+
+    def exit_block_fill(self, layer_number: int, chunk: Chunk) -> None:
+        """Run an exit block only for its KV cache (token already decided)."""
+        if layer_number in self.exit_caches:
+            block = self.model.exit_heads.get(layer_number).block
+            layer_forward(
+                block, self.gather(chunk), chunk, self.exit_caches[layer_number], self.freqs
+            )

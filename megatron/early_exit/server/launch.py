@@ -1,0 +1,135 @@
+"""Process-level server lifecycle on every rank: load the engine, serve or follow, stop.
+
+Threads: on every rank the main thread only waits for a stop signal, so SIGTERM/SIGINT
+are handled promptly even while a rank is blocked inside a collective. Rank 0 runs the
+HTTP server (thread per request) and the single model worker; other ranks run
+`Coordinator.follow` in a thread. Shutdown: rank 0 stops accepting, lets the running
+batch finish, broadcasts SHUTDOWN; followers leave their loop; everyone exits. A rank
+that is not released within the grace period exits anyway, so a signal always ends the
+job within a few seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+from megatron.early_exit.inference.api import GenerationRequest
+from megatron.early_exit.server.coordinator import GENERATE, PING, Command, Coordinator
+
+GRACE_S = 5.0
+
+
+def _install_stop_handlers(stop: threading.Event) -> None:
+    def handler(signum, _frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def serve(run, args, platform) -> int:
+    from megatron.early_exit.inference.loading import build_engine
+    from megatron.early_exit.training.checkpoint_args import CheckpointError
+
+    logging.basicConfig(level=logging.INFO, format="[server] %(message)s")
+    stop = threading.Event()
+    _install_stop_handlers(stop)
+    try:
+        engine = build_engine(run, platform)
+    except (CheckpointError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    def execute(command: Command):
+        if command.kind != GENERATE:
+            return None
+        return engine.generate([GenerationRequest.from_dict(d) for d in command.payload])
+
+    coordinator = Coordinator(execute, timeout_s=args.dist_timeout)
+    if coordinator.is_leader:
+        code = _lead(engine, coordinator, args, run, stop)
+    else:
+        code = _follow(coordinator, stop)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # No process-group teardown: every rank is leaving, and destroying a gloo group while a
+    # peer is already gone can block. Exiting the process releases everything.
+    os._exit(code)
+
+
+def _follow(coordinator: Coordinator, stop: threading.Event) -> int:
+    failed: list[BaseException] = []
+
+    def loop():
+        try:
+            coordinator.follow()
+        except BaseException as exc:  # rank 0 gone or a channel timeout
+            failed.append(exc)
+        finally:
+            stop.set()
+
+    thread = threading.Thread(target=loop, name="follower", daemon=True)
+    thread.start()
+    stop.wait()  # a signal, or the loop ended (SHUTDOWN / failure)
+    thread.join(GRACE_S)  # on a signal, rank 0 normally sends SHUTDOWN right away
+    return 1 if failed else 0
+
+
+def _lead(engine, coordinator: Coordinator, args, run, stop: threading.Event) -> int:
+    from megatron.early_exit.server.app import ServerContext, make_server, serve_in_thread
+    from megatron.early_exit.server.metrics import ServerMetrics
+    from megatron.early_exit.server.protocol import TextCodec
+    from megatron.early_exit.server.service import GenerationService
+
+    def run_batch(requests):
+        return coordinator.run(Command(GENERATE, [r.to_dict() for r in requests]))
+
+    metrics = ServerMetrics()
+    service = GenerationService(
+        run_batch,
+        metrics,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        idle=lambda: coordinator.run(Command(PING)),
+        idle_interval_s=max(1.0, min(30.0, args.dist_timeout / 4)),
+        on_stop=coordinator.shutdown,
+    )
+    tok = engine.tokenizer
+    codec = TextCodec(
+        tokenize=engine.tokenize,
+        detokenize=engine.detokenize,
+        limits=engine.limits,
+        bos=getattr(tok, "bos", None),
+        model_name=args.model_name or os.path.basename(os.path.normpath(run.checkpoint.load)),
+    )
+    ctx = ServerContext(
+        service,
+        codec,
+        metrics,
+        world_size=coordinator.world_size,
+        request_timeout_s=args.request_timeout,
+    )
+    try:
+        server = make_server(ctx, args.host, args.port)
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        coordinator.shutdown()
+        return 1
+    service.start()
+    serve_in_thread(server)
+    host, port = server.server_address[:2]
+    print(
+        f"serving {codec.model_name} on http://{host}:{port} "
+        f"(world size {coordinator.world_size}, exits {list(engine.limits.exit_layers)})",
+        flush=True,
+    )
+    stop.wait()
+    print("shutting down", flush=True)
+    server.shutdown()
+    server.server_close()
+    service.stop(timeout_s=GRACE_S)
+    return 0

@@ -1,0 +1,123 @@
+"""OpenAPI 3.1 document generated from the pydantic schemas the server validates with.
+
+`docs/openapi.json` is this document, committed (a unit test keeps them equal; regenerate
+with `python -m megatron.early_exit.server.openapi > docs/openapi.json`).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+from pydantic.json_schema import models_json_schema
+
+from megatron.early_exit.server.schemas import (
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    HealthResponse,
+    MegatronRequest,
+    MegatronResponse,
+)
+
+_REF = "#/components/schemas/{model}"
+
+
+def _json_body(name: str) -> dict:
+    return {"content": {"application/json": {"schema": {"$ref": _REF.format(model=name)}}}}
+
+
+def _errors(*codes: int) -> dict:
+    text = {
+        400: "invalid request (malformed JSON, wrong type, out of range, too long, unknown exit)",
+        500: "generation failed on some rank (message names it); the server keeps serving",
+        503: "queue full or shutting down",
+        504: "generation timed out",
+    }
+    return {str(c): {"description": text[c], **_json_body("ErrorResponse")} for c in codes}
+
+
+@lru_cache(maxsize=1)
+def openapi_spec() -> dict:
+    models = [
+        (MegatronRequest, "validation"),
+        (CompletionRequest, "validation"),
+        (MegatronResponse, "serialization"),
+        (CompletionResponse, "serialization"),
+        (ErrorResponse, "serialization"),
+        (HealthResponse, "serialization"),
+    ]
+    _, defs = models_json_schema(models, ref_template=_REF)
+    schemas = defs.get("$defs", {})
+    completion_ok = _json_body("CompletionResponse")
+    completion_ok["content"]["text/event-stream"] = {
+        "schema": {
+            "type": "string",
+            "description": "stream=true: `data: {chunk}` events (CompletionResponse shape, "
+            "one per token with its exit layers), ending with `data: [DONE]`",
+        }
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Early-exit GPT generation server",
+            "version": "1.0.0",
+            "description": "Megatron-LM/EE-LLM compatible `PUT /api` and OpenAI compatible "
+            "`POST /v1/completions` with an `early_exit` extension.",
+        },
+        "paths": {
+            "/api": {
+                "put": {
+                    "summary": "Megatron-LM / EE-LLM text generation",
+                    "operationId": "megatronGenerate",
+                    "requestBody": {"required": True, **_json_body("MegatronRequest")},
+                    "responses": {
+                        "200": {"description": "generated text", **_json_body("MegatronResponse")},
+                        **_errors(400, 500, 503, 504),
+                    },
+                }
+            },
+            "/v1/completions": {
+                "post": {
+                    "summary": "OpenAI-compatible completions (+ early_exit extension)",
+                    "operationId": "createCompletion",
+                    "requestBody": {"required": True, **_json_body("CompletionRequest")},
+                    "responses": {
+                        "200": {"description": "completion", **completion_ok},
+                        **_errors(400, 500, 503, 504),
+                    },
+                }
+            },
+            "/health": {
+                "get": {
+                    "summary": "liveness and queue depth",
+                    "operationId": "health",
+                    "responses": {
+                        "200": {"description": "healthy", **_json_body("HealthResponse")},
+                        "503": {"description": "degraded", **_json_body("HealthResponse")},
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "operationId": "metrics",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text format",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+        },
+        "components": {"schemas": schemas},
+    }
+
+
+def openapi_json() -> str:
+    return json.dumps(openapi_spec(), indent=1, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":
+    print(openapi_json(), end="")

@@ -1,0 +1,187 @@
+"""Rank 0's request queue and its single model worker.
+
+HTTP threads `submit` jobs (one job = the prompts of one HTTP request) and wait for them.
+Exactly one thread (the worker) calls the model, so model calls (and therefore the
+collectives every rank runs) never interleave. While one batch runs, new jobs queue; the
+worker then takes the oldest job plus any later queued jobs with the same early-exit
+settings (up to `max_batch_size` prompts) and decodes them as one batch (batched early
+exit: each sequence exits independently). Per-request sampling params, including seeds,
+stay per sequence, so a batched request gets the result it would get alone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import asdict, dataclass, field
+
+from megatron.early_exit.inference.api import GenerationRequest, GenerationResult
+from megatron.early_exit.server.coordinator import CommandError
+from megatron.early_exit.server.metrics import ServerMetrics
+
+RunBatch = Callable[[list[GenerationRequest]], list[GenerationResult]]
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class ServiceStopped(RuntimeError):
+    pass
+
+
+@dataclass
+class _Job:
+    requests: list[GenerationRequest]
+    future: Future = field(default_factory=Future)
+
+    def key(self) -> tuple:
+        return tuple(sorted(asdict(self.requests[0].early_exit).items(), key=str))
+
+
+class GenerationService:
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        metrics: ServerMetrics | None = None,
+        max_batch_size: int = 8,
+        max_queue: int = 256,
+        idle: Callable[[], None] | None = None,
+        idle_interval_s: float = 30.0,
+        on_stop: Callable[[], None] | None = None,
+    ) -> None:
+        self.run_batch = run_batch
+        self.metrics = metrics or ServerMetrics()
+        self.max_batch_size = max(1, max_batch_size)
+        self.max_queue = max_queue
+        self.idle = idle  # e.g. a PING to followers so their waits stay bounded
+        self.idle_interval_s = idle_interval_s
+        self.on_stop = on_stop  # e.g. broadcast SHUTDOWN
+        self._queue: deque[_Job] = deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self.healthy = True
+        self._thread = threading.Thread(target=self._loop, name="model-worker", daemon=True)
+
+    def start(self) -> GenerationService:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._thread.join(timeout_s)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def submit(
+        self, requests: list[GenerationRequest], timeout_s: float | None = None
+    ) -> list[GenerationResult]:
+        job = _Job(requests)
+        with self._cv:
+            if self._stopping:
+                raise ServiceStopped("server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"request queue is full ({self.max_queue} waiting)")
+            self._queue.append(job)
+            self.metrics.queue_depth = len(self._queue)
+            self._cv.notify_all()
+        try:
+            return job.future.result(timeout=timeout_s)
+        except FutureTimeout:
+            raise TimeoutError(f"generation did not finish within {timeout_s} s") from None
+
+    # ---- worker ----
+    def _take_batch(self) -> list[_Job] | None:
+        with self._cv:
+            deadline = time.monotonic() + self.idle_interval_s
+            while not self._queue and not self._stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                self._cv.wait(left)
+            if self._stopping and not self._queue:
+                return None
+            first = self._queue.popleft()
+            jobs, size = [first], len(first.requests)
+            for job in list(self._queue):
+                if size + len(job.requests) > self.max_batch_size:
+                    continue
+                if job.key() == first.key():
+                    self._queue.remove(job)
+                    jobs.append(job)
+                    size += len(job.requests)
+            self.metrics.queue_depth = len(self._queue)
+            return jobs
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                jobs = self._take_batch()
+                if jobs is None:
+                    break
+                if not jobs:
+                    if self.idle is not None:
+                        self._guard(self.idle)
+                    continue
+                self._serve(jobs)
+        finally:
+            with self._cv:
+                self._stopping = True
+                left = list(self._queue)
+                self._queue.clear()
+            for job in left:
+                job.future.set_exception(ServiceStopped("server is shutting down"))
+            if self.on_stop is not None:
+                self._guard(self.on_stop)
+
+    def _guard(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:
+            self.healthy = False
+
+    def _run(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        out: list[GenerationResult] = []
+        for i in range(0, len(requests), self.max_batch_size):
+            chunk = requests[i : i + self.max_batch_size]
+            t0 = time.perf_counter()
+            results = self.run_batch(chunk)
+            elapsed = time.perf_counter() - t0
+            layers = [layer for r in results for layer in r.exit_layers]
+            prompt = sum(len(r.prompt_token_ids) for r in chunk)
+            self.metrics.observe_batch(len(chunk), prompt, layers, elapsed)
+            out.extend(results)
+        return out
+
+    def _serve(self, jobs: list[_Job]) -> None:
+        requests = [r for job in jobs for r in job.requests]
+        try:
+            results = self._run(requests)
+        except CommandError as exc:
+            if len(jobs) > 1 and exc.client_error:
+                for job in jobs:  # find the offending job; the others still get answers
+                    self._serve([job])
+                return
+            for job in jobs:
+                job.future.set_exception(exc)
+            return
+        except Exception as exc:  # single-process engines raise directly
+            if len(jobs) > 1:
+                for job in jobs:
+                    self._serve([job])
+                return
+            jobs[0].future.set_exception(exc)
+            return
+        pos = 0
+        for job in jobs:
+            n = len(job.requests)
+            job.future.set_result(results[pos : pos + n])
+            pos += n

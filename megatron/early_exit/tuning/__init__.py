@@ -1,0 +1,10 @@
+"""EE-Tuning (arXiv 2402.00518): add exits to a pretrained model, then train only the exits.
+
+`add_exits` writes a checkpoint with new exit heads; `ExitTuning` is what the trainer uses
+under `--tune-exit` (frozen backbone, exit-only optimizer, the exit-tuning schedule, and
+partial loading of the first k pipeline stages).
+"""
+
+from megatron.early_exit.tuning.session import ExitTuning, freeze_backbone
+
+__all__ = ["ExitTuning", "freeze_backbone"]

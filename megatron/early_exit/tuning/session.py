@@ -1,0 +1,205 @@
+"""What `--tune-exit` changes in training, in one place.
+
+* the backbone is frozen (requires_grad=False), so megatron-core's DDP and optimizer only
+  see exit-head parameters; tied exits project with the frozen word embeddings;
+* the loss is the weighted sum of exit losses only (the frozen model's LM loss is
+  reported, never trained);
+* the schedule is `pipeline/exit_tuning.py`: a forward-only pipeline for the backbone and a
+  local exit-head backward on each stage (no backward p2p at all);
+* with `--tune-exit-pipeline-parallel-size k` the processes build only the first k of the
+  P stages (see partial.py) and skip the LM head.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+
+import torch
+from megatron.core import dist_checkpointing
+
+from megatron.early_exit.config import ConfigError, RunConfig
+from megatron.early_exit.data import Batch
+from megatron.early_exit.model import EarlyExitGPTModel, ExitForwardOutput, ExitState
+from megatron.early_exit.training.checkpoint_args import (
+    CheckpointError,
+    checkpoint_dir,
+    read_checkpoint_args,
+    read_tracker,
+)
+from megatron.early_exit.training.losses import exit_loss_key, lm_loss_key, masked_mean
+from megatron.early_exit.tuning.partial import PartialStagesCheckpoint
+
+ADD_EXITS_HINT = "add them with tools/checkpoint/add_exits.py first"
+_EXIT_ARCH_KEYS = (
+    "exit_layer_nums",
+    "pre_exit",
+    "use_exit_norm",
+    "use_exit_mlp",
+    "use_exit_block",
+    "untie_exit_output_weights",
+)
+
+
+def freeze_backbone(model: EarlyExitGPTModel) -> list[torch.nn.Parameter]:
+    """requires_grad only on exit-head parameters; returns them."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = list(model.exit_heads.parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    return trainable
+
+
+def strip_lm_head(model: EarlyExitGPTModel) -> None:
+    """The deepest running stage of a partial run is not the model's last stage: no final
+    norm, no LM head (a tied output copy stays when tied exits project with it)."""
+    model.decoder.final_layernorm = None
+
+    def hidden_only(hidden_states, *args, **kwargs):
+        return hidden_states
+
+    model._postprocess = hidden_only
+
+
+def finalize_exit_grads(model_chunks: list[torch.nn.Module]) -> None:
+    """DP all-reduce of the exit grads, plus TP all-reduce of sequence-parallel norm grads.
+
+    megatron-core's finalize_model_grads would also all-reduce the (frozen, grad-less) word
+    embeddings between stages; nothing of the backbone has a gradient here.
+    """
+    from megatron.core.distributed.finalize_model_grads import (
+        _allreduce_non_tensor_model_parallel_grads,
+    )
+    from megatron.core.utils import get_model_config
+
+    for chunk in model_chunks:
+        chunk.finish_grad_sync()
+    _allreduce_non_tensor_model_parallel_grads(model_chunks, get_model_config(model_chunks[0]))
+
+
+def make_exit_tuning_loss_func(
+    batch: Batch,
+    model: EarlyExitGPTModel,
+    exit_weights: dict[int, float],
+    dynamic_exit_weight: bool,
+    has_lm_loss: bool,
+) -> Callable[[ExitForwardOutput], tuple[torch.Tensor | None, dict[str, torch.Tensor]]]:
+    """Exit losses only; exit heads see detached hidden states (the backbone ran without
+    autograd). The frozen model's LM loss, where computed, is a metric."""
+
+    def loss_func(out: ExitForwardOutput):
+        mask = batch.loss_mask
+        metrics: dict[str, torch.Tensor] = {}
+        if has_lm_loss:
+            metrics[lm_loss_key()] = masked_mean(out.output.detach(), mask)
+        total = None
+        for layer, state in sorted(out.exit_states.items()):
+            detached = ExitState(state.hidden.detach(), state.attention_mask, state.rotary_pos_emb)
+            per_token, max_prob = model.exit_loss(
+                layer, detached, batch.labels, with_max_prob=dynamic_exit_weight
+            )
+            loss = masked_mean(per_token, mask)
+            metrics[exit_loss_key(layer)] = loss.detach()
+            weighted = masked_mean(per_token * max_prob, mask) if dynamic_exit_weight else loss
+            term = exit_weights[layer] * weighted
+            total = term if total is None else total + term
+        return total, metrics
+
+    return loss_func
+
+
+def runtime_run(run: RunConfig) -> RunConfig:
+    """The config the processes build: the first k stages as a model of L*k/P layers."""
+    k = run.parallel.tune_exit_pipeline_parallel_size
+    pp = run.parallel.pipeline_model_parallel_size
+    if k is None or k == pp:
+        return run
+    out = copy.deepcopy(run)
+    out.model.num_layers = run.model.num_layers * k // pp
+    out.parallel.pipeline_model_parallel_size = k
+    out.parallel.tune_exit_pipeline_parallel_size = None
+    return out
+
+
+def check_checkpoint_exits(run: RunConfig) -> None:
+    """The checkpoint must already hold exactly these exit heads (made by add_exits)."""
+    root = run.checkpoint.load
+    saved = read_checkpoint_args(root)
+    if saved is None:
+        try:
+            read_tracker(root)
+        except CheckpointError as exc:
+            raise CheckpointError(f"--tune-exit: {exc}") from exc
+        return  # no recorded flags: the tensor check at load time still names mismatches
+    theirs = {k: saved.get(k) for k in _EXIT_ARCH_KEYS}
+    ours = {
+        "exit_layer_nums": run.exits.exit_layer_nums,
+        "pre_exit": run.exits.pre_exit,
+        "use_exit_norm": run.exits.use_exit_norm,
+        "use_exit_mlp": run.exits.use_exit_mlp,
+        "use_exit_block": run.exits.use_exit_block,
+        "untie_exit_output_weights": run.exits.untie_exit_output_weights,
+    }
+    if not theirs["exit_layer_nums"]:
+        raise CheckpointError(
+            f"--tune-exit: checkpoint {root} has no exit heads; {ADD_EXITS_HINT} "
+            f"(e.g. --exit-layer-nums {' '.join(map(str, run.exits.exit_layer_nums))})"
+        )
+    diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
+    if diff:
+        text = ", ".join(f"{k}: checkpoint {a} vs requested {b}" for k, (a, b) in diff.items())
+        raise CheckpointError(
+            f"--tune-exit: checkpoint {root} has other exit heads than requested ({text}); "
+            f"tune the exits it has (drop the exit flags), or {ADD_EXITS_HINT}"
+        )
+
+
+class ExitTuning:
+    """The trainer's view of `--tune-exit`."""
+
+    def __init__(self, run: RunConfig) -> None:
+        if not run.training.tune_exit:
+            raise ConfigError("ExitTuning needs --tune-exit")
+        check_checkpoint_exits(run)
+        self.run = run
+        self.model_run = runtime_run(run)
+        self.partial = self.model_run is not run
+        self.checkpoint_hook = (
+            PartialStagesCheckpoint(
+                self.model_run.model.num_layers,
+                run.model.num_layers,
+                run.parallel.pipeline_model_parallel_size,
+            )
+            if self.partial
+            else None
+        )
+
+    def prepare(self, model: EarlyExitGPTModel) -> None:
+        """Called on the bare stage model before DDP wraps it."""
+        if self.partial and model.post_process:
+            strip_lm_head(model)
+        freeze_backbone(model)
+
+    def has_lm_loss(self, model: EarlyExitGPTModel) -> bool:
+        return model.post_process and not self.partial
+
+    def loss_func(self, batch, model, exit_weights, dynamic_exit_weight):
+        return make_exit_tuning_loss_func(
+            batch, model, exit_weights, dynamic_exit_weight, self.has_lm_loss(model)
+        )
+
+    @staticmethod
+    def schedule():
+        from megatron.early_exit.pipeline.exit_tuning import forward_backward_exit_tuning
+
+        return forward_backward_exit_tuning
+
+    def load_optimizer(self, root: str) -> bool:
+        """Adam state is restored only from an EE-Tuning checkpoint (same parameter set)."""
+        path = checkpoint_dir(root, read_tracker(root))
+        if not os.path.isdir(path):
+            return False
+        common = dist_checkpointing.load_common_state_dict(path)
+        return bool((common.get("extra") or {}).get("tune_exit"))

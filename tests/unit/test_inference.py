@@ -1,0 +1,327 @@
+"""Early-exit inference engine in one process (TP1PP1, gloo world of one).
+
+Random tiny models with large-std weights so that tokens and exit confidences vary.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.unit
+
+VOCAB, MAXLEN = 96, 48
+
+
+@pytest.fixture(scope="module")
+def dist_world():
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    import megatron.early_exit  # noqa: F401
+    from megatron.early_exit.platform import init_platform
+
+    init_platform(force_cpu=True)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29583")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(7)
+    yield
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def _engine(llama: bool):
+    from megatron.early_exit.config import ExitConfig, RunConfig, build_transformer_config
+    from megatron.early_exit.data.tokenizers import NullTokenizer
+    from megatron.early_exit.inference.engine import InferenceEngine
+    from megatron.early_exit.model import build_model
+
+    run = RunConfig()
+    run.data.mock_data, run.data.vocab_size = True, VOCAB
+    run.model.seq_length = MAXLEN
+    pos = "learned_absolute"
+    if llama:  # RoPE, GQA, RMSNorm, SwiGLU, full exit heads with an exit block
+        m = run.model
+        m.normalization, m.swiglu, m.disable_bias_linear = "RMSNorm", True, True
+        m.group_query_attention, m.num_query_groups = True, 2
+        m.position_embedding_type = pos = "rope"
+        run.exits = ExitConfig(
+            exit_layer_nums=[1, 2, 3], use_exit_block=True, use_exit_mlp=True, use_exit_norm=True
+        )
+    else:
+        run.exits = ExitConfig(exit_layer_nums=[1, 2, 3])
+    run.validate()
+    torch.manual_seed(0)
+    model = build_model(build_transformer_config(run), VOCAB, MAXLEN, True, pos).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return InferenceEngine(model, VOCAB, MAXLEN, tokenizer=NullTokenizer(VOCAB))
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["gpt", "llama"])
+def engine(dist_world, request):
+    return _engine(request.param)
+
+
+def _req(prompt, n=10, **ee):
+    from megatron.early_exit.inference.api import EarlyExitParams, GenerationRequest, SamplingParams
+
+    return GenerationRequest(
+        list(prompt), SamplingParams(max_new_tokens=n, ignore_eos=True), EarlyExitParams(**ee)
+    )
+
+
+PROMPTS = [[5, 17, 42, 7, 9, 3], [1, 2, 3], [60, 61, 12, 13, 40, 41, 42, 8, 9, 90]]
+
+
+def _plain_greedy(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            out = model(torch.tensor([ids]), torch.arange(len(ids)).unsqueeze(0), None).output
+            ids.append(int(out[0, -1, :VOCAB].argmax()))
+    return ids[len(prompt) :]
+
+
+def test_full_model_matches_plain_loop(engine):
+    ref = [_plain_greedy(engine.model, p, 10) for p in PROMPTS]
+    none = engine.generate([_req(p) for p in PROMPTS])
+    thr1 = engine.generate([_req(p, mode="early_exit", threshold=1.0) for p in PROMPTS])
+    for r, a, b in zip(ref, none, thr1):
+        assert a.token_ids == r and b.token_ids == r
+        assert a.exit_layers == [4] * 10 and b.exit_layers == [4] * 10
+
+
+def _mixed_threshold(engine):
+    """A threshold at which exits at several layers fire, including the full model."""
+    for thr in (0.5, 0.6, 0.95, 0.4, 0.97, 0.9, 0.99, 0.3):
+        res = engine.generate([_req(PROMPTS[0], 16, mode="early_exit", threshold=thr)])[0]
+        if len(set(res.exit_layers)) >= 2 and 4 in res.exit_layers and min(res.exit_layers) < 4:
+            return thr
+    pytest.fail("no threshold gives mixed exits")
+
+
+@pytest.mark.parametrize("llama", [False, True], ids=["gpt", "llama"])
+def test_kv_after_recompute_equals_full_forward(dist_world, llama):
+    # float64, so that <= 1e-5 measures the algorithm, not float32 summation order
+    engine = _engine(llama)
+    engine.model.double()
+    thr = _mixed_threshold(engine)
+    res = engine.generate([_req(PROMPTS[0], 16, mode="early_exit", threshold=thr)])[0]
+    st = engine.last_state
+    lens = [int(n) for n in res.exit_layers]
+    assert min(lens) < 4
+    caches = [(c.k.clone(), c.v.clone()) for c in st.caches]
+    ex = {n: (c.k.clone(), c.v.clone()) for n, c in st.exit_caches.items()}
+    # full forward (prefill) over the same tokens, with every exit block evaluated
+    seq = PROMPTS[0] + res.token_ids[:-1]
+    full = _full_prefill(engine, seq)
+    # positions with KV in every layer after early-exit decoding: recomputed ones included
+    n_pos = len(seq)
+    exited_positions = [len(PROMPTS[0]) + j for j, e in enumerate(lens[:-1]) if e < 4]
+    assert exited_positions, "test needs tokens that exited early"
+    for layer, (k, v) in enumerate(caches):
+        # a token that exited is in the deep cache once a later token went deeper
+        upto = n_pos if layer == 0 else None
+        fk, fv = full.caches[layer].k, full.caches[layer].v
+        m = upto or _filled(k)
+        assert m >= min(exited_positions) + 1 or layer == 0
+        torch.testing.assert_close(k[0, :m], fk[0, :m], atol=1e-5, rtol=0)
+        torch.testing.assert_close(v[0, :m], fv[0, :m], atol=1e-5, rtol=0)
+    for n, (k, _v) in ex.items():
+        m = _filled(k)
+        torch.testing.assert_close(k[0, :m], full.exit_caches[n].k[0, :m], atol=1e-5, rtol=0)
+
+
+def _full_prefill(engine, seq):
+    """One full-model pass over `seq` that also runs every exit head (none fires)."""
+    from megatron.early_exit.inference.api import EarlyExitParams
+    from megatron.early_exit.inference.engine import SeqState
+    from megatron.early_exit.inference.stage import StageState
+
+    ee = EarlyExitParams(mode="early_exit", method="kv_recompute", threshold=2.0)
+    st = StageState(engine.model, 1, MAXLEN, VOCAB, [1, 2, 3])
+    with torch.no_grad():
+        engine._kv_step(st, [SeqState(_req(seq, 1), list(seq), 4, None)], ee)
+    return st
+
+
+def _filled(k):
+    nz = (k[0].abs().sum(dim=(1, 2)) != 0).nonzero()
+    return int(nz.max()) + 1 if len(nz) else 0
+
+
+def test_batched_equals_per_sequence(engine):
+    thr = _mixed_threshold(engine)
+    for ee in ({}, {"mode": "early_exit", "threshold": thr}):
+        batched = engine.generate([_req(p, 12, **ee) for p in PROMPTS])
+        for p, b in zip(PROMPTS, batched):
+            single = engine.generate([_req(p, 12, **ee)])[0]
+            assert b.token_ids == single.token_ids
+            assert b.exit_layers == single.exit_layers
+
+
+def test_sampling_is_seeded_and_batch_independent(engine):
+    from megatron.early_exit.inference.api import GenerationRequest, SamplingParams
+
+    def req(p, seed):
+        sp = SamplingParams(max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, seed=seed)
+        return GenerationRequest(list(p), sp)
+
+    a = engine.generate([req(PROMPTS[0], 1), req(PROMPTS[1], 2)])
+    b = engine.generate([req(PROMPTS[0], 1)])[0]
+    c = engine.generate([req(PROMPTS[0], 5)])[0]
+    assert a[0].token_ids == b.token_ids
+    assert a[0].token_ids != c.token_ids
+
+
+def test_stops(engine):
+    from megatron.early_exit.inference.api import EarlyExitParams, GenerationRequest, SamplingParams
+
+    thr = _mixed_threshold(engine)
+    for ee in (EarlyExitParams(), EarlyExitParams(mode="early_exit", threshold=thr)):
+        free = engine.generate(
+            [GenerationRequest(PROMPTS[0], SamplingParams(12, ignore_eos=True), ee)]
+        )
+        toks = free[0].token_ids
+        eos = toks[4]
+        r = engine.generate(
+            [GenerationRequest(PROMPTS[0], SamplingParams(12, eos_token_id=eos), ee)]
+        )[0]
+        assert r.finish_reason == "eos" and r.token_ids == toks[: toks.index(eos) + 1]
+        sp = SamplingParams(12, ignore_eos=True, stop_token_ids=[toks[2:4]])
+        r = engine.generate([GenerationRequest(PROMPTS[0], sp, ee)])[0]
+        assert r.finish_reason == "stop" and r.token_ids[-2:] == toks[2:4]
+        stop = f"{toks[5]} {toks[6]}"
+        sp = SamplingParams(12, ignore_eos=True, stop_sequences=[stop])
+        r = engine.generate([GenerationRequest(PROMPTS[0], sp, ee)])[0]
+        assert r.finish_reason == "stop" and stop in engine.detokenize(r.token_ids)
+        assert len(r.token_ids) <= 7
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"prompt_token_ids": []}, "prompt is empty"),
+        ({"prompt_token_ids": list(range(MAXLEN))}, "exceeds the model's context"),
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"threshold": 1.5}, "threshold must be in"),
+        ({"threshold": -0.1}, "threshold must be in"),
+        ({"exit_layers": [4]}, "exit layer 4 does not exist"),
+        ({"top_k": -2}, "top_k"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"method": "pipeline"}, "needs pipeline parallelism"),
+        ({"prompt_token_ids": [VOCAB]}, "not an id"),
+    ],
+)
+def test_bad_input(engine, change, match):
+    from megatron.early_exit.inference.api import InferenceError
+
+    req = _req(PROMPTS[0], 4, mode="early_exit", threshold=0.5)
+    for k, v in change.items():
+        for obj in (req, req.sampling, req.early_exit):
+            if hasattr(obj, k):
+                setattr(obj, k, v)
+                break
+    with pytest.raises(InferenceError, match=match):
+        engine.generate([req])
+
+
+def test_confidence_metrics_in_unit_interval():
+    from megatron.early_exit.inference.sampling import confidence
+
+    logits = torch.randn(5, 50) * 4
+    logits[0] = 0.0  # uniform
+    for metric in ("max_prob", "margin", "entropy"):
+        c = confidence(logits, metric)
+        assert ((c >= 0) & (c <= 1)).all()
+    assert float(confidence(logits[:1], "entropy")[0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(confidence(logits[:1], "margin")[0]) == pytest.approx(0.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------- self-speculative (issue 7)
+@pytest.mark.parametrize("draft_layer", [1, 2, 3])
+def test_self_speculative_greedy_is_lossless(engine, draft_layer):
+    ref = engine.generate([_req(p, 14) for p in PROMPTS])
+    for draft_length in (1, 3, 5):
+        spec = engine.generate(
+            [
+                _req(p, 14, mode="self_speculative", draft_exit_layer=draft_layer,
+                     draft_length=draft_length)
+                for p in PROMPTS
+            ]
+        )  # fmt: skip
+        for a, b in zip(ref, spec):
+            assert b.token_ids == a.token_ids, (draft_layer, draft_length)
+            assert b.stats.verify_passes >= 1
+            assert 0.0 <= b.stats.acceptance_rate <= 1.0
+
+
+def test_self_speculative_stops(engine):
+    from megatron.early_exit.inference.api import EarlyExitParams, GenerationRequest, SamplingParams
+
+    toks = engine.generate([_req(PROMPTS[0], 12)])[0].token_ids
+    ee = EarlyExitParams(mode="self_speculative", draft_exit_layer=2, draft_length=4)
+    r = engine.generate(
+        [GenerationRequest(PROMPTS[0], SamplingParams(12, eos_token_id=toks[5]), ee)]
+    )
+    assert r[0].finish_reason == "eos" and r[0].token_ids == toks[: toks.index(toks[5]) + 1]
+    sp = SamplingParams(12, ignore_eos=True, stop_sequences=[f"{toks[6]} {toks[7]}"])
+    r = engine.generate([GenerationRequest(PROMPTS[0], sp, ee)])[0]
+    assert r.finish_reason == "stop" and r.token_ids == toks[: len(r.token_ids)]
+    assert len(r.token_ids) <= 8
+
+
+def test_self_speculative_kv_after_rejection_equals_full(dist_world):
+    engine = _engine(True)  # exit blocks too
+    engine.model.double()
+    res = engine.generate([_req(PROMPTS[0], 12, mode="self_speculative", draft_exit_layer=2,
+                                draft_length=4)])[0]  # fmt: skip
+    assert res.stats.accepted_tokens < res.stats.drafted_tokens, "needs a rejected draft"
+    st = engine.last_state
+    caches = [c.k.clone() for c in st.caches]
+    seq = PROMPTS[0] + res.token_ids[:-1]
+    full = _full_prefill(engine, seq)
+    for layer, k in enumerate(caches):
+        n = len(seq) - 1  # every verified position (the last token may be pending)
+        torch.testing.assert_close(k[0, :n], full.caches[layer].k[0, :n], atol=1e-5, rtol=0)
+    n = len(seq) - 1
+    blk = st.exit_caches[2].k
+    torch.testing.assert_close(blk[0, :n], full.exit_caches[2].k[0, :n], atol=1e-5, rtol=0)
+
+
+def test_self_speculative_sampling_matches_full_distribution(engine):
+    """Chi-square test on the joint distribution of the first 2 sampled tokens."""
+    from collections import Counter
+
+    from megatron.early_exit.inference.api import EarlyExitParams, GenerationRequest, SamplingParams
+
+    prompt, n = PROMPTS[1], 400
+
+    def draw(ee):
+        reqs = [
+            GenerationRequest(prompt, SamplingParams(2, temperature=1.0, top_k=4, seed=s,
+                                                     ignore_eos=True), ee)
+            for s in range(n)
+        ]  # fmt: skip
+        return Counter(tuple(r.token_ids) for r in engine.generate(reqs))
+
+    full = draw(EarlyExitParams())
+    spec = draw(EarlyExitParams(mode="self_speculative", draft_exit_layer=1, draft_length=2))
+    keys = [k for k in set(full) | set(spec) if full[k] + spec[k] >= 10]
+    chi2 = sum((full[k] - spec[k]) ** 2 / (full[k] + spec[k]) for k in keys)
+    dof = max(len(keys) - 1, 1)
+    # two-sample chi-square; 99.9% quantile of chi2(dof) is below dof + 4.5*sqrt(2 dof) + 10
+    assert chi2 < dof + 4.5 * (2 * dof) ** 0.5 + 10, (
+        chi2,
+        dof,
+        full.most_common(5),
+        spec.most_common(5),
+    )

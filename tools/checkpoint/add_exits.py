@@ -1,0 +1,88 @@
+"""Add early-exit heads to an existing checkpoint (before EE-Tuning with --tune-exit).
+
+    python tools/checkpoint/add_exits.py --load ckpt/smollm2 --save ckpt/smollm2-exits \
+        --exit-layer-nums 8 15 23 --use-exit-norm --use-exit-mlp
+    # then: torchrun ... pretrain_early_exit_gpt.py --load ckpt/smollm2-exits --tune-exit ...
+
+By default the new heads copy the model's own parts (final norm -> exit norm, output
+embedding -> untied exit output, layer n's MLP -> exit MLP, last layer -> exit block);
+--random-init initialises them randomly instead. The new checkpoint is iteration 0, holds
+the whole model plus the heads, records the exit flags in ee_args.json and is written to a
+temporary directory that is renamed into place when complete. Bad input (missing or corrupt
+checkpoint, exit layer out of range or already present) exits with code 2 and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--load", required=True, help="source checkpoint root (with ee_args.json)")
+    p.add_argument("--save", required=True, help="new checkpoint root (must not exist or be empty)")
+    p.add_argument(
+        "--exit-layer-nums", type=int, nargs="+", required=True, help="1-based layers to add"
+    )
+    p.add_argument("--use-exit-norm", action="store_true")
+    p.add_argument("--use-exit-mlp", action="store_true")
+    p.add_argument("--use-exit-block", action="store_true")
+    p.add_argument("--untie-exit-output-weights", action="store_true")
+    p.add_argument(
+        "--exit-layer-temperature",
+        type=float,
+        nargs="+",
+        default=[],
+        help="one value, or one per new exit",
+    )
+    p.add_argument("--random-init", action="store_true", help="random heads instead of copies")
+    p.add_argument("--seed", type=int, default=1234, help="seed for --random-init")
+    p.add_argument(
+        "--copy-mlp-output",
+        action="store_true",
+        help="copy the layer's MLP exactly; by default its output projection starts at zero so "
+        "the new head begins as final norm + LM head on the layer's hidden state",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
+    import megatron.early_exit  # noqa: F401  (guards broken GPU accelerators first)
+    from megatron.early_exit.training.initialize import destroy_distributed
+    from megatron.early_exit.tuning.add_exits import AddExitsError, AddExitsOptions, add_exits
+
+    opts = AddExitsOptions(
+        load=args.load,
+        save=args.save,
+        exit_layer_nums=args.exit_layer_nums,
+        use_exit_norm=args.use_exit_norm,
+        use_exit_mlp=args.use_exit_mlp,
+        use_exit_block=args.use_exit_block,
+        untie_exit_output_weights=args.untie_exit_output_weights,
+        exit_layer_temperature=args.exit_layer_temperature,
+        random_init=args.random_init,
+        seed=args.seed,
+        zero_mlp_output=not args.copy_mlp_output,
+    )
+    try:
+        path = add_exits(opts)
+    except AddExitsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_distributed()
+    print(f"added exits at layers {sorted(args.exit_layer_nums)}: {path}")
+    return 0
+
+
+if __name__ == "__main__":  # dist_checkpointing starts spawn-based helpers: keep this guard
+    sys.exit(main())
