@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="launches per variant")
     p.add_argument("--smollm2-metrics", default=None, help="metrics.jsonl of tune_smollm2.sh")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument(
+        "--curves-only",
+        action="store_true",
+        help="keep the timing results already in --out; only replace the SmolLM2 curves",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -281,6 +286,11 @@ def main(argv=None) -> int:
     if argv[:1] == ["--worker"]:
         return _worker(argv[1:])
     a = build_parser().parse_args(argv)
+    if a.curves_only:  # re-tuned SmolLM2, same cost measurements
+        with open(os.path.join(a.out, "ee_tuning.json")) as f:
+            summary = json.load(f)["variants"]
+        write_results(a, summary, smollm2_curves(a.smollm2_metrics))
+        return 0
     summary = measure(a)
     write_results(a, summary, smollm2_curves(a.smollm2_metrics))
     for name in VARIANTS:

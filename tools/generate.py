@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -45,21 +46,84 @@ def generation_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft-exit-layer", type=int, default=None)
     g.add_argument("--draft-length", type=int, default=4)
     g.add_argument("--draft-threshold", type=float, default=0.0)
-    g.add_argument("--batch-size", type=int, default=0, help="prompts per batch (0: all)")
+    g.add_argument("--batch-size", type=int, default=None, help="prompts per batch (default: all)")
     g.add_argument("--output-json", default=None)
     g.add_argument("--help-generate", action="help")
     return p
 
 
-def _prompts(args, engine) -> list[list[int]]:
+def check_generation_args(args) -> None:
+    """Reject bad counts before any model is built (ValueError naming the flag)."""
+    for flag, value, low in (
+        ("--batch-size", args.batch_size, 1),
+        ("--max-new-tokens", args.max_new_tokens, 0),
+        ("--top-k", args.top_k, 0),
+        ("--draft-length", args.draft_length, 1),
+        ("--eos-token-id", args.eos_token_id, 0),
+    ):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+
+
+def read_prompt_texts(args) -> list[str]:
+    """--prompt texts, then --prompts-file lines (plain text, or JSON objects with "prompt")."""
     texts = list(args.prompt)
-    if args.prompts_file:
-        for line in Path(args.prompts_file).read_text().splitlines():
-            if not line.strip():
-                continue
-            texts.append(json.loads(line)["prompt"] if line.lstrip().startswith("{") else line)
-    ids = [engine.tokenize(t) for t in texts]
-    ids += [[int(x) for x in s.split(",") if x.strip()] for s in args.prompt_ids]
+    if not args.prompts_file:
+        return texts
+    path = args.prompts_file
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--prompts-file {path}: cannot read: {exc}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not line.lstrip().startswith("{"):
+            texts.append(line)
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--prompts-file {path} line {n}: invalid JSON: {exc}") from None
+        prompt = obj.get("prompt") if isinstance(obj, dict) else None
+        if not isinstance(prompt, str):
+            raise ValueError(
+                f'--prompts-file {path} line {n}: expected a JSON object with a string "prompt"'
+            )
+        texts.append(prompt)
+    return texts
+
+
+def parse_prompt_ids(args) -> list[list[int]]:
+    """--prompt-ids values: comma-separated non-negative token ids."""
+    out = []
+    for value in args.prompt_ids:
+        try:
+            ids = [int(x) for x in value.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(
+                f"--prompt-ids {value!r}: expected comma-separated integer token ids"
+            ) from None
+        if not ids or min(ids) < 0:
+            raise ValueError(f"--prompt-ids {value!r}: expected one or more token ids >= 0")
+        out.append(ids)
+    return out
+
+
+def write_json_atomic(path: str, data) -> None:
+    """Write to a temporary file next to `path`, then rename: never a half-written file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _prompts(args, engine, texts: list[str], prompt_ids: list[list[int]]) -> list[list[int]]:
+    ids = [engine.tokenize(t) for t in texts] + prompt_ids
     if args.add_bos:
         bos = getattr(engine.tokenizer, "bos", None)
         if bos is None:
@@ -91,6 +155,12 @@ def main(argv=None) -> int:
     from megatron.early_exit.training.initialize import destroy_distributed
 
     gen_args, rest = generation_parser().parse_known_args(argv)
+    try:  # every rank checks the same inputs, so all exit together before any setup
+        check_generation_args(gen_args)
+        texts, prompt_ids = read_prompt_texts(gen_args), parse_prompt_ids(gen_args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     platform = init_platform()
     try:
         margs = parse_args(rest, build_parser())
@@ -102,7 +172,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
 
     try:
-        prompts = _prompts(gen_args, engine)
+        prompts = _prompts(gen_args, engine, texts, prompt_ids)
         sampling = dict(
             max_new_tokens=gen_args.max_new_tokens,
             temperature=gen_args.temperature,
@@ -146,7 +216,7 @@ def main(argv=None) -> int:
             )
             print(r.text if r.text is not None else r.token_ids)
         if gen_args.output_json:
-            Path(gen_args.output_json).write_text(json.dumps(out, indent=1))
+            write_json_atomic(gen_args.output_json, out)
     destroy_distributed()
     return 0
 

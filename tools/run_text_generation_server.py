@@ -30,6 +30,22 @@ def add_server_arguments(parser) -> None:
     g.add_argument("--model-name", default=None, help="`model` in OpenAI responses")
 
 
+def check_server_args(args) -> None:
+    """Reject bad server flags before anything starts (ValueError naming the flag)."""
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_batch_size < 1:
+        raise ValueError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if args.max_queue < 1:
+        raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
+    for flag, value in (
+        ("--request-timeout", args.request_timeout),
+        ("--dist-timeout", args.dist_timeout),
+    ):
+        if not value > 0 or value == float("inf"):  # also NaN and inf
+            raise ValueError(f"{flag} must be a finite number of seconds > 0, got {value}")
+
+
 def main(argv=None) -> int:
     import warnings
 
@@ -52,10 +68,7 @@ def main(argv=None) -> int:
         args = parse_args(argv, parser)
         if not args.load:
             raise ConfigError("--load CKPT is required: the server serves a trained checkpoint")
-        if not 0 <= args.port <= 65535:
-            raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
-        if args.max_batch_size < 1:
-            raise ConfigError("--max-batch-size must be >= 1")
+        check_server_args(args)
         run = inference_run_config(None, platform.is_cuda, args=args)
     except (ConfigError, TokenizerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -8,7 +8,7 @@
 #      only the stages that hold exits (see benchmarks/ee_tuning.py).
 #   4. check the backbone is bit-identical and summarise each exit's validation loss
 # Input: SRC, a converted checkpoint (examples/ee_tuning/convert_smollm2.sh makes one).
-# Output: DEST (the tuned checkpoint), $OUT/metrics.jsonl. Budget on 2 CPU cores: ~25 min.
+# Output: DEST (the tuned checkpoint), $OUT/metrics.jsonl. Budget on 2 CPU cores: ~25-30 min.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}

@@ -32,11 +32,14 @@ def test_stages_see_the_same_microbatch_ids(tmp_path, P, M, warm, cool):
 
 def _merge(files):
     merged = {"plain": {}, "filled": {}}
+    exit_stage = {}
     for f in files:
         rec = torch.load(f)
         merged["plain"].update(rec["plain"])
         merged["filled"].update(rec["filled"])
+        exit_stage.update(rec["exit_stage"])
         merged["spec"] = {"P": rec["P"], "dp": rec["dp"], "fills": rec["fills"]}
+    merged["spec"]["exit_stage"] = exit_stage
     return merged
 
 
@@ -69,6 +72,7 @@ def test_gradients_equal_the_documented_objective(tmp_path, nproc, fill):
     torchrun(nproc, WORKER, ["pipe", str(tmp_path / "pipe"), *pipe])
     got = _merge(sorted(tmp_path.glob("pipe.rank*.pt")))
     assert len(got["spec"]["fills"]) == 1
+    assert got["spec"]["exit_stage"] == {1: 0, 3: 1}  # 4 layers on 2 stages, exits 1 and 3
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps(got["spec"]))
     torchrun(1, WORKER, ["ref", str(tmp_path / "ref"), str(spec), *TINY, *EXITS, *load])

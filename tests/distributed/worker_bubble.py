@@ -174,7 +174,11 @@ def _pipe(out: str, argv: list[str]) -> None:
             "M": trainer.num_microbatches,
             "dp": trainer.dp_size,
             "P": run.parallel.pipeline_model_parallel_size,
-        }
+            # Exit -> owning stage as the built model places it (the reference must not
+            # take this from the module under test).
+            "exit_stage": {n: parallel_state.get_pipeline_model_parallel_rank()
+                           for n in model.local_exit_layers},
+        }  # fmt: skip
         torch.save(record, f"{out}.rank{dist.get_rank()}.pt")
     destroy_distributed()
 
@@ -184,7 +188,6 @@ def _ref(out: str, spec_path: str, argv: list[str]) -> None:
 
     import megatron.early_exit  # noqa: F401
     from megatron.early_exit.arguments import parse_run_config
-    from megatron.early_exit.pipeline.bubble_filling import exit_stages, fill_sample_indices
     from megatron.early_exit.pipeline.schedules import forward_backward_no_pipelining
     from megatron.early_exit.platform import init_platform
     from megatron.early_exit.training.initialize import destroy_distributed, world_size_from_env
@@ -205,17 +208,17 @@ def _ref(out: str, spec_path: str, argv: list[str]) -> None:
         state.model, M_ref, run.model.seq_length, run.training.micro_batch_size, trainer.config,
     )  # fmt: skip
     main_only = _param_grads(model)
-    P, n_layers = spec["P"], run.model.num_layers
-    stage_of = dict(zip(run.exits.exit_layer_nums, [
-        exit_stages([n], n_layers, P)[0] for n in run.exits.exit_layer_nums
-    ]))  # fmt: skip
-    for d in range(spec["dp"]):
+    stage_of = {int(n): s for n, s in spec["exit_stage"].items()}
+    assert sorted(stage_of) == sorted(run.exits.exit_layer_nums), stage_of
+    dp, K, mbs = spec["dp"], len(spec["fills"]), run.training.micro_batch_size
+    for d in range(dp):
         for f in spec["fills"]:
             assert f["floor"] == 0, "the reference detaches nothing (PP=2 fills have floor 0)"
-            idx = fill_sample_indices(
-                0, f["index"], len(spec["fills"]), run.training.train_iters,
-                trainer.global_batch_size, run.training.micro_batch_size, d, spec["dp"],
-            )  # fmt: skip
+            # docs/bubble_filling.md, iteration i = 0: fill slot k on DP rank d reads the
+            # mbs samples from train_iters * gbs + ((i * dp + d) * K + k) * mbs.
+            first = run.training.train_iters * trainer.global_batch_size
+            first += ((0 * dp + d) * K + f["index"]) * mbs
+            idx = list(range(first, first + mbs))
             batch = trainer.dataset.batch(idx).to(trainer.device)
             output = state.model(batch.tokens, batch.position_ids, None, labels=batch.labels)
             loss = 0.0

@@ -82,3 +82,35 @@ def test_checkpoint_without_recorded_flags(tmp_path):
     os.remove(os.path.join(checkpoint_dir(src, 0), ARGS_FILE))
     with pytest.raises(AddExitsError, match="records no model flags"):
         add_exits(_opts(src, tmp_path / "out", [1]))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"hidden_size": 30}, "--hidden-size 30 is not divisible"),  # ConfigError
+        (
+            {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": "gone.json"},
+            "--tokenizer-model .*gone.json",  # TokenizerError
+        ),
+    ],
+)
+def test_cli_config_and_tokenizer_errors_are_one_line(tmp_path, capsys, override, message):
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[2] / "tools" / "checkpoint" / "add_exits.py"
+    spec = importlib.util.spec_from_file_location("add_exits_tool", tool)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = {**ARGS, **override}
+    if "tokenizer_model" in override:
+        args["vocab_size"] = None  # force the tokenizer to be read
+    src = _fake_checkpoint(tmp_path / "src", args)
+    argv = ["--load", src, "--save", str(tmp_path / "out"), "--exit-layer-nums", "3"]
+    assert mod.main([*argv, "--use-exit-norm"]) == 2
+    stderr = capsys.readouterr().err
+    err = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and re.search(message, err[0]), stderr
+    assert "Traceback" not in stderr
+    assert not os.path.exists(tmp_path / "out")

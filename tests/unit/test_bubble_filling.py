@@ -13,6 +13,7 @@ from megatron.early_exit.pipeline.bubble_filling import (
     B,
     F,
     Inbox,
+    exit_stages,
     fill_sample_indices,
     one_f_one_b,
     place_fills,
@@ -226,3 +227,14 @@ def test_valid_fill_config_parses():
         4,
     )  # fmt: skip
     assert run.fill.fill_explicit_bubbles and run.fill.backward_forward_ratio == 2.0
+
+
+def test_exit_stages_follow_the_model_split_and_refuse_uneven_layers():
+    # 8 layers on 4 stages: stage s owns layers 2s+1..2s+2 (EarlyExitGPTModel's split).
+    assert exit_stages([1, 2, 3, 6, 8], 8, 4) == [0, 1, 2, 3]
+    assert exit_stages([4], 12, 3) == [0]
+    assert exit_stages([5], 12, 3) == [1]
+    with pytest.raises(ConfigError, match="not divisible"):
+        exit_stages([2], 10, 4)
+    with pytest.raises(ConfigError, match="outside 1..8"):
+        exit_stages([9], 8, 2)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megatron.early_exit.convert.testing import make_tiny_hf
+from tests.single_process import init_single_process_group
 
 pytestmark = pytest.mark.unit
 
@@ -18,17 +19,10 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def world():
-    import socket
-
-    import torch.distributed as dist
 
     from megatron.early_exit.training.initialize import destroy_distributed
 
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    init_single_process_group()
     yield
     destroy_distributed()
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.single_process import init_single_process_group
+
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -208,10 +210,7 @@ def one_process_world():
     from megatron.early_exit.platform import init_platform
 
     init_platform(force_cpu=True)
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = "29583"
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    init_single_process_group()
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(3)
     yield

@@ -3,10 +3,10 @@
 Random tiny models with large-std weights so that tokens and exit confidences vary.
 """
 
-import os
-
 import pytest
 import torch
+
+from tests.single_process import init_single_process_group
 
 pytestmark = pytest.mark.unit
 
@@ -23,10 +23,7 @@ def dist_world():
     from megatron.early_exit.platform import init_platform
 
     init_platform(force_cpu=True)
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29583")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    init_single_process_group()
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(7)
     yield
@@ -325,3 +322,41 @@ def test_self_speculative_sampling_matches_full_distribution(engine):
         full.most_common(5),
         spec.most_common(5),
     )
+
+
+# ---------------------------------------------------------------- streaming (on_token)
+def test_on_token_streams_exactly_the_result(engine):
+    """Every method's events equal the results (tokens, exits, logprobs), per request index,
+    also when one call mixes methods (grouped decoding) and sequences stop early."""
+    from megatron.early_exit.inference.api import EarlyExitParams, GenerationRequest, SamplingParams
+
+    thr = _mixed_threshold(engine)
+    free = engine.generate([_req(PROMPTS[0], 12)])[0].token_ids
+    methods = [
+        {},
+        {"mode": "early_exit", "threshold": thr, "method": "kv_recompute"},
+        {"mode": "self_speculative", "draft_exit_layer": 2, "draft_length": 3},
+    ]
+    reqs = []
+    for ee in methods:
+        for j, p in enumerate(PROMPTS):
+            sp = SamplingParams(12, eos_token_id=free[5] if j == 0 else None, ignore_eos=j > 0)
+            if j == 1:
+                sp.temperature, sp.seed = 1.0, 3
+            reqs.append(GenerationRequest(list(p), sp, EarlyExitParams(**ee)))
+    events = []
+    results = engine.generate(reqs, on_token=events.append)
+    assert any(r.finish_reason == "eos" for r in results)
+    for i, r in enumerate(results):
+        mine = [e for e in events if e.index == i]
+        assert [e.token_id for e in mine] == r.token_ids, i
+        assert [e.exit_layer for e in mine] == r.exit_layers, i
+    assert len(events) == sum(len(r.token_ids) for r in results)
+    spec = [(k, e) for k, e in enumerate(events) if e.index == 2 * len(PROMPTS)]
+    assert [k for k, _ in spec] == list(range(spec[0][0], spec[0][0] + len(spec)))
+
+    def broken(_event):
+        raise RuntimeError("listener gone")
+
+    again = engine.generate(reqs, on_token=broken)  # a failing listener never breaks decoding
+    assert [r.token_ids for r in again] == [r.token_ids for r in results]

@@ -1,9 +1,9 @@
 """EarlyExitGPTModel semantics in one process (TP1PP1, gloo world of one)."""
 
-import os
-
 import pytest
 import torch
+
+from tests.single_process import init_single_process_group
 
 pytestmark = pytest.mark.unit
 
@@ -20,10 +20,7 @@ def dist_world():
     from megatron.early_exit.platform import init_platform
 
     init_platform(force_cpu=True)
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29571")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    init_single_process_group()
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(7)
     yield

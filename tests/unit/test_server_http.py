@@ -19,6 +19,7 @@ from megatron.early_exit.inference.api import (
     GenerationResult,
     GenerationStats,
     ModelLimits,
+    TokenEvent,
     validate_batch,
 )
 from megatron.early_exit.server import protocol
@@ -52,6 +53,8 @@ class FakeEngine:
         self.lock = threading.Lock()
         self.active = 0
         self.max_active = 0
+        self.gate: threading.Event | None = None  # set: on_token blocks after the 1st token
+        self.paused = threading.Event()
 
     def _next(self, ids: list[int], seed: int, greedy: bool) -> list[int]:
         h = (sum(ids) * 31 + len(ids) * 7 + (0 if greedy else seed)) % 97
@@ -61,14 +64,23 @@ class FakeEngine:
             return list(UTF8_E)
         return [97 + h % 26]
 
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    def generate(self, requests: list[GenerationRequest], on_token=None) -> list[GenerationResult]:
         with self.lock:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
         try:
             validate_batch(requests, self.limits)
             self.calls.append(len(requests))
-            return [self._one(r) for r in requests]
+            results = [self._one(r) for r in requests]
+            for i, r in enumerate(results):  # streamed in order, like the engine's on_token
+                lps = r.logprobs or [0.0] * len(r.token_ids)
+                for k, t in enumerate(r.token_ids):
+                    if on_token is not None:
+                        on_token(TokenEvent(i, t, r.exit_layers[k], lps[k]))
+                    if self.gate is not None and k == 0:
+                        self.paused.set()
+                        assert self.gate.wait(30), "test never released the engine"
+            return results
         finally:
             with self.lock:
                 self.active -= 1
@@ -103,7 +115,7 @@ def server():
     engine = FakeEngine()
     metrics = ServerMetrics()
     service = GenerationService(engine.generate, metrics, max_batch_size=8).start()
-    codec = protocol.TextCodec(tokenize, detokenize, LIMITS, bos=1, model_name="fake")
+    codec = protocol.TextCodec(tokenize, detokenize, LIMITS, bos=1, model_name="fake", eos=EOS)
     srv = make_server(ServerContext(service, codec, metrics), "127.0.0.1", 0)
     serve_in_thread(srv)
     yield srv.server_address[1], engine
@@ -241,6 +253,96 @@ def test_completions_and_stream(server):
     assert texts == [c["text"] for c in out["choices"]]
     assert layers == [c["exit_layers"] for c in out["choices"]]
     assert "\ufffd" not in "".join(texts)
+
+
+def test_stream_is_sent_while_generating(server):
+    """The first chunk reaches the client while the engine is still blocked after its first
+    token; the rest follows once it goes on, and the stream equals the non-streamed text."""
+    port, engine = server
+    body = {"prompt": "é!", "max_tokens": 16, "temperature": 0, "stop": ["pqz"]}
+    status, out = call(port, "POST", "/v1/completions", body)
+    assert status == 200, out
+    ref = out["choices"][0]
+    assert len(ref["token_ids"]) > 2 and ref["finish_reason"] == "length"
+    engine.gate, engine.paused = threading.Event(), threading.Event()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}).encode())
+        resp = conn.getresponse()
+        assert resp.status == 200
+        first = resp.fp.readline().decode()
+        assert engine.paused.is_set() and not engine.gate.is_set()  # engine still blocked
+        assert first.startswith("data: ")
+        chunk = json.loads(first[6:])["choices"][0]
+        assert chunk["text"] and ref["text"].startswith(chunk["text"])
+        assert chunk["exit_layers"] == ref["exit_layers"][:1]
+        engine.gate.set()
+        rest = resp.read().decode()
+        conn.close()
+    finally:
+        engine.gate.set()
+        engine.gate = None
+    events = [line[6:] for line in (first + rest).split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [c for ev in events[:-1] for c in json.loads(ev)["choices"]]
+    assert "".join(c["text"] for c in chunks) == ref["text"]
+    assert [x for c in chunks for x in c.get("exit_layers") or []] == ref["exit_layers"]
+
+
+def _stream(port, body):
+    status, raw = call(port, "POST", "/v1/completions", {**body, "stream": True})
+    assert status == 200, raw
+    events = [line[6:] for line in raw.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return "".join(c["text"] for ev in events[:-1] for c in json.loads(ev)["choices"])
+
+
+def test_batched_streams_each_get_their_own(server):
+    """Streaming requests queued behind a blocked batch are decoded together, and each
+    stream carries exactly its own request's text."""
+    port, engine = server
+    bodies = [{"prompt": f"s{i}é", "max_tokens": 10, "temperature": 0} for i in range(3)]
+    refs = [call(port, "POST", "/v1/completions", b)[1]["choices"][0]["text"] for b in bodies]
+    engine.gate, engine.paused = threading.Event(), threading.Event()
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(_stream, port, bodies[0])
+            assert engine.paused.wait(10)
+            engine.calls.clear()
+            rest = [pool.submit(_stream, port, b) for b in bodies[1:]]
+            while engine_queue_depth(port) < 2:
+                threading.Event().wait(0.01)
+            engine.gate.set()
+            texts = [first.result(), *(f.result() for f in rest)]
+    finally:
+        engine.gate.set()
+        engine.gate = None
+    assert texts == refs
+    assert engine.calls == [2]  # the two waiting streams ran as one batch
+
+
+def engine_queue_depth(port) -> int:
+    return call(port, "GET", "/health")[1]["queue_depth"]
+
+
+def test_streamer_holds_back_partial_characters_stops_and_eos():
+    """Live deltas never need taking back: split UTF-8, a possible stop prefix and EOS wait."""
+    codec = protocol.TextCodec(tokenize, detokenize, LIMITS, eos=EOS)
+    req = protocol.CompletionRequest(prompt="x", max_tokens=9, stop=["bc"])
+    st = protocol.CompletionStreamer(req, [], codec)
+
+    def text(chunks):
+        return "".join(c["text"] for b in chunks for c in json.loads(b.decode()[6:])["choices"])
+
+    assert text(st.token(0, UTF8_E[0], 4, 0.0)) == ""  # half of "é"
+    assert text(st.token(0, UTF8_E[1], 4, 0.0)) == "é"
+    assert text(st.token(0, ord("b"), 4, 0.0)) == ""  # may start the stop "bc"
+    assert text(st.token(0, ord("a"), 4, 0.0)) == "ba"
+    assert text(st.token(0, EOS, 4, 0.0)) == ""
+    ids = [*UTF8_E, ord("b"), ord("a"), EOS]
+    res = GenerationResult(ids, [4] * 5, "eos")
+    tail = st.finish([res])
+    assert text(tail[:1]) == "" and tail[-1] == b"data: [DONE]\n\n"
 
 
 @pytest.mark.parametrize(

@@ -26,18 +26,29 @@ def parse(*argv, world=1):
         (["--tune-exit", *EXITS, "--pipeline-model-parallel-size", "4",
           "--tune-exit-pipeline-parallel-size", "1"], 1, "there is an exit at layer 4"),
         (["--tune-exit", *EXITS, "--pipeline-model-parallel-size", "4",
-          "--tune-exit-pipeline-parallel-size", "2"], 4, "not divisible by --micro-batch"),
+          "--tune-exit-pipeline-parallel-size", "2", "--micro-batch-size", "1",
+          "--global-batch-size", "3"], 4, "3 is not divisible by --micro-batch-size 1 x "
+         "data-parallel size 2"),
         (["--tune-exit", *EXITS, "--pipeline-model-parallel-size", "4",
           "--tune-exit-pipeline-parallel-size", "2"], 3, "world size 3 is not divisible"),
     ],
 )  # fmt: skip
 def test_bad_tuning_flags(argv, world, message):
-    if "micro" in message:  # valid layout: DP=2 needs a divisible global batch
-        run = parse(*argv, "--global-batch-size", "4", world=world)
-        assert run.parallel.data_parallel_size == 2
-        return
     with pytest.raises(ConfigError, match=message):
         parse(*argv, world=world)
+
+
+def test_tuning_layout_with_data_parallel_replicas():
+    # 4 ranks running the first 2 of 4 stages: DP=2 over the tuned stages, not over PP=4.
+    run = parse(
+        "--tune-exit", *EXITS, "--pipeline-model-parallel-size", "4",
+        "--tune-exit-pipeline-parallel-size", "2", "--micro-batch-size", "1",
+        "--global-batch-size", "4", world=4,
+    )  # fmt: skip
+    assert run.parallel.data_parallel_size == 2
+    assert run.training.num_microbatches(2) == 2
+    rt = runtime_run(run)
+    assert (rt.model.num_layers, rt.parallel.pipeline_model_parallel_size) == (4, 2)
 
 
 def test_tune_needs_a_checkpoint():

@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
     import megatron.early_exit  # noqa: F401  (guards broken GPU accelerators first)
+    from megatron.early_exit.convert.errors import run_cli
     from megatron.early_exit.training.initialize import destroy_distributed
     from megatron.early_exit.tuning.add_exits import AddExitsError, AddExitsOptions, add_exits
 
@@ -73,15 +74,20 @@ def main(argv=None) -> int:
         seed=args.seed,
         zero_mlp_output=not args.copy_mlp_output,
     )
-    try:
-        path = add_exits(opts)
-    except AddExitsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+    def run() -> int:
+        try:
+            path = add_exits(opts)
+        except AddExitsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"added exits at layers {sorted(args.exit_layer_nums)}: {path}")
+        return 0
+
+    try:  # run_cli turns ConfigError/TokenizerError/CheckpointError into `error:` + exit 2
+        return run_cli(run)
     finally:
         destroy_distributed()
-    print(f"added exits at layers {sorted(args.exit_layer_nums)}: {path}")
-    return 0
 
 
 if __name__ == "__main__":  # dist_checkpointing starts spawn-based helpers: keep this guard

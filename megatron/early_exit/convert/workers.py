@@ -168,7 +168,11 @@ def reshard(args) -> None:
     iteration = stage.load(args.load)
     ids = torch.arange(min(8, run.model.seq_length)) % int(flags["vocab_size"])
     logits = stage.logits(ids.unsqueeze(0))
-    if logits is not None and not torch.isfinite(logits).all():
+    # Only last-stage ranks see logits: agree on the verdict so every rank raises (no rank
+    # is left waiting in the barrier below).
+    ok = torch.tensor([int(logits is None or bool(torch.isfinite(logits).all()))])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not int(ok):
         raise ConversionError("the loaded model produces non-finite logits")
     final = os.path.abspath(args.save)
     staging = f"{final}.partial"

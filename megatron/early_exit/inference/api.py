@@ -29,8 +29,9 @@ softmax at the sampling temperature 1 (raw exit logits):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 Mode = Literal["none", "early_exit", "self_speculative"]
 Method = Literal["kv_recompute", "pipeline"]
@@ -120,6 +121,23 @@ class GenerationResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class TokenEvent(NamedTuple):
+    """One generated token, reported by `generate(..., on_token=...)` as soon as it is final.
+
+    The events of request `index`, in order, are exactly its result's `token_ids` /
+    `exit_layers` / per-token log-probs (EOS and stop-sequence tokens included, like the
+    result; front ends trim what they do not show).
+    """
+
+    index: int  # position of the request in the `generate` call
+    token_id: int
+    exit_layer: int
+    logprob: float
+
+
+OnToken = Callable[[TokenEvent], None]
 
 
 @dataclass(frozen=True)
@@ -217,11 +235,16 @@ class EngineProtocol(Protocol):
 
     limits: ModelLimits
 
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    def generate(
+        self, requests: list[GenerationRequest], on_token: OnToken | None = None
+    ) -> list[GenerationResult]:
         """Collective over the model-parallel group; same requests on every rank.
 
         Validates first (raises InferenceError on every rank, before any communication).
         Requests are decoded together as one batch (mixed prompt lengths allowed).
+        `on_token` (rank 0 only; other ranks pass None) gets a `TokenEvent` per generated
+        token as soon as rank 0 knows it; an exception it raises disables it (logged) and
+        never breaks the collective.
         """
         ...
 
@@ -256,7 +279,9 @@ __all__ = [
     "Metric",
     "Mode",
     "ModelLimits",
+    "OnToken",
     "SamplingParams",
+    "TokenEvent",
     "validate_batch",
     "validate_request",
 ]

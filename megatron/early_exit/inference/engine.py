@@ -17,10 +17,17 @@ Requests are grouped by their early-exit parameters; each group is decoded as on
   step while stages > s finish the exited token. Stage 0 owns stop decisions and sends a
   stop message down the pipeline (so generation ends at EOS, unlike EE-LLM's).
 - mode "none" or threshold 1.0: the full model (kv_recompute machinery, no exit heads).
+
+Streaming: `generate(..., on_token=cb)` calls `cb(TokenEvent)` on the rank that passes it
+(the server's rank 0) each time a token is appended to a sequence (`emit`): kv_recompute and
+pipeline from `apply` (stage 0 owns the decisions in pipeline mode), self_speculative for each
+accepted token in order. Tokens are only ever appended once they are final, so the events of
+a request are exactly its result's tokens.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -33,14 +40,41 @@ from megatron.early_exit.inference.api import (
     GenerationStats,
     InferenceError,
     ModelLimits,
+    OnToken,
+    TokenEvent,
     validate_batch,
 )
 from megatron.early_exit.inference.comm import Pipe
 from megatron.early_exit.inference.sampling import confidence, sample
-from megatron.early_exit.inference.stage import StageState, make_chunk
+from megatron.early_exit.inference.stage import StageState
 
 # header states
 _INACTIVE, _RUNNING, _DECIDED = 0, 1, 2
+log = logging.getLogger(__name__)
+_STOP_MARGIN_CHARS = 16  # tail context that absorbs decoding artefacts at the tail's start
+
+
+def stop_text_hit(detokenize, gen: list[int], stops: list[str]) -> bool:
+    """Whether the decoded text of `gen` contains a stop sequence, decoding only a tail.
+
+    Called after every token, so a new match overlaps the newest token's text: it lies
+    within the last len(newest text) + len(longest stop) characters. The tail is grown
+    until it holds that much plus a margin (decoding may differ from the full text only at
+    the tail's start: a leading-space marker, a split UTF-8 character); a tail hit is
+    confirmed on the full text, so the answer equals `any(q in detokenize(gen))` while a
+    step costs O(stop length) instead of O(generated length).
+    """
+    need = max(map(len, stops)) + len(detokenize(gen[-1:])) + _STOP_MARGIN_CHARS
+    w = min(len(gen), need)
+    text = detokenize(gen[-w:])
+    while w < len(gen) and len(text) < need:
+        w = min(len(gen), 2 * w)
+        text = detokenize(gen[-w:])
+    if w < len(gen) and not any(q in text for q in stops):
+        return False
+    if w < len(gen):
+        text = detokenize(gen)
+    return any(q in text for q in stops)
 
 
 @dataclass
@@ -65,6 +99,7 @@ class SeqState:
     emb_len: int = 0
     xcache_len: int = 0  # self_speculative: positions in the draft exit block's cache
     cache_len: list[int] = field(default_factory=list)  # index = global layer (1-based)
+    index: int = 0  # position of the request in the generate call (for on_token)
 
     def __post_init__(self):
         self.cache_len = [0] * (self.num_layers + 1)
@@ -106,6 +141,7 @@ class InferenceEngine:
             except Exception:  # noqa: BLE001  (tokenizers without an EOD)
                 self.eos = None
         self.last_state: StageState | None = None  # for tests: caches after generate
+        self._on_token: OnToken | None = None
 
     # ------------------------------------------------------------------ public
     def tokenize(self, text: str) -> list[int]:
@@ -114,7 +150,9 @@ class InferenceEngine:
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.detokenize(ids)
 
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    def generate(
+        self, requests: list[GenerationRequest], on_token: OnToken | None = None
+    ) -> list[GenerationResult]:
         validate_batch(requests, self.limits)
         for r in requests:
             if r.sampling.stop_sequences and self.tokenizer is None:
@@ -123,9 +161,13 @@ class InferenceEngine:
         for i, r in enumerate(requests):
             groups.setdefault(repr(self._effective(r.early_exit, len(requests))), []).append(i)
         results: list[GenerationResult | None] = [None] * len(requests)
-        for idx in groups.values():
-            for i, res in zip(idx, self._generate_group([requests[i] for i in idx])):
-                results[i] = res
+        self._on_token = on_token
+        try:
+            for idx in groups.values():
+                for i, res in zip(idx, self._generate_group(requests, idx)):
+                    results[i] = res
+        finally:
+            self._on_token = None
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ grouping
@@ -150,10 +192,14 @@ class InferenceEngine:
             draft_threshold=e.draft_threshold,
         )
 
-    def _generate_group(self, reqs: list[GenerationRequest]) -> list[GenerationResult]:
+    def _generate_group(
+        self, requests: list[GenerationRequest], idx: list[int]
+    ) -> list[GenerationResult]:
+        reqs = [requests[i] for i in idx]
         ee = self._effective(reqs[0].early_exit, len(reqs))
         seqs = [
-            SeqState(r, list(r.prompt_token_ids), self.num_layers, self._eos_for(r)) for r in reqs
+            SeqState(r, list(r.prompt_token_ids), self.num_layers, self._eos_for(r), index=i)
+            for i, r in zip(idx, reqs)
         ]
         max_len = max(len(r.prompt_token_ids) + r.sampling.max_new_tokens for r in reqs)
         exits = ee.exit_layers or []
@@ -215,7 +261,18 @@ class InferenceEngine:
         s.exits.append(d.exit_layer)
         s.layers_used.append(d.ran_upto)
         s.logprobs.append(d.logprob)
+        self.emit(s)
         self.check_stop(s)
+
+    def emit(self, s: SeqState) -> None:
+        """Report the token just appended to `s` (final: tokens are never taken back)."""
+        if self._on_token is None:
+            return
+        try:
+            self._on_token(TokenEvent(s.index, s.gen[-1], s.exits[-1], s.logprobs[-1]))
+        except Exception:  # a broken listener must not strand the other ranks mid-collective
+            log.exception("on_token callback failed; streaming disabled for this call")
+            self._on_token = None
 
     def check_stop(self, s: SeqState) -> None:
         sp = s.req.sampling
@@ -225,7 +282,7 @@ class InferenceEngine:
         elif (
             any(s.gen[-len(q) :] == q for q in sp.stop_token_ids if len(s.gen) >= len(q))
             or sp.stop_sequences
-            and any(q in self.tokenizer.detokenize(s.gen) for q in sp.stop_sequences)
+            and stop_text_hit(self.tokenizer.detokenize, s.gen, sp.stop_sequences)
         ):
             s.finish = "stop"
         elif len(s.gen) >= sp.max_new_tokens:
@@ -253,10 +310,9 @@ class InferenceEngine:
         layers = list(st.global_layers)
         if st.first:
             running = list(active)
-            chunk = make_chunk(
-                running, [seqs[i].emb_len for i in running], [seqs[i].pos for i in running],
-                self.device,
-            )  # fmt: skip
+            chunk = st.chunk(
+                running, [seqs[i].emb_len for i in running], [seqs[i].pos for i in running]
+            )
             tokens = chunk_tokens(seqs, running, chunk)
             st.embed(chunk, tokens)
         else:
@@ -278,9 +334,9 @@ class InferenceEngine:
                 running = self._kv_exit(st, seqs, running, layer, layer - 1, ee, decided)
                 if not running:
                     break
-            chunk = make_chunk(
+            chunk = st.chunk(
                 running, [seqs[i].cache_len[layer] for i in running],
-                [seqs[i].pos for i in running], self.device,
+                [seqs[i].pos for i in running],
             )  # fmt: skip
             st.run_layer(layer, chunk)
             if not self.pre_exit and layer in exits:
@@ -310,10 +366,9 @@ class InferenceEngine:
             self.apply(seqs[i], decided[i])
 
     def _kv_exit(self, st, seqs, running, layer, ran_upto, ee, decided) -> list[int]:
-        chunk = make_chunk(
-            running, [seqs[i].cache_len[layer] for i in running], [seqs[i].pos for i in running],
-            self.device,
-        )  # fmt: skip
+        chunk = st.chunk(
+            running, [seqs[i].cache_len[layer] for i in running], [seqs[i].pos for i in running]
+        )
         last_rows = chunk.valid.sum(dim=1) - 1
         logits = st.exit_logits(layer, chunk, last_rows)
         out = self.decide(st, seqs, running, logits, layer, ran_upto, ee, False)

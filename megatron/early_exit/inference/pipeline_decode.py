@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from megatron.early_exit.inference.stage import make_chunk
-
 _STOP, _STEP = 0, 1
 _INACTIVE, _RUNNING, _DECIDED = 0, 1, 2
 _COLS = 7
@@ -46,7 +44,7 @@ def _run_local(engine, st, seqs, active, starts, ends, undecided, steps, ee) -> 
     from megatron.early_exit.inference.engine import Decision
 
     decided: dict[int, Decision] = {}
-    chunk = make_chunk(active, starts, ends, engine.device)
+    chunk = st.chunk(active, starts, ends)
     last_rows = chunk.valid.sum(dim=1) - 1
     exits = set(st.exits)
     pre = engine.pre_exit
@@ -123,7 +121,7 @@ def _stage0(engine, st, seqs, ee) -> None:
         starts = [seqs[i].emb_len for i in active]
         ends = [seqs[i].pos for i in active]
         steps = {i: len(seqs[i].gen) for i in active}
-        chunk = make_chunk(active, starts, ends, engine.device)
+        chunk = st.chunk(active, starts, ends)
         tokens = chunk_tokens(seqs, active, chunk)
         st.embed(chunk, tokens)
         undecided = set(active)

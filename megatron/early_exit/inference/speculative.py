@@ -24,7 +24,6 @@ from megatron.early_exit.inference.sampling import (
     generator_for,
     processed_logprobs,
 )
-from megatron.early_exit.inference.stage import make_chunk
 
 
 def run_self_speculative(engine, st, seqs, ee) -> None:
@@ -50,7 +49,7 @@ def _forward(engine, st, i, s, from_layer: int, upto: int) -> None:
     pipe, p = engine.pipe, s.pos
     first, last = st.offset + 1, st.offset + len(st.layers)
     if from_layer == 1 and st.first:
-        chunk = make_chunk([i], [s.emb_len], [p], engine.device)
+        chunk = st.chunk([i], [s.emb_len], [p])
         ids = [[s.tokens[q] for q in chunk.pos[0].tolist()]]
         st.embed(chunk, torch.tensor(ids, device=engine.device))
     if pipe.stage > 0 and from_layer <= first <= upto:
@@ -58,7 +57,7 @@ def _forward(engine, st, i, s, from_layer: int, upto: int) -> None:
         flat = pipe.recv((p - start + 1, st.hbuf.shape[-1]), st.dtype, pipe.stage - 1)
         st.put_flat([i], [start], [p], flat)
     for layer in range(max(first, from_layer), min(last, upto) + 1):
-        st.run_layer(layer, make_chunk([i], [s.cache_len[layer]], [p], engine.device))
+        st.run_layer(layer, st.chunk([i], [s.cache_len[layer]], [p]))
     if not st.last and from_layer <= last + 1 <= upto:
         pipe.send(st.get_flat([i], [s.cache_len[last + 1]], [p]), pipe.stage + 1)
     if from_layer == 1:
@@ -105,7 +104,7 @@ def _round(engine, st, i, s, k, ee) -> None:
     # verification: the newest token through 1..k, everything pending through k+1..L
     _forward(engine, st, i, s, 1, k)
     if engine.pipe.stage == _owner(engine, k) and k in st.exit_caches:
-        st.exit_block_fill(k, make_chunk([i], [s.xcache_len], [s.pos], engine.device))
+        st.exit_block_fill(k, st.chunk([i], [s.xcache_len], [s.pos]))
     s.xcache_len = s.pos + 1
     _forward(engine, st, i, s, k + 1, L)
     box = torch.zeros(ee.draft_length + 3, dtype=torch.float64)
@@ -136,6 +135,7 @@ def _round(engine, st, i, s, k, ee) -> None:
         s.exits.append(layer)
         s.layers_used.append(layer)
         s.logprobs.append(lp)
+        engine.emit(s)
         engine.check_stop(s)
         if s.finish is not None:
             break
@@ -145,7 +145,7 @@ def _round(engine, st, i, s, k, ee) -> None:
 
 def _exit_logits(st, k, i, s, device):
     # an exit block sees every position its own cache lacks (hbuf holds layer-k outputs)
-    chunk = make_chunk([i], [s.xcache_len if k in st.exit_caches else s.pos], [s.pos], device)
+    chunk = st.chunk([i], [s.xcache_len if k in st.exit_caches else s.pos], [s.pos])
     return st.exit_logits(k, chunk, chunk.valid.sum(dim=1) - 1)
 
 

@@ -15,24 +15,11 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 
 from megatron.early_exit.inference.layers import Chunk, KVCache, layer_forward, new_cache
 
-_CHUNKS: dict = {}
-
 
 def make_chunk(seqs: list[int], starts: list[int], ends: list[int], device) -> Chunk:
     """Rows [start, end] (inclusive) of each sequence, right-padded with the last position.
 
-    Memoised (small LRU): within a decode step every layer usually sees the same ranges."""
-    key = (tuple(seqs), tuple(starts), tuple(ends), str(device))
-    chunk = _CHUNKS.get(key)
-    if chunk is None:
-        chunk = _build_chunk(seqs, starts, ends, device)
-        if len(_CHUNKS) > 64:
-            _CHUNKS.clear()
-        _CHUNKS[key] = chunk
-    return chunk
-
-
-def _build_chunk(seqs: list[int], starts: list[int], ends: list[int], device) -> Chunk:
+    Not memoised; decoding uses StageState.chunk, which is."""
     n = max(e - s + 1 for s, e in zip(starts, ends))
     pos = torch.empty(len(seqs), n, dtype=torch.long)
     valid = torch.zeros(len(seqs), n, dtype=torch.bool)
@@ -74,6 +61,19 @@ class StageState:
         self.freqs = None
         if getattr(model, "position_embedding_type", None) == "rope":
             self.freqs = model.rotary_pos_emb(max_len).squeeze(1)  # [S, 1, d]
+        self._chunks: dict[tuple, Chunk] = {}  # per generate call: nothing shared by engines
+
+    def chunk(self, seqs: list[int], starts: list[int], ends: list[int]) -> Chunk:
+        """make_chunk on this stage's device, memoised (bounded): within a decode step every
+        layer usually sees the same ranges."""
+        key = (tuple(seqs), tuple(starts), tuple(ends))
+        chunk = self._chunks.get(key)
+        if chunk is None:
+            chunk = make_chunk(seqs, starts, ends, self.device)
+            if len(self._chunks) > 64:
+                self._chunks.clear()
+            self._chunks[key] = chunk
+        return chunk
 
     @property
     def global_layers(self) -> range:

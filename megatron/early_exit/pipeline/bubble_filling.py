@@ -196,6 +196,20 @@ def _build(P: int, M: int, fills: list[FillMicrobatch], ratio: float, base_time:
 
 
 def exit_stages(exit_layers: Sequence[int], num_layers: int, num_stages: int) -> list[int]:
+    """Pipeline stages (0-based) owning the given 1-based exit layers.
+
+    Matches EarlyExitGPTModel's split (num_layers // P layers per stage, offset
+    stage * per_stage), which holds only when the layers divide evenly and there are no
+    virtual stages; anything else is refused rather than mapped wrongly.
+    """
+    if num_stages < 1 or num_layers < 1 or num_layers % num_stages:
+        raise ConfigError(
+            f"--num-layers {num_layers} is not divisible by --pipeline-model-parallel-size "
+            f"{num_stages}; exits cannot be mapped to pipeline stages"
+        )
+    bad = [n for n in exit_layers if not 1 <= n <= num_layers]
+    if bad:
+        raise ConfigError(f"--exit-layer-nums {bad} outside 1..{num_layers}")
     per_stage = num_layers // num_stages
     return sorted({(n - 1) // per_stage for n in exit_layers})
 
@@ -524,6 +538,11 @@ def plan_for_run(run) -> PipelineSchedule | None:
     fill = run.fill
     if not fill.fill_explicit_bubbles:
         return None
+    if run.parallel.virtual_pipeline_model_parallel_size is not None:
+        raise ConfigError(
+            "--fill-explicit-bubbles does not support virtual pipeline stages; drop "
+            "--num-layers-per-virtual-pipeline-stage"
+        )
     return plan_schedule(
         run.parallel.pipeline_model_parallel_size,
         run.training.num_microbatches(run.parallel.data_parallel_size),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from megatron.early_exit.inference.api import InferenceError
+from megatron.early_exit.inference.api import InferenceError, TokenEvent
 from megatron.early_exit.server import protocol
 from megatron.early_exit.server.coordinator import CommandError
 from megatron.early_exit.server.metrics import ServerMetrics
@@ -75,21 +76,33 @@ def _parse(model: type[BaseModel], raw: bytes) -> Any:
         raise HTTPError(400, f"malformed JSON body: {exc}", "invalid_request_error") from None
 
 
+def _http_error(exc: BaseException) -> HTTPError | None:
+    """The HTTP answer for a generation failure (None: not one of ours, re-raise)."""
+    if isinstance(exc, HTTPError):
+        return exc
+    if isinstance(exc, InferenceError):
+        return HTTPError(400, str(exc), "invalid_request_error")
+    if isinstance(exc, CommandError):
+        if exc.client_error:
+            return HTTPError(400, str(exc), "invalid_request_error")
+        return HTTPError(500, f"generation failed: {exc}", "server_error")
+    if isinstance(exc, QueueFull):
+        return HTTPError(503, str(exc), "overloaded")
+    if isinstance(exc, ServiceStopped):
+        return HTTPError(503, str(exc), "unavailable")
+    if isinstance(exc, TimeoutError):
+        return HTTPError(504, str(exc), "timeout")
+    return None
+
+
 def _generate(ctx: ServerContext, requests):
     try:
         return ctx.service.submit(requests, timeout_s=ctx.request_timeout_s)
-    except InferenceError as exc:
-        raise HTTPError(400, str(exc), "invalid_request_error") from None
-    except CommandError as exc:
-        if exc.client_error:
-            raise HTTPError(400, str(exc), "invalid_request_error") from None
-        raise HTTPError(500, f"generation failed: {exc}", "server_error") from None
-    except QueueFull as exc:
-        raise HTTPError(503, str(exc), "overloaded") from None
-    except ServiceStopped as exc:
-        raise HTTPError(503, str(exc), "unavailable") from None
-    except TimeoutError as exc:
-        raise HTTPError(504, str(exc), "timeout") from None
+    except Exception as exc:
+        err = _http_error(exc)
+        if err is None:
+            raise
+        raise err from None
 
 
 def _prepare(fn, req, codec):
@@ -231,20 +244,74 @@ class Handler(BaseHTTPRequestHandler):
     def completions(self, body: bytes) -> int:
         req = _parse(CompletionRequest, body)
         gen = _prepare(protocol.completion_requests, req, self.ctx.codec)
+        if req.stream:
+            return self._stream_completions(req, gen)
         results = _generate(self.ctx, gen)
-        if not req.stream:
-            self._json(200, protocol.completion_response(req, gen, results, self.ctx.codec))
-            return 200
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        for chunk in protocol.completion_stream(req, gen, results, self.ctx.codec):
-            self.wfile.write(chunk)
-            self.wfile.flush()
+        self._json(200, protocol.completion_response(req, gen, results, self.ctx.codec))
         return 200
+
+    def _stream_completions(self, req, gen) -> int:
+        """SSE written while the model worker generates: it pushes each token into this
+        request's queue, this handler thread turns them into events. The status line goes
+        out with the first token, so failures before it are plain JSON errors; later ones
+        become a final `data: {"error": ...}` event."""
+        events: queue.Queue = queue.Queue()
+        try:
+            future = self.ctx.service.submit_async(gen, on_token=events.put)
+        except Exception as exc:
+            err = _http_error(exc)
+            if err is None:
+                raise
+            raise err from None
+        future.add_done_callback(lambda _f: events.put(None))
+        streamer = protocol.CompletionStreamer(req, gen, self.ctx.codec)
+        deadline = time.monotonic() + self.ctx.request_timeout_s
+        started = False
+
+        def begin() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                write(streamer.start())
+
+        def write(chunks: list[bytes]) -> None:
+            for chunk in chunks:
+                self.wfile.write(chunk)
+            self.wfile.flush()
+
+        def fail(err: HTTPError) -> int:
+            if not started:
+                raise err
+            self.wfile.write(streamer.error(err.body()))
+            self.wfile.flush()
+            return 200
+
+        while True:
+            try:
+                ev = events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                t = self.ctx.request_timeout_s
+                return fail(HTTPError(504, f"generation did not finish within {t} s", "timeout"))
+            if isinstance(ev, TokenEvent):
+                begin()
+                write(streamer.token(ev.index, ev.token_id, ev.exit_layer, ev.logprob))
+                continue
+            try:
+                results = future.result()
+            except Exception as exc:
+                err = _http_error(exc)
+                if err is None:
+                    raise
+                return fail(err)
+            begin()
+            write(streamer.finish(results))
+            return 200
 
 
 ROUTES = {

@@ -44,14 +44,19 @@ def serve(run, args, platform) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
+    # rank 0's streaming listener for the command being run (set by its model worker; a
+    # callable cannot travel in the broadcast command, and followers never stream)
+    listener: list = [None]
+
     def execute(command: Command):
         if command.kind != GENERATE:
             return None
-        return engine.generate([GenerationRequest.from_dict(d) for d in command.payload])
+        reqs = [GenerationRequest.from_dict(d) for d in command.payload]
+        return engine.generate(reqs, on_token=listener[0])
 
     coordinator = Coordinator(execute, timeout_s=args.dist_timeout)
     if coordinator.is_leader:
-        code = _lead(engine, coordinator, args, run, stop)
+        code = _lead(engine, coordinator, args, run, stop, listener)
     else:
         code = _follow(coordinator, stop)
     sys.stdout.flush()
@@ -79,14 +84,20 @@ def _follow(coordinator: Coordinator, stop: threading.Event) -> int:
     return 1 if failed else 0
 
 
-def _lead(engine, coordinator: Coordinator, args, run, stop: threading.Event) -> int:
+def _lead(
+    engine, coordinator: Coordinator, args, run, stop: threading.Event, listener: list
+) -> int:
     from megatron.early_exit.server.app import ServerContext, make_server, serve_in_thread
     from megatron.early_exit.server.metrics import ServerMetrics
     from megatron.early_exit.server.protocol import TextCodec
     from megatron.early_exit.server.service import GenerationService
 
-    def run_batch(requests):
-        return coordinator.run(Command(GENERATE, [r.to_dict() for r in requests]))
+    def run_batch(requests, on_token=None):
+        listener[0] = on_token
+        try:
+            return coordinator.run(Command(GENERATE, [r.to_dict() for r in requests]))
+        finally:
+            listener[0] = None
 
     metrics = ServerMetrics()
     service = GenerationService(
@@ -104,6 +115,7 @@ def _lead(engine, coordinator: Coordinator, args, run, stop: threading.Event) ->
         detokenize=engine.detokenize,
         limits=engine.limits,
         bos=getattr(tok, "bos", None),
+        eos=engine.eos,
         model_name=args.model_name or os.path.basename(os.path.normpath(run.checkpoint.load)),
     )
     ctx = ServerContext(

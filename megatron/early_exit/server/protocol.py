@@ -38,6 +38,7 @@ class TextCodec:
     limits: ModelLimits
     bos: int | None = None
     model_name: str = "early-exit-gpt"
+    eos: int | None = None  # the engine's EOS: a streamed EOS token is held back, never shown
 
     def encode_prompt(self, text: str, add_bos: bool) -> list[int]:
         try:
@@ -244,28 +245,128 @@ def completion_response(
     }
 
 
-def _text_deltas(choice: _Choice, codec: TextCodec) -> Iterator[tuple[str, list[int]]]:
-    """Per-token text increments whose concatenation is exactly `choice.text`.
+class CompletionStreamer:
+    """Server-sent events of one /v1/completions request, written while tokens arrive.
 
-    A prefix's decoding is only sent once it is a prefix of the final text and does not
-    end inside a multi-byte character, so the stream never has to take text back.
+    `token(...)` is fed each generated token (engine `TokenEvent`s) and returns the events
+    that can be sent already; `finish(results)` the rest, ending with `data: [DONE]`. Text is
+    only sent once it cannot change: a decoding that ends inside a multi-byte character
+    (U+FFFD), a trailing EOS token and a tail that could still grow into a stop sequence are
+    held back; at the end the rest of the final (non-streamed) text is sent, so the
+    concatenated stream equals it for tokenizers whose decoding of a prefix is a prefix of
+    the decoding (byte-level BPE, SentencePiece).
     """
-    sent = choice.prefix
-    if sent:
-        yield sent, []
-    layers = list(choice.result.exit_layers)
-    pending: list[int] = []
-    for k in range(1, len(choice.token_ids) + 1):
-        pending.append(layers[k - 1] if k - 1 < len(layers) else 0)
-        cand = choice.prefix + codec.decode(choice.token_ids[:k])
-        if cand.endswith("\ufffd") or not choice.text.startswith(cand) or len(cand) <= len(sent):
-            continue
-        yield cand[len(sent) :], pending
-        sent, pending = cand, []
-    rest = choice.text[len(sent) :]
-    tail_layers = pending + layers[len(choice.token_ids) :]
-    if rest or tail_layers:
-        yield rest, tail_layers
+
+    def __init__(self, req: CompletionRequest, gen: list[GenerationRequest], codec: TextCodec):
+        self.req, self.gen, self.codec = req, gen, codec
+        self.rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.prompts = req.prompts()
+        self.stops = req.stops()
+        n = len(self.prompts)
+        self.prefix = [p if req.echo else "" for p in self.prompts]
+        self.sent = [""] * n
+        self.ids: list[list[int]] = [[] for _ in range(n)]
+        self.layers: list[list[int]] = [[] for _ in range(n)]  # reported, not yet sent
+        self.lps: list[list[float | None]] = [[] for _ in range(n)]
+
+    def _event(self, choices: list[dict], usage: dict | None = None) -> bytes:
+        body = {
+            "id": self.rid,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.req.model or self.codec.model_name,
+            "choices": choices,
+        }
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+    def _delta(self, i: int, text: str) -> bytes:
+        layers, lps = self.layers[i], self.lps[i]
+        logprobs = None
+        if self.req.logprobs is not None:
+            logprobs = {
+                "tokens": [text],
+                "token_logprobs": [sum(x for x in lps if x is not None)] if lps else [None],
+                "top_logprobs": None,
+                "text_offset": [0],
+            }
+        self.sent[i] += text
+        self.layers[i], self.lps[i] = [], []
+        choice = {"text": text, "index": i, "logprobs": logprobs, "finish_reason": None}
+        return self._event([{**choice, "exit_layers": layers}])
+
+    def _held(self, text: str) -> int:
+        """Characters at the end of `text` that may still become a stop sequence."""
+        hold = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(text)), hold, -1):
+                if text.endswith(stop[:k]):
+                    hold = k
+                    break
+        return hold
+
+    def start(self) -> list[bytes]:
+        """The echoed prompts (sent before any token)."""
+        out = []
+        for i, p in enumerate(self.prefix):
+            if p:
+                out.append(self._delta(i, p))
+        return out
+
+    def token(self, i: int, token_id: int, exit_layer: int, logprob: float | None) -> list[bytes]:
+        self.ids[i].append(token_id)
+        self.layers[i].append(exit_layer)
+        self.lps[i].append(logprob)
+        ids = self.ids[i]
+        if self.codec.eos is not None and ids[-1] == self.codec.eos:
+            ids = ids[:-1]  # the final EOS is never shown; a later token releases it
+        text = self.codec.decode(ids)
+        if text.endswith("\ufffd") or any(stop in text for stop in self.stops):
+            return []  # incomplete character / a stop: finish() cuts and sends the rest
+        safe = self.prefix[i] + text[: len(text) - self._held(text)]
+        if len(safe) <= len(self.sent[i]) or not safe.startswith(self.sent[i]):
+            return []
+        return [self._delta(i, safe[len(self.sent[i]) :])]
+
+    def finish(self, results: list[GenerationResult]) -> list[bytes]:
+        out = []
+        for i, (p, r) in enumerate(zip(self.prompts, results)):
+            # tokens the listener never saw (no streaming engine): feed them now, in order
+            lps = list(r.logprobs or [])
+            for k in range(len(self.ids[i]), len(r.token_ids)):
+                lp = lps[k] if k < len(lps) else None
+                if k == len(r.token_ids) - 1 and r.finish_reason == "eos":
+                    self.ids[i].append(r.token_ids[k])  # EOS: never shown
+                    self.layers[i].append(r.exit_layers[k])
+                    self.lps[i].append(lp)
+                    continue
+                out += self.token(i, r.token_ids[k], r.exit_layers[k], lp)
+            final = _visible(self.req, p, r, self.codec).text
+            rest = final[len(self.sent[i]) :] if final.startswith(self.sent[i]) else ""
+            if rest or self.layers[i]:
+                out.append(self._delta(i, rest))
+            out.append(
+                self._event(
+                    [{"text": "", "index": i, "logprobs": None, "finish_reason": _finish(r)}]
+                )
+            )
+        if self.req.stream_options is not None and self.req.stream_options.include_usage:
+            prompt_tokens = sum(len(g.prompt_token_ids) for g in self.gen)
+            completion_tokens = sum(len(r.token_ids) for r in results)
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            }
+            out.append(self._event([], usage))
+        out.append(b"data: [DONE]\n\n")
+        return out
+
+    def error(self, err: dict) -> bytes:
+        """An error after the stream started (the status line is already sent)."""
+        return f"data: {json.dumps(err)}\n\n".encode()
 
 
 def completion_stream(
@@ -275,54 +376,6 @@ def completion_stream(
     codec: TextCodec,
 ) -> Iterator[bytes]:
     """Server-sent events for a finished generation (one event per token), then [DONE]."""
-    rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-    model = req.model or codec.model_name
-
-    def event(choices: list[dict], usage: dict | None = None) -> bytes:
-        body = {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": choices,
-        }
-        if usage is not None:
-            body["usage"] = usage
-        return f"data: {json.dumps(body)}\n\n".encode()
-
-    for i, (p, r) in enumerate(zip(req.prompts(), results)):
-        c = _visible(req, p, r, codec)
-        lp_iter = iter(list(r.logprobs or []))
-        for delta, layers in _text_deltas(c, codec):
-            lps = [next(lp_iter, None) for _ in layers]
-            logprobs = None
-            if req.logprobs is not None:
-                logprobs = {
-                    "tokens": [delta],
-                    "token_logprobs": [sum(x for x in lps if x is not None)] if lps else [None],
-                    "top_logprobs": None,
-                    "text_offset": [0],
-                }
-            yield event(
-                [
-                    {
-                        "text": delta,
-                        "index": i,
-                        "logprobs": logprobs,
-                        "finish_reason": None,
-                        "exit_layers": layers,
-                    }
-                ]
-            )
-        yield event([{"text": "", "index": i, "logprobs": None, "finish_reason": _finish(r)}])
-    if req.stream_options is not None and req.stream_options.include_usage:
-        prompt_tokens = sum(len(g.prompt_token_ids) for g in gen)
-        completion_tokens = sum(len(r.token_ids) for r in results)
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
-        yield event([], usage)
-    yield b"data: [DONE]\n\n"
+    streamer = CompletionStreamer(req, gen, codec)
+    yield from streamer.start()
+    yield from streamer.finish(results)

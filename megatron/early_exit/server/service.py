@@ -7,6 +7,11 @@ worker then takes the oldest job plus any later queued jobs with the same early-
 settings (up to `max_batch_size` prompts) and decodes them as one batch (batched early
 exit: each sequence exits independently). Per-request sampling params, including seeds,
 stay per sequence, so a batched request gets the result it would get alone.
+
+Streaming: a job may carry `on_token`; the worker then passes the engine a listener that
+routes each `TokenEvent` to its job (index renumbered within the job) while the batch runs.
+If a failed batch is retried job by job, tokens a job already got are not sent again (the
+retry is deterministic: every request carries its seed).
 """
 
 from __future__ import annotations
@@ -19,11 +24,17 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field
 
-from megatron.early_exit.inference.api import GenerationRequest, GenerationResult
+from megatron.early_exit.inference.api import (
+    GenerationRequest,
+    GenerationResult,
+    OnToken,
+    TokenEvent,
+)
 from megatron.early_exit.server.coordinator import CommandError
 from megatron.early_exit.server.metrics import ServerMetrics
 
-RunBatch = Callable[[list[GenerationRequest]], list[GenerationResult]]
+# run_batch(requests) or, when some job streams, run_batch(requests, on_token=listener)
+RunBatch = Callable[..., list[GenerationResult]]
 
 
 class QueueFull(RuntimeError):
@@ -38,6 +49,11 @@ class ServiceStopped(RuntimeError):
 class _Job:
     requests: list[GenerationRequest]
     future: Future = field(default_factory=Future)
+    on_token: OnToken | None = None  # TokenEvent.index is the request's index in this job
+    delivered: list[int] = field(default_factory=list)  # tokens sent per request
+
+    def __post_init__(self) -> None:
+        self.delivered = [0] * len(self.requests)
 
     def key(self) -> tuple:
         return tuple(sorted(asdict(self.requests[0].early_exit).items(), key=str))
@@ -82,9 +98,22 @@ class GenerationService:
         return len(self._queue)
 
     def submit(
-        self, requests: list[GenerationRequest], timeout_s: float | None = None
+        self,
+        requests: list[GenerationRequest],
+        timeout_s: float | None = None,
+        on_token: OnToken | None = None,
     ) -> list[GenerationResult]:
-        job = _Job(requests)
+        future = self.submit_async(requests, on_token)
+        try:
+            return future.result(timeout=timeout_s)
+        except FutureTimeout:
+            raise TimeoutError(f"generation did not finish within {timeout_s} s") from None
+
+    def submit_async(
+        self, requests: list[GenerationRequest], on_token: OnToken | None = None
+    ) -> Future:
+        """Queue a job; `on_token` is called from the worker thread (keep it quick)."""
+        job = _Job(requests, on_token=on_token)
         with self._cv:
             if self._stopping:
                 raise ServiceStopped("server is shutting down")
@@ -93,10 +122,7 @@ class GenerationService:
             self._queue.append(job)
             self.metrics.queue_depth = len(self._queue)
             self._cv.notify_all()
-        try:
-            return job.future.result(timeout=timeout_s)
-        except FutureTimeout:
-            raise TimeoutError(f"generation did not finish within {timeout_s} s") from None
+        return job.future
 
     # ---- worker ----
     def _take_batch(self) -> list[_Job] | None:
@@ -148,12 +174,39 @@ class GenerationService:
         except Exception:
             self.healthy = False
 
-    def _run(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    @staticmethod
+    def _listener(jobs: list[_Job]) -> OnToken | None:
+        """Route engine events (index into the whole batch) to the jobs that stream."""
+        if not any(job.on_token is not None for job in jobs):
+            return None
+        owner = [(job, k) for job in jobs for k in range(len(job.requests))]
+        seen = [0] * len(owner)  # this attempt's tokens per request
+
+        def on_token(ev: TokenEvent) -> None:
+            job, k = owner[ev.index]
+            seen[ev.index] += 1
+            if job.on_token is None or seen[ev.index] <= job.delivered[k]:
+                return  # a retry re-generating tokens the client already has
+            job.delivered[k] += 1
+            job.on_token(ev._replace(index=k))
+
+        return on_token
+
+    def _run(
+        self, requests: list[GenerationRequest], on_token: OnToken | None = None
+    ) -> list[GenerationResult]:
         out: list[GenerationResult] = []
         for i in range(0, len(requests), self.max_batch_size):
             chunk = requests[i : i + self.max_batch_size]
             t0 = time.perf_counter()
-            results = self.run_batch(chunk)
+            if on_token is None:
+                results = self.run_batch(chunk)
+            else:
+
+                def shifted(ev: TokenEvent, off: int = i) -> None:
+                    on_token(ev._replace(index=ev.index + off))
+
+                results = self.run_batch(chunk, on_token=shifted)
             elapsed = time.perf_counter() - t0
             layers = [layer for r in results for layer in r.exit_layers]
             prompt = sum(len(r.prompt_token_ids) for r in chunk)
@@ -164,7 +217,7 @@ class GenerationService:
     def _serve(self, jobs: list[_Job]) -> None:
         requests = [r for job in jobs for r in job.requests]
         try:
-            results = self._run(requests)
+            results = self._run(requests, self._listener(jobs))
         except CommandError as exc:
             if len(jobs) > 1 and exc.client_error:
                 for job in jobs:  # find the offending job; the others still get answers
