@@ -3,7 +3,7 @@
 # checkpoint, then a parity check against transformers on 64 tokens of Hamlet.
 #
 #   bash examples/ee_tuning/convert_smollm2.sh
-#   HF=/work/cache/smollm2-hf OURS=/work/cache/smollm2-ours bash examples/ee_tuning/convert_smollm2.sh
+#   HF=DIR OURS=DIR bash examples/ee_tuning/convert_smollm2.sh   (default: outputs/smollm2/{hf,ours})
 #
 # Produces $HF (LlamaForCausalLM, float32, tokenizer.json; default outputs/smollm2/hf) and
 # $OURS (dist checkpoint, default outputs/smollm2/ours): written at TP1PP1, loadable at any

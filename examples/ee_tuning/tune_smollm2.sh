@@ -12,8 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-SRC=${SRC:-/work/cache/smollm2-ours}
-DEST=${DEST:-/work/cache/smollm2-ee-tuned}
+SRC=${SRC:-outputs/smollm2/ours}  # convert_smollm2.sh writes it there
+DEST=${DEST:-outputs/smollm2/ee-tuned}
 OUT=${OUT:-outputs/ee_tuning}
 ITERS=${ITERS:-90}
 SEQ=${SEQ:-256}
