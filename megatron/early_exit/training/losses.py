@@ -43,15 +43,33 @@ def make_loss_func(
             lm = masked_mean(out.output, mask)
             metrics[lm_loss_key()] = lm.detach()
             total = lm
-        for layer, state in sorted(out.exit_states.items()):
-            per_token, max_prob = model.exit_loss(
-                layer, state, batch.labels, with_max_prob=dynamic_exit_weight
-            )
-            loss = masked_mean(per_token, mask)
-            metrics[exit_loss_key(layer)] = loss.detach()
-            weighted = masked_mean(per_token * max_prob, mask) if dynamic_exit_weight else loss
-            term = exit_weights[layer] * weighted
-            total = term if total is None else total + term
+        total = add_weighted_exit_losses(
+            total, model, out.exit_states, batch, exit_weights, dynamic_exit_weight, metrics
+        )
         return total, metrics
 
     return loss_func
+
+
+def add_weighted_exit_losses(
+    total: torch.Tensor | None,
+    model: EarlyExitGPTModel,
+    exit_states: dict,
+    batch: Batch,
+    exit_weights: dict[int, float],
+    dynamic_exit_weight: bool,
+    metrics: dict[str, torch.Tensor],
+) -> torch.Tensor | None:
+    """`total` plus this stage's weighted exit losses, added one by one in layer order (None
+    when both are absent); records each exit's unweighted cross entropy in `metrics`."""
+    mask = batch.loss_mask
+    for layer, state in sorted(exit_states.items()):
+        per_token, max_prob = model.exit_loss(
+            layer, state, batch.labels, with_max_prob=dynamic_exit_weight
+        )
+        loss = masked_mean(per_token, mask)
+        metrics[exit_loss_key(layer)] = loss.detach()
+        weighted = masked_mean(per_token * max_prob, mask) if dynamic_exit_weight else loss
+        term = exit_weights[layer] * weighted
+        total = term if total is None else total + term
+    return total

@@ -28,7 +28,11 @@ from megatron.early_exit.training.checkpoint_args import (
     read_checkpoint_args,
     read_tracker,
 )
-from megatron.early_exit.training.losses import exit_loss_key, lm_loss_key, masked_mean
+from megatron.early_exit.training.losses import (
+    add_weighted_exit_losses,
+    lm_loss_key,
+    masked_mean,
+)
 from megatron.early_exit.tuning.partial import PartialStagesCheckpoint
 
 ADD_EXITS_HINT = "add them with tools/checkpoint/add_exits.py first"
@@ -94,17 +98,13 @@ def make_exit_tuning_loss_func(
         metrics: dict[str, torch.Tensor] = {}
         if has_lm_loss:
             metrics[lm_loss_key()] = masked_mean(out.output.detach(), mask)
-        total = None
-        for layer, state in sorted(out.exit_states.items()):
-            detached = ExitState(state.hidden.detach(), state.attention_mask, state.rotary_pos_emb)
-            per_token, max_prob = model.exit_loss(
-                layer, detached, batch.labels, with_max_prob=dynamic_exit_weight
-            )
-            loss = masked_mean(per_token, mask)
-            metrics[exit_loss_key(layer)] = loss.detach()
-            weighted = masked_mean(per_token * max_prob, mask) if dynamic_exit_weight else loss
-            term = exit_weights[layer] * weighted
-            total = term if total is None else total + term
+        detached = {
+            layer: ExitState(state.hidden.detach(), state.attention_mask, state.rotary_pos_emb)
+            for layer, state in out.exit_states.items()
+        }
+        total = add_weighted_exit_losses(
+            None, model, detached, batch, exit_weights, dynamic_exit_weight, metrics
+        )
         return total, metrics
 
     return loss_func
