@@ -360,3 +360,36 @@ def test_on_token_streams_exactly_the_result(engine):
 
     again = engine.generate(reqs, on_token=broken)  # a failing listener never breaks decoding
     assert [r.token_ids for r in again] == [r.token_ids for r in results]
+
+
+@pytest.mark.parametrize("llama", [False, True], ids=["gpt", "llama"])
+def test_lean_layer_path_equals_module_path(dist_world, llama):
+    """The lean decode path computes what megatron-core's submodules compute, KV included,
+    on a masked multi-row chunk of two sequences at different lengths and a decode row."""
+    from megatron.early_exit.inference.layers import (
+        lean_layer_forward,
+        lean_plan,
+        module_layer_forward,
+        new_cache,
+    )
+    from megatron.early_exit.inference.stage import StageState, make_chunk
+
+    model = _engine(llama).model.double()
+    st = StageState(model, 2, MAXLEN, VOCAB, [])
+    g = torch.Generator().manual_seed(11)
+    for layer in list(model.decoder.layers) + [model.exit_heads.get(1).block]:
+        if layer is None:
+            continue
+        plan = lean_plan(layer)
+        assert plan is not None, "tiny local-spec layers must take the lean path"
+        caches = [new_cache(layer, 2, MAXLEN, torch.float64, st.device) for _ in range(2)]
+        for seqs, starts, ends in (([0, 1], [0, 0], [6, 3]), ([1, 0], [4, 7], [9, 7])):
+            chunk = make_chunk(seqs, starts, ends, st.device)
+            n = chunk.pos.shape[1]
+            h = torch.randn(n, 2, model.config.hidden_size, generator=g, dtype=torch.float64)
+            want = module_layer_forward(layer, h, chunk, caches[0], st.freqs)
+            got = lean_layer_forward(plan, h, chunk, caches[1], st.freqs)
+            valid = chunk.valid.t()
+            torch.testing.assert_close(got[valid], want[valid], atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(caches[1].k, caches[0].k, atol=0, rtol=0)
+        torch.testing.assert_close(caches[1].v, caches[0].v, atol=0, rtol=0)

@@ -11,11 +11,14 @@ Attention of a row at position q covers cached keys at positions <= q of its seq
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+from megatron.core.transformer.identity_op import IdentityOp
 
 
 @dataclass
@@ -52,6 +55,32 @@ class Chunk:
             )
         return self._cache["mask"]
 
+    def attention_mask_or_none(self) -> torch.Tensor | None:
+        """None when no row needs masking: one row per sequence, all at the newest position
+        (every cached key is visible), the usual decode step."""
+        if "needs_mask" not in self._cache:
+            self._cache["needs_mask"] = self.pos.shape[1] > 1 or bool(
+                (self.pos != self.max_pos).any()
+            )
+        return self.attention_mask() if self._cache["needs_mask"] else None
+
+    def rows_slice(self) -> slice | None:
+        """The cache rows as a slice when seq_idx is a run of consecutive rows (a view
+        instead of an advanced-indexing copy of every layer's cache)."""
+        if "rows" not in self._cache:
+            idx = self.seq_idx.tolist()
+            run = idx == list(range(idx[0], idx[0] + len(idx))) if idx else False
+            self._cache["rows"] = slice(idx[0], idx[0] + len(idx)) if run else None
+        return self._cache["rows"]
+
+    def rope(self, freqs: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [n, b, 1, d] of the chunk's positions, shared by every layer."""
+        key = ("rope", dtype)
+        if key not in self._cache:
+            f = freqs[self.pos.t()]
+            self._cache[key] = (torch.cos(f).to(dtype), torch.sin(f).to(dtype))
+        return self._cache[key]
+
 
 class KVCache:
     """K/V of one attention module for every sequence: [B, max_len, groups, head_dim]."""
@@ -68,6 +97,9 @@ class KVCache:
         self.v[seq, pos] = v[j_cols, b_rows].to(self.v.dtype)
 
     def read(self, chunk: Chunk, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = chunk.rows_slice()
+        if rows is not None:
+            return self.k[rows, :length], self.v[rows, :length]
         return self.k[chunk.seq_idx, :length], self.v[chunk.seq_idx, :length]
 
 
@@ -103,6 +135,16 @@ def layer_forward(
     layer, hidden: torch.Tensor, chunk: Chunk, cache: KVCache, freqs: torch.Tensor | None
 ) -> torch.Tensor:
     """megatron-core TransformerLayer forward (eval) on a chunk [n, b, h] with a KV cache."""
+    plan = lean_plan(layer)
+    if plan is not None:
+        return lean_layer_forward(plan, hidden, chunk, cache, freqs)
+    return module_layer_forward(layer, hidden, chunk, cache, freqs)
+
+
+def module_layer_forward(
+    layer, hidden: torch.Tensor, chunk: Chunk, cache: KVCache, freqs: torch.Tensor | None
+) -> torch.Tensor:
+    """layer_forward through the layer's own submodules (any spec the engine supports)."""
     residual = hidden
     x = layer.input_layernorm(hidden)
     attn_out = _attention(layer.self_attention, x, chunk, cache, freqs)
@@ -127,3 +169,138 @@ def new_cache(layer, batch: int, max_len: int, dtype, device) -> KVCache:
         dtype,
         device,
     )
+
+
+# ------------------------------------------------------------------ lean decode path
+# The module path above costs ~1.5 ms of Python per layer and token (megatron-core's
+# linear wrappers are autograd Functions, RoPE recomputes cos/sin per call): about as
+# much as the matmuls of a 135M model on a CPU core. For the plain local-spec layer
+# (torch norms, megatron-core's Column/RowParallelLinear, no QK norm or gate) the same
+# arithmetic is done here on the layer's own parameters; anything else (TE modules, fused
+# activations, clamped GLU) keeps the module path. tests/unit/test_inference.py checks
+# both paths give the same outputs and KV.
+
+
+@dataclass(frozen=True)
+class LeanLayer:
+    ln1: torch.nn.Module
+    ln2: torch.nn.Module
+    qkv: torch.nn.Module
+    proj: torch.nn.Module
+    fc1: torch.nn.Module
+    fc2: torch.nn.Module
+    heads: int  # attention heads on this TP rank
+    groups: int  # KV groups on this TP rank
+    head_dim: int
+    scale: float | None
+    gated: bool
+    act: object
+
+
+_LEAN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def lean_plan(layer) -> LeanLayer | None:
+    """The layer's parameters for the lean path, or None if it needs the module path."""
+    if layer in _LEAN:
+        return _LEAN[layer]
+    _LEAN[layer] = plan = _make_plan(layer)
+    return plan
+
+
+def _make_plan(layer) -> LeanLayer | None:
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    cfg = layer.config
+    attn, mlp = layer.self_attention, layer.mlp
+    norms = (torch.nn.LayerNorm, torch.nn.RMSNorm)
+    ok = (
+        isinstance(layer.input_layernorm, norms)
+        and isinstance(layer.pre_mlp_layernorm, norms)
+        and type(getattr(attn, "linear_qkv", None)) is ColumnParallelLinear
+        and type(getattr(attn, "linear_proj", None)) is RowParallelLinear
+        and type(getattr(mlp, "linear_fc1", None)) is ColumnParallelLinear
+        and type(getattr(mlp, "linear_fc2", None)) is RowParallelLinear
+        and isinstance(getattr(attn, "q_layernorm", None), (IdentityOp, type(None)))
+        and isinstance(getattr(attn, "k_layernorm", None), (IdentityOp, type(None)))
+        and not getattr(cfg, "attention_output_gate", False)
+        and cfg.num_query_groups >= attn.world_size
+        and not cfg.sequence_parallel
+        and not cfg.bias_activation_fusion
+        and not getattr(cfg, "use_te_activation_func", False)
+        and getattr(cfg, "activation_func_clamp_value", None) is None
+        and getattr(cfg, "glu_linear_offset", 0.0) == 0.0
+        and not cfg.apply_residual_connection_post_layernorm
+        and not getattr(cfg, "rotary_interleaved", False)
+        and isinstance(layer.cross_attention, IdentityOp)
+        and not attn.linear_qkv.gather_output
+        and not mlp.linear_fc1.gather_output
+        and attn.linear_proj.input_is_parallel
+        and mlp.linear_fc2.input_is_parallel
+    )
+    if not ok:
+        return None
+    return LeanLayer(
+        ln1=layer.input_layernorm,
+        ln2=layer.pre_mlp_layernorm,
+        qkv=attn.linear_qkv,
+        proj=attn.linear_proj,
+        fc1=mlp.linear_fc1,
+        fc2=mlp.linear_fc2,
+        heads=attn.num_attention_heads_per_partition,
+        groups=attn.num_query_groups_per_partition,
+        head_dim=attn.hidden_size_per_attention_head,
+        scale=getattr(attn.core_attention, "softmax_scale", None),
+        gated=cfg.gated_linear_unit,
+        act=cfg.activation_func,
+    )
+
+
+def _row_parallel(linear, x: torch.Tensor) -> torch.Tensor:
+    """RowParallelLinear (input already split): local matmul, sum over TP, then the bias."""
+    out = F.linear(x, linear.weight)
+    if torch.distributed.get_world_size(linear.tp_group) > 1:
+        out = reduce_from_tensor_model_parallel_region(out, group=linear.tp_group)
+    return out if linear.bias is None else out + linear.bias
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved rotary embedding on the first cos.shape[-1] channels of x."""
+    d = cos.shape[-1]
+    r, rest = x[..., :d], x[..., d:]
+    x1, x2 = r.chunk(2, dim=-1)
+    out = r * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+
+
+def lean_layer_forward(
+    p: LeanLayer, hidden: torch.Tensor, chunk: Chunk, cache: KVCache, freqs
+) -> torch.Tensor:
+    n, b = hidden.shape[0], hidden.shape[1]
+    x = p.ln1(hidden)
+    mixed = F.linear(x, p.qkv.weight, p.qkv.bias)
+    per_group = p.heads // p.groups
+    mixed = mixed.view(n, b, p.groups, (per_group + 2) * p.head_dim)
+    q, k, v = mixed.split([per_group * p.head_dim, p.head_dim, p.head_dim], dim=3)
+    q = q.reshape(n, b, p.heads, p.head_dim)
+    if freqs is not None:
+        cos, sin = chunk.rope(freqs, q.dtype)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    cache.write(chunk, k, v)
+    kc, vc = cache.read(chunk, chunk.max_pos + 1)  # [b, T, g, d]
+    ctx = F.scaled_dot_product_attention(
+        q.permute(1, 2, 0, 3),
+        kc.permute(0, 2, 1, 3).to(q.dtype),
+        vc.permute(0, 2, 1, 3).to(q.dtype),
+        attn_mask=chunk.attention_mask_or_none(),
+        scale=p.scale,
+        enable_gqa=p.heads != p.groups,
+    )
+    hidden = hidden + _row_parallel(p.proj, ctx.permute(2, 0, 1, 3).reshape(n, b, -1))
+    h = F.linear(p.ln2(hidden), p.fc1.weight, p.fc1.bias)
+    if p.gated:
+        gate, lin = h.chunk(2, dim=-1)
+        h = p.act(gate) * lin
+    else:
+        h = p.act(h)
+    return hidden + _row_parallel(p.fc2, h)

@@ -1,0 +1,300 @@
+"""How good are a checkpoint's exits for early exit and self-speculative decoding?
+
+    python benchmarks/exit_agreement.py --load CKPT [--out benchmarks/results] [--name NAME]
+
+One process. The full model greedily continues real text prompts (Shakespeare); then one
+teacher-forced pass over prompt + continuation gives, at every generated position, each
+exit's top-1 token and confidence next to the full model's token (which is the token the
+full model generated there). From these:
+
+- per exit: top-1 agreement with the full model (= greedy draft acceptance probability of
+  self-speculative decoding with that exit, one token at a time);
+- per exit set and threshold: coverage (share of tokens an exit fires for) and precision
+  (share of those that match the full model), i.e. the token agreement of lossy early exit;
+- a memory-traffic cost model of batch-1 CPU decoding (a decode step reads every weight it
+  uses once, so its cost is proportional to the parameters it touches: a layer, an exit
+  head's norm/MLP/block, a vocabulary projection) turned into the best speedup each method
+  could reach with these exits, ignoring Python overhead and KV catch-up. The measured
+  speedups of benchmarks/inference_early_exit.py sit below these ceilings.
+
+Writes NAME.{json,md,png} to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+THRESHOLDS = (0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
+DRAFT_LENGTHS = (1, 2, 3, 4, 6, 8)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--load", required=True, help="checkpoint with exits (ee_args.json)")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--name", default="exit_agreement")
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--target-agreement", type=float, default=0.95)
+    return p
+
+
+def _setup_single_process() -> None:
+    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+def collect(args) -> dict:
+    """Per generated position: full-model token, and each exit's top-1 and max probability."""
+    import torch
+    from inference_early_exit import shakespeare_prompts
+
+    from megatron.early_exit.inference.api import EarlyExitParams, GenerationRequest, SamplingParams
+    from megatron.early_exit.inference.loading import engine_from_args
+
+    _setup_single_process()
+    engine = engine_from_args(["--load", args.load])
+    model = engine.model
+    exits = list(engine.limits.exit_layers)
+    if not exits:
+        raise SystemExit(f"error: {args.load} has no exits")
+    prompts = shakespeare_prompts(engine, args.num_prompts, args.prompt_tokens)
+    sp = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+    reqs = [GenerationRequest(p, sp, EarlyExitParams(mode="none")) for p in prompts]
+    rows = {"full": [], **{str(e): [] for e in exits}, **{f"conf{e}": [] for e in exits}}
+    with torch.no_grad():
+        for prompt, res in zip(prompts, engine.generate(reqs)):
+            seq = prompt + res.token_ids
+            tokens = torch.tensor([seq[:-1]])
+            positions = torch.arange(tokens.shape[1]).unsqueeze(0)
+            out = model(tokens, positions, None)
+            gen = slice(len(prompt) - 1, len(seq) - 1)  # positions predicting generated tokens
+            final = out.output[0, gen].float()  # [n, V]
+            assert final.argmax(-1).tolist() == res.token_ids, "teacher forcing != generation"
+            rows["full"] += res.token_ids
+            for e in exits:
+                logits = model.exit_logits(e, out.exit_states[e])[gen, 0].float()
+                probs = torch.softmax(logits[:, : engine.limits.vocab_size], dim=-1)
+                conf, top = probs.max(dim=-1)
+                rows[str(e)] += top.tolist()
+                rows[f"conf{e}"] += conf.tolist()
+    return {"exits": exits, "rows": rows, "costs": layer_costs(model), "L": model.config.num_layers}
+
+
+def layer_costs(model) -> dict:
+    """Parameters a batch-1 decode step reads, per component (the cost model's units)."""
+
+    def numel(m) -> int:
+        return sum(p.numel() for p in m.parameters()) if m is not None else 0
+
+    layer = numel(model.decoder.layers[0])
+    vocab = model.shared_embedding_or_output_weight().numel()
+    heads = {}
+    for e in model.config.early_exit.exit_layer_nums:
+        h = model.exit_heads.get(e)
+        heads[str(e)] = numel(h.block) + numel(h.mlp) + numel(h.norm) + vocab
+    return {"layer": layer, "vocab_projection": vocab, "exit_head": heads}
+
+
+def analyse(data: dict, target: float) -> dict:
+    exits, rows, costs, L = data["exits"], data["rows"], data["costs"], data["L"]
+    full = rows["full"]
+    n = len(full)
+    unit = costs["layer"]
+    head = {int(e): c / unit for e, c in costs["exit_head"].items()}  # in layers
+    final = L + costs["vocab_projection"] / unit
+    match = {e: [a == b for a, b in zip(rows[str(e)], full)] for e in exits}
+    agreement = {e: sum(m) / n for e, m in match.items()}
+
+    early = []
+    subsets = [[e] for e in exits] + ([exits] if len(exits) > 1 else [])
+    for subset in subsets:
+        for thr in THRESHOLDS:
+            cost = same = fired = 0.0
+            for i in range(n):
+                heads = 0.0  # every exit up to the one that fires is evaluated
+                for e in subset:
+                    heads += head[e]
+                    if rows[f"conf{e}"][i] >= thr:
+                        cost += e + heads
+                        same += match[e][i]
+                        fired += 1
+                        break
+                else:
+                    cost += final + heads
+                    same += 1
+            early.append(
+                {
+                    "exits": subset,
+                    "threshold": thr,
+                    "coverage": fired / n,
+                    "agreement": same / n,
+                    "speedup_ceiling": final * n / cost,
+                }
+            )
+    ok = [r for r in early if r["agreement"] >= target]
+    best_early = max(ok, key=lambda r: r["speedup_ceiling"]) if ok else None
+
+    spec = []
+    for e in exits:
+        a = agreement[e]
+        draft = e + head[e]
+        verify = (L - e) + costs["vocab_projection"] / unit
+        for k in DRAFT_LENGTHS:
+            tokens = (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1
+            spec.append(
+                {
+                    "exit": e,
+                    "draft_length": k,
+                    "acceptance": a,
+                    "tokens_per_round": tokens,
+                    "speedup_ceiling": tokens * final / (k * draft + verify),
+                }
+            )
+    best_spec = max(spec, key=lambda r: r["speedup_ceiling"])
+    need = {}
+    for e in exits:  # acceptance the exit would need for 1.5x at its best draft length
+        draft, verify = e + head[e], (L - e) + costs["vocab_projection"] / unit
+        for a100 in range(1, 100):
+            a = a100 / 100
+            if (
+                max(
+                    (1 - a ** (k + 1)) / (1 - a) * final / (k * draft + verify)
+                    for k in DRAFT_LENGTHS
+                )
+                >= 1.5
+            ):
+                need[e] = a
+                break
+    return {
+        "tokens": n,
+        "cost_units": {"layer": 1.0, "final_step": final, "exit_head": head},
+        "agreement": agreement,
+        "early_exit": early,
+        "best_early_exit_at_target": best_early,
+        "self_speculative": spec,
+        "best_self_speculative": best_spec,
+        "acceptance_needed_for_1_5x": need,
+    }
+
+
+def write_md(path: str, meta: dict, res: dict) -> None:
+    u = res["cost_units"]
+    lines = [
+        f"# Exit agreement ({meta['load']})",
+        "",
+        f"{res['tokens']} greedy full-model tokens from {meta['num_prompts']} Shakespeare "
+        f"prompts; teacher-forced exit predictions at every generated position. Cost model "
+        f"(batch-1 decode reads each weight once): one layer = 1, an exit head = "
+        + ", ".join(f"{v:.1f} (exit {e})" for e, v in u["exit_head"].items())
+        + f", a full step = {u['final_step']:.1f} (layers + LM head).",
+        "",
+        "| exit | agreement with full model | acceptance needed for 1.5x |",
+        "|---|---|---|",
+    ]
+    for e, a in res["agreement"].items():
+        need = res["acceptance_needed_for_1_5x"].get(e)
+        lines.append(f"| {e} | {a:.3f} | {need if need is not None else '> 0.99'} |")
+    lines += [
+        "",
+        "## Lossy early exit (kv_recompute, batch 1): agreement and speedup ceiling",
+        "",
+        "| exits | threshold | coverage | agreement | speedup ceiling |",
+        "|---|---|---|---|---|",
+    ]
+    for r in res["early_exit"]:
+        lines.append(
+            f"| {','.join(map(str, r['exits']))} | {r['threshold']:.2f} | {r['coverage']:.3f} "
+            f"| {r['agreement']:.3f} | {r['speedup_ceiling']:.2f}x |"
+        )
+    b = res["best_early_exit_at_target"]
+    lines += [
+        "",
+        f"Best ceiling at >= {meta['target']:.0%} agreement: "
+        + (
+            f"{b['speedup_ceiling']:.2f}x (exits {b['exits']}, threshold {b['threshold']})"
+            if b
+            else "none reaches it"
+        ),
+        "",
+        "## Self-speculative (lossless, batch 1): speedup ceiling",
+        "",
+        "| draft exit | draft length | acceptance | tokens/round | speedup ceiling |",
+        "|---|---|---|---|---|",
+    ]
+    for r in res["self_speculative"]:
+        lines.append(
+            f"| {r['exit']} | {r['draft_length']} | {r['acceptance']:.3f} "
+            f"| {r['tokens_per_round']:.2f} | {r['speedup_ceiling']:.2f}x |"
+        )
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot(path: str, res: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    by_set: dict[str, list] = {}
+    for r in res["early_exit"]:
+        by_set.setdefault(",".join(map(str, r["exits"])), []).append(r)
+    for name, rs in by_set.items():
+        a.plot([r["coverage"] for r in rs], [r["agreement"] for r in rs], "o-", label=name)
+    a.axhline(0.95, color="grey", ls=":")
+    a.set_xlabel("share of tokens exiting early")
+    a.set_ylabel("agreement with full model")
+    a.set_title("lossy early exit (thresholds)")
+    a.legend(title="exits")
+    for e in res["agreement"]:
+        rs = [r for r in res["self_speculative"] if str(r["exit"]) == str(e)]
+        b.plot([r["draft_length"] for r in rs], [r["speedup_ceiling"] for r in rs], "o-",
+               label=f"exit {e} (acc {res['agreement'][e]:.2f})")  # fmt: skip
+    b.axhline(1.0, color="grey", ls=":")
+    b.set_xlabel("draft length")
+    b.set_ylabel("speedup ceiling (cost model)")
+    b.set_title("self-speculative")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    data = collect(args)
+    res = analyse(data, args.target_agreement)
+    res["agreement"] = {str(k): v for k, v in res["agreement"].items()}
+    res["acceptance_needed_for_1_5x"] = {
+        str(k): v for k, v in res["acceptance_needed_for_1_5x"].items()
+    }
+    meta = {"load": args.load, "num_prompts": args.num_prompts, "target": args.target_agreement}
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, args.name)
+    with open(base + ".json", "w") as f:
+        json.dump({"meta": meta, **res}, f, indent=1)
+    write_md(base + ".md", meta, res)
+    plot(base + ".png", res)
+    with open(base + ".md") as f:
+        print(f.read())
+
+
+if __name__ == "__main__":
+    main()
