@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS))
     p.add_argument("--draft-lengths", type=int, nargs="+", default=[2, 4, 6])
+    p.add_argument("--exit-layers", type=int, nargs="+", default=None,
+                   help="exits lossy early exit may use (default: all)")  # fmt: skip
+    p.add_argument("--draft-exits", type=int, nargs="+", default=None,
+                   help="exits to draft with (default: all)")  # fmt: skip
     p.add_argument("--pp", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=REPEATS, help="timing: best of N")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -126,7 +130,9 @@ def worker(args) -> None:
                          speedup=1.0, avg_exit_layer=float(L), match=1.0, prefix=1.0))  # fmt: skip
         for method in methods:
             for thr in args.thresholds:
-                ee = EarlyExitParams(mode="early_exit", method=method, threshold=thr)
+                ee = EarlyExitParams(
+                    mode="early_exit", method=method, threshold=thr, exit_layers=args.exit_layers
+                )
                 got, t = _timed(engine, reqs(ee), batch)
                 n = sum(len(r.token_ids) for r in got)
                 exits = [e for r in got for e in r.exit_layers]
@@ -136,7 +142,7 @@ def worker(args) -> None:
                                  avg_exit_layer=sum(exits) / len(exits), match=match,
                                  prefix=prefix))  # fmt: skip
         if pp == 1 and batch == 1:
-            for k in engine.limits.exit_layers:
+            for k in args.draft_exits or engine.limits.exit_layers:
                 for dl in args.draft_lengths:
                     ee = EarlyExitParams(
                         mode="self_speculative", draft_exit_layer=k, draft_length=dl
@@ -156,6 +162,7 @@ def worker(args) -> None:
                 rows.append(_hf_compare(args, prompts, full, n_tok / t_full))
     if dist.get_rank() == 0:
         meta = dict(num_layers=L, exits=list(engine.limits.exit_layers), load=args.load,
+                    early_exit_layers=args.exit_layers or list(engine.limits.exit_layers),
                     new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
                     prompts=len(prompts),
                     threads=torch.get_num_threads())  # fmt: skip
@@ -217,7 +224,8 @@ def write_md(path, meta, rows) -> None:
     lines = [
         f"# Early-exit inference ({meta.get('load')})",
         "",
-        f"{meta.get('num_layers')} layers, exits {meta.get('exits')}, {meta.get('prompts')} "
+        f"{meta.get('num_layers')} layers, exits {meta.get('exits')} (lossy early exit uses "
+        f"{meta.get('early_exit_layers', meta.get('exits'))}), {meta.get('prompts')} "
         f"Shakespeare prompts, {meta.get('new_tokens')} new tokens each, greedy, CPU "
         f"({meta.get('threads')} threads/process). Speedup = tokens/s relative to the full "
         "model with the same PP and batch in the same launch. match = position-wise agreement "

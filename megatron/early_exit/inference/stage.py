@@ -10,6 +10,7 @@ the new token, through layers k+1.. (DESIGN.md, "KV recomputation").
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
@@ -34,6 +35,13 @@ def make_chunk(seqs: list[int], starts: list[int], ends: list[int], device) -> C
         valid.to(device),
         max_pos=max(ends),
     )
+
+
+def _project(output_layer, h: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """A vocab-parallel output layer (ColumnParallelLinear, gather_output=False) on h: the
+    local matmul, without megatron-core's autograd wrapper (decode is overhead-bound)."""
+    w = output_layer.weight if weight is None else weight
+    return F.linear(h, w, output_layer.bias)
 
 
 class StageState:
@@ -140,7 +148,7 @@ class StageState:
         if head.norm is not None:
             h = head.norm(h)
         weight = self.model.tied_exit_output_weight() if head.tied else None
-        logits, _ = head.output_layer(h, weight=weight)
+        logits = _project(head.output_layer, h, weight)
         if head.temperature != 1.0:
             logits = logits / head.temperature
         return self._full_logits(logits[0])
@@ -153,8 +161,7 @@ class StageState:
         weight = None
         if self.model.share_embeddings_and_output_weights:
             weight = self.model.shared_embedding_or_output_weight()
-        logits, _ = self.model.output_layer(h, weight=weight)
-        return self._full_logits(logits[0])
+        return self._full_logits(_project(self.model.output_layer, h, weight)[0])
 
     def exit_block_fill(self, layer_number: int, chunk: Chunk) -> None:
         """Run an exit block only for its KV cache (token already decided)."""
