@@ -9,7 +9,7 @@ TORCH_PIP_ARGS ?=
 NPROC ?= 2
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-all test-gpu lint format demo bench-exit-overhead bench-server-load bench-inference perf-model bench-bubble-filling bench-ee-tuning clean
+.PHONY: venv test test-all test-gpu lint format demo bench-exit-overhead bench-server-load bench-inference bench-exit-agreement perf-model bench-bubble-filling bench-ee-tuning clean
 
 venv: $(STAMP)
 
@@ -63,6 +63,10 @@ bench-server-load: venv
 CKPT ?= outputs/demo/checkpoint
 bench-inference: venv
 	$(PY) benchmarks/inference_early_exit.py --load $(CKPT) $(BENCH_ARGS)
+
+# Exit quality for early exit / self-speculation, with a cost-model speedup ceiling.
+bench-exit-agreement: venv
+	$(PY) benchmarks/exit_agreement.py --load $(CKPT) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache outputs
