@@ -8,6 +8,9 @@
 #      only the stages that hold exits (see benchmarks/ee_tuning.py).
 #   4. check the backbone is bit-identical and summarise each exit's validation loss
 # Input: SRC, a converted checkpoint (examples/ee_tuning/convert_smollm2.sh makes one).
+# Knobs: EXIT_HEAD=mlp (norm + MLP, default) or block (norm + a copy of the last layer);
+#   DISTILL=1 trains exits on KL(final layer || exit) (--exit-distillation) instead of the
+#   data's cross entropy; LR (default 1e-3).
 # Output: DEST (the tuned checkpoint), $OUT/metrics.jsonl. Budget on 2 CPU cores: ~25-30 min.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,6 +22,17 @@ ITERS=${ITERS:-90}
 SEQ=${SEQ:-256}
 THREADS=${THREADS:-2}
 EXITS=${EXITS:-"8 15 23"}
+EXIT_HEAD=${EXIT_HEAD:-mlp}
+DISTILL=${DISTILL:-0}
+LR=${LR:-1e-3}
+MIN_LR=$(awk -v lr="$LR" 'BEGIN { print lr / 10 }')  # 1e-4 for the default LR
+case "$EXIT_HEAD" in
+  mlp) HEAD_FLAGS=(--use-exit-norm --use-exit-mlp) ;;
+  block) HEAD_FLAGS=(--use-exit-norm --use-exit-block) ;;
+  *) echo "EXIT_HEAD must be mlp or block, got '$EXIT_HEAD'" >&2; exit 2 ;;
+esac
+TUNE_FLAGS=()
+if [ "$DISTILL" = 1 ]; then TUNE_FLAGS+=(--exit-distillation); fi
 export OMP_NUM_THREADS=$THREADS PYTHONWARNINGS=ignore
 mkdir -p "$OUT"
 TOK_DIR=$(ls -d "$SRC"/iter_*/tokenizer | tail -1)
@@ -32,21 +46,21 @@ if [ ! -f "$OUT/data/shakespeare_text_document.idx" ]; then
     "${TOKENIZER[@]}" --append-eod --workers "$THREADS"
 fi
 
-echo "== 2/4 adding exits after layers $EXITS"
+echo "== 2/4 adding $EXIT_HEAD exits after layers $EXITS"
 rm -rf "$OUT/with-exits"
 # shellcheck disable=SC2086
 "$PY" tools/checkpoint/add_exits.py --load "$SRC" --save "$OUT/with-exits" \
-  --exit-layer-nums $EXITS --use-exit-norm --use-exit-mlp
+  --exit-layer-nums $EXITS "${HEAD_FLAGS[@]}"
 
 echo "== 3/4 EE-Tuning: frozen backbone, exit heads only ($ITERS iterations)"
 rm -rf "$DEST" "$OUT/metrics.jsonl"
 "$PY" -m torch.distributed.run --nproc-per-node 1 --master-addr 127.0.0.1 \
   --master-port "${PORT:-29541}" pretrain_early_exit_gpt.py \
-  --load "$OUT/with-exits" --tune-exit \
+  --load "$OUT/with-exits" --tune-exit ${TUNE_FLAGS[@]+"${TUNE_FLAGS[@]}"} \
   --data-path "$OUT/data/shakespeare_text_document" --split 98,2,0 \
   --data-cache-path "$OUT/data/cache" --seq-length "$SEQ" \
   --micro-batch-size 4 --global-batch-size 4 \
-  --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 5 --weight-decay 0.0 --train-iters "$ITERS" \
+  --lr "$LR" --min-lr "$MIN_LR" --lr-warmup-iters 5 --weight-decay 0.0 --train-iters "$ITERS" \
   --log-interval 5 --eval-interval 15 --eval-iters 4 \
   --save "$DEST" --metrics-file "$OUT/metrics.jsonl"
 
@@ -61,5 +75,9 @@ first, last = valid[0], valid[-1]
 print(f"{'exit':12}{'iteration ' + str(first['iteration']):>16}{'iteration ' + str(last['iteration']):>16}")
 for k in first["exit_losses"]:
     print(f"{'layer ' + k:12}{first['exit_losses'][k]:16.3f}{last['exit_losses'][k]:16.3f}")
+if "exit_kl" in last:  # DISTILL=1: the trained objective, KL(final layer || exit)
+    print("KL(final || exit)")
+    for k in first["exit_kl"]:
+        print(f"{'layer ' + k:12}{first['exit_kl'][k]:16.3f}{last['exit_kl'][k]:16.3f}")
 PYEOF
 echo "tuned checkpoint: $DEST (load it with --load $DEST)"

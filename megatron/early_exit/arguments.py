@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--exit-layer-weight-warmup-style", choices=["linear", "cosine"], default="linear"
     )
     g.add_argument("--use-dynamic-exit-layer-weight", action="store_true")
+    g.add_argument(
+        "--exit-distillation",
+        action="store_true",
+        help="train exits on KL(final layer || exit) instead of cross entropy with the data "
+        "(the final layer's distribution is detached; needs PP=1)",
+    )
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -236,6 +242,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
             exit_layer_weight_warmup_iters=args.exit_layer_weight_warmup_iters,
             exit_layer_weight_warmup_style=args.exit_layer_weight_warmup_style,
             use_dynamic_exit_layer_weight=args.use_dynamic_exit_layer_weight,
+            exit_distillation=args.exit_distillation,
         ),
         parallel=ParallelConfig(
             tensor_model_parallel_size=args.tensor_model_parallel_size,

@@ -41,6 +41,8 @@ class ExitConfig:
     exit_layer_weight_warmup_iters: int = 0
     exit_layer_weight_warmup_style: str = "linear"
     use_dynamic_exit_layer_weight: bool = False
+    # Train exits toward the final layer's (detached) distribution: KL(p_final || p_exit).
+    exit_distillation: bool = False
 
     @property
     def num_exits(self) -> int:
@@ -473,6 +475,7 @@ class RunConfig:
         self.model.validate(self.parallel.tensor_model_parallel_size)
         self.exits.validate(self.model.num_layers)
         self._validate_exit_tuning()
+        self._validate_exit_distillation()
         self.training.validate(self.parallel.data_parallel_size, device_is_cuda)
         self.data.validate()
         self.checkpoint.validate()
@@ -504,6 +507,28 @@ class RunConfig:
                 f"{self.parallel.pipeline_model_parallel_size} stages hold layers 1..{depth} "
                 f"but there is an exit at layer {deepest}",
             )
+
+    def _validate_exit_distillation(self) -> None:
+        if not self.exits.exit_distillation:
+            return
+        _require(
+            self.exits.num_exits > 0,
+            "--exit-distillation trains exits toward the final layer but the model has no "
+            "exits (--exit-layer-nums)",
+        )
+        pp = self.parallel.pipeline_model_parallel_size
+        k = self.parallel.tune_exit_pipeline_parallel_size
+        _require(
+            k is None or k == pp,
+            f"--exit-distillation needs the final layer's logits, but "
+            f"--tune-exit-pipeline-parallel-size {k} drops the last of the {pp} stages",
+        )
+        _require(
+            pp == 1,
+            f"--exit-distillation needs every exit on the stage that computes the final logits; "
+            f"with --pipeline-model-parallel-size {pp} they live on other stages (use PP=1; "
+            "tensor and data parallelism work)",
+        )
 
     def resolve_vocab(self, tokenizer_vocab_size: int) -> None:
         """Take the vocabulary from the tokenizer; --vocab-size may only be larger."""

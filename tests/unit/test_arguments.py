@@ -28,6 +28,7 @@ EXPECTED_FLAGS = [
     "--dry-run",
     "--eval-interval",
     "--eval-iters",
+    "--exit-distillation",
     "--exit-interval",
     "--exit-layer-nums",
     "--exit-layer-temperature",
@@ -170,6 +171,7 @@ def test_exit_flags_map_to_exit_config():
         "--exit-layer-weight-warmup-style",
         "cosine",
         "--use-dynamic-exit-layer-weight",
+        "--exit-distillation",
     ]
     exits = parse_run_config(argv, 1).exits
     assert exits.exit_layer_nums == [2, 4]
@@ -188,6 +190,7 @@ def test_exit_flags_map_to_exit_config():
     assert exits.exit_layer_weight_warmup_iters == 7
     assert exits.exit_layer_weight_warmup_style == "cosine"
     assert exits.use_dynamic_exit_layer_weight is True
+    assert exits.exit_distillation is True
 
 
 def test_per_exit_temperature():

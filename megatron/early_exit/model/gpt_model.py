@@ -323,18 +323,86 @@ class EarlyExitGPTModel(GPTModel):
         loss = self.compute_language_model_loss(labels, logits)
         return loss, max_prob
 
+    def exit_distillation_loss(
+        self,
+        layer_number: int,
+        state: ExitState,
+        labels: torch.Tensor,
+        teacher_log_probs: torch.Tensor,
+        with_max_prob: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per-token KL(teacher || exit) [b, s] (differentiable), the exit's cross entropy with
+        `labels` [b, s] (detached, a metric) and, if asked, its detached max probability.
+
+        `teacher_log_probs`: the final layer's detached log-probabilities [s, b, V/tp].
+        """
+        logits = self.exit_logits(layer_number, state)
+        max_prob = None
+        with torch.no_grad():
+            if with_max_prob:
+                max_prob = vocab_parallel_max_prob(logits.float()).transpose(0, 1)
+        kl = vocab_parallel_kl_divergence(logits, teacher_log_probs).transpose(0, 1)
+        with torch.no_grad():
+            # Last: megatron's CE works in place on the logits. The KL saved its own
+            # log-softmax, not the logits (autograd's version check would catch it).
+            ce = self.compute_language_model_loss(labels, logits.detach())
+        return kl, ce, max_prob
+
+
+def _tp_all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(tensor, op=op, group=parallel_state.get_tensor_model_parallel_group())
+    return tensor
+
 
 def vocab_parallel_max_prob(logits: torch.Tensor) -> torch.Tensor:
     """max softmax probability over a vocabulary split across TP ranks: [s, b, V/tp] -> [s, b]."""
-    local_max = logits.max(dim=-1).values
-    global_max = local_max.clone()
-    group = parallel_state.get_tensor_model_parallel_group()
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-    sum_exp = torch.exp(logits - global_max.unsqueeze(-1)).sum(dim=-1)
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(sum_exp, group=group)
+    global_max = _tp_all_reduce(logits.max(dim=-1).values, dist.ReduceOp.MAX)
+    sum_exp = _tp_all_reduce(torch.exp(logits - global_max.unsqueeze(-1)).sum(dim=-1))
     return 1.0 / sum_exp
+
+
+@torch.no_grad()
+def vocab_parallel_log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """float32 log-softmax over a vocabulary split across TP ranks: [.., V/tp] -> [.., V/tp]
+    (this rank's slice of the full log-probabilities). Not differentiable."""
+    logits = logits.float()
+    global_max = _tp_all_reduce(logits.max(dim=-1).values, dist.ReduceOp.MAX)
+    shifted = logits - global_max.unsqueeze(-1)
+    sum_exp = _tp_all_reduce(shifted.exp().sum(dim=-1))
+    return shifted - sum_exp.log().unsqueeze(-1)
+
+
+class _VocabParallelKL(torch.autograd.Function):
+    """KL(p || q) per token with q = softmax(student logits), p given as log-probabilities;
+    vocabularies split across TP ranks. d KL / d logits = q - p (sum p = 1), so backward
+    keeps only the two log-probability slices; the teacher gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_log_probs):
+        log_q = vocab_parallel_log_softmax(student_logits)
+        local = (teacher_log_probs.exp() * (teacher_log_probs - log_q)).sum(dim=-1)
+        ctx.save_for_backward(log_q, teacher_log_probs)
+        ctx.logits_dtype = student_logits.dtype
+        return _tp_all_reduce(local)  # every TP rank holds the full per-token KL
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        log_q, log_p = ctx.saved_tensors
+        grad = (log_q.exp() - log_p.exp()) * grad_kl.unsqueeze(-1)
+        return grad.to(ctx.logits_dtype), None
+
+
+def vocab_parallel_kl_divergence(
+    student_logits: torch.Tensor, teacher_log_probs: torch.Tensor
+) -> torch.Tensor:
+    """Per-token KL(p_teacher || softmax(student_logits)) in float32: [.., V/tp] -> [..].
+
+    Differentiable in the student logits only; `teacher_log_probs` comes from
+    `vocab_parallel_log_softmax` (same layout). Every TP rank gets the same values, and each
+    rank's logit slice its own slice of the gradient, as with megatron's vocab-parallel CE.
+    """
+    return _VocabParallelKL.apply(student_logits, teacher_log_probs.detach())
 
 
 def build_model(

@@ -8,6 +8,7 @@ import torch
 
 from megatron.early_exit.data import Batch
 from megatron.early_exit.model import EarlyExitGPTModel, ExitForwardOutput
+from megatron.early_exit.model.gpt_model import vocab_parallel_log_softmax
 
 
 def lm_loss_key() -> str:
@@ -18,8 +19,27 @@ def exit_loss_key(layer_number: int) -> str:
     return f"exit_{layer_number}"
 
 
+def exit_kl_key(layer_number: int) -> str:
+    return f"exit_kl_{layer_number}"
+
+
 def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def lm_loss_and_teacher(
+    model: EarlyExitGPTModel, logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the final logits [b, s, V/tp] of a forward without labels: the per-token LM loss
+    [b, s] (what the forward with labels returns) and the teacher for exit distillation,
+    the detached final log-probabilities [s, b, V/tp] (the exit logits' layout)."""
+    # First: megatron's CE below works in place on the logits.
+    teacher = vocab_parallel_log_softmax(logits.detach()).transpose(0, 1)
+    # compute_language_model_loss is per token in any layout: it transposes the labels in
+    # and the loss out ([s, b] <-> [b, s]). Labels given as [s, b] thus match these [b, s]
+    # logits, which spares an s*b*V copy back to its usual [s, b] logit layout.
+    lm = model.compute_language_model_loss(labels.transpose(0, 1), logits).transpose(0, 1)
+    return lm, teacher
 
 
 def make_loss_func(
@@ -27,24 +47,40 @@ def make_loss_func(
     model: EarlyExitGPTModel,
     exit_weights: dict[int, float],
     dynamic_exit_weight: bool,
+    exit_distillation: bool = False,
 ) -> Callable[[ExitForwardOutput], tuple[torch.Tensor | None, dict[str, torch.Tensor]]]:
     """Loss for one microbatch. Exit metrics are the unweighted exit cross entropies.
 
     With dynamic weighting, each token's exit loss is scaled by the exit's own detached
     max probability: the exit is trained hardest where it is (becoming) confident, which
     is where it will fire at inference.
+
+    With exit distillation the forward ran without labels (`out.output` are the final
+    logits); the final layer still trains on its LM loss only, the exits on the KL from its
+    detached distribution.
     """
 
     def loss_func(out: ExitForwardOutput):
         total = None
+        teacher = None
         metrics: dict[str, torch.Tensor] = {}
         mask = batch.loss_mask
         if model.post_process:
-            lm = masked_mean(out.output, mask)
+            per_token = out.output
+            if exit_distillation:
+                per_token, teacher = lm_loss_and_teacher(model, out.output, batch.labels)
+            lm = masked_mean(per_token, mask)
             metrics[lm_loss_key()] = lm.detach()
             total = lm
         total = add_weighted_exit_losses(
-            total, model, out.exit_states, batch, exit_weights, dynamic_exit_weight, metrics
+            total,
+            model,
+            out.exit_states,
+            batch,
+            exit_weights,
+            dynamic_exit_weight,
+            metrics,
+            teacher_log_probs=teacher,
         )
         return total, metrics
 
@@ -59,16 +95,30 @@ def add_weighted_exit_losses(
     exit_weights: dict[int, float],
     dynamic_exit_weight: bool,
     metrics: dict[str, torch.Tensor],
+    teacher_log_probs: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """`total` plus this stage's weighted exit losses, added one by one in layer order (None
-    when both are absent); records each exit's unweighted cross entropy in `metrics`."""
+    when both are absent); records each exit's unweighted cross entropy in `metrics`.
+
+    With `teacher_log_probs` (exit distillation, see `lm_loss_and_teacher`) an exit's loss
+    is its per-token KL from the teacher; its cross entropy stays the reported metric (so
+    numbers compare with runs without distillation) and its mean KL is added as a metric.
+    """
     mask = batch.loss_mask
     for layer, state in sorted(exit_states.items()):
-        per_token, max_prob = model.exit_loss(
-            layer, state, batch.labels, with_max_prob=dynamic_exit_weight
-        )
-        loss = masked_mean(per_token, mask)
-        metrics[exit_loss_key(layer)] = loss.detach()
+        if teacher_log_probs is None:
+            per_token, max_prob = model.exit_loss(
+                layer, state, batch.labels, with_max_prob=dynamic_exit_weight
+            )
+            loss = masked_mean(per_token, mask)
+            metrics[exit_loss_key(layer)] = loss.detach()
+        else:
+            per_token, ce, max_prob = model.exit_distillation_loss(
+                layer, state, batch.labels, teacher_log_probs, with_max_prob=dynamic_exit_weight
+            )
+            loss = masked_mean(per_token, mask)
+            metrics[exit_loss_key(layer)] = masked_mean(ce, mask)
+            metrics[exit_kl_key(layer)] = loss.detach()
         weighted = masked_mean(per_token * max_prob, mask) if dynamic_exit_weight else loss
         term = exit_weights[layer] * weighted
         total = term if total is None else total + term

@@ -9,18 +9,34 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron.early_exit.training.losses import exit_loss_key, lm_loss_key
+from megatron.early_exit.training.losses import exit_kl_key, exit_loss_key, lm_loss_key
 
 
 def reduce_losses(
     per_microbatch: list[dict[str, torch.Tensor]], exit_layers: list[int], device: torch.device
 ) -> tuple[float | None, dict[int, float]]:
-    """Mean LM loss and mean loss of EVERY exit over microbatches and DP replicas.
+    """Mean LM loss and mean loss of EVERY exit over microbatches and DP replicas."""
+    keys = [lm_loss_key()] + [exit_loss_key(n) for n in exit_layers]
+    means = _reduce_means(per_microbatch, keys, device)
+    return means[0], {n: means[1 + i] for i, n in enumerate(exit_layers)}
+
+
+def reduce_exit_kl(
+    per_microbatch: list[dict[str, torch.Tensor]], exit_layers: list[int], device: torch.device
+) -> dict[int, float | None]:
+    """Mean KL(final || exit) of every exit (exit distillation), like `reduce_losses`."""
+    means = _reduce_means(per_microbatch, [exit_kl_key(n) for n in exit_layers], device)
+    return dict(zip(exit_layers, means))
+
+
+def _reduce_means(
+    per_microbatch: list[dict[str, torch.Tensor]], keys: list[str], device: torch.device
+) -> list[float | None]:
+    """Mean of each metric over microbatches and ranks (None where no rank has it).
 
     Each loss lives on the stage that owns it; one all-reduce over the world collects
     them (TP replicas hold identical values, so only TP rank 0 contributes).
     """
-    keys = [lm_loss_key()] + [exit_loss_key(n) for n in exit_layers]
     sums = torch.zeros(2 * len(keys), dtype=torch.float64, device=device)
     if parallel_state.get_tensor_model_parallel_rank() == 0:
         # Accumulate on the device: no host sync per microbatch and metric.
@@ -31,11 +47,10 @@ def reduce_losses(
                 sums[len(keys) + i] = len(values)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sums)
-    means = [
+    return [
         (sums[i] / sums[len(keys) + i]).item() if sums[len(keys) + i] > 0 else None
         for i in range(len(keys))
     ]
-    return means[0], {n: means[1 + i] for i, n in enumerate(exit_layers)}
 
 
 class MetricsWriter:
@@ -64,6 +79,11 @@ def format_log_line(record: dict) -> str:
     if exits:
         parts.append(
             "exit losses " + " ".join(f"L{k}: {v:.4f}" for k, v in exits.items() if v is not None)
+        )
+    kls = record.get("exit_kl") or {}
+    if kls:
+        parts.append(
+            "exit KL " + " ".join(f"L{k}: {v:.4f}" for k, v in kls.items() if v is not None)
         )
     if record.get("grad_norm") is not None:
         parts.append(f"grad norm {record['grad_norm']:.4f}")

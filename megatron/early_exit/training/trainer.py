@@ -22,7 +22,7 @@ from megatron.early_exit.platform import Platform
 from megatron.early_exit.training import checkpointing
 from megatron.early_exit.training.initialize import initialize_distributed
 from megatron.early_exit.training.losses import make_loss_func
-from megatron.early_exit.training.metrics import MetricsWriter, reduce_losses
+from megatron.early_exit.training.metrics import MetricsWriter, reduce_exit_kl, reduce_losses
 from megatron.early_exit.training.setup import TrainState, setup_training
 from megatron.early_exit.tuning import ExitTuning
 
@@ -109,10 +109,18 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _forward_step(self, exit_weights, data_iterator, model):
         batch = next(data_iterator).to(self.device)
-        output = model(batch.tokens, batch.position_ids, None, labels=batch.labels)
+        exits = self.run.exits
+        # Exit distillation needs the final logits (the teacher): the loss function then
+        # computes the LM loss from them.
+        labels = None if exits.exit_distillation else batch.labels
+        output = model(batch.tokens, batch.position_ids, None, labels=labels)
         make = self.tuning.loss_func if self.tuning else make_loss_func
         loss_func = make(
-            batch, self.state.unwrapped, exit_weights, self.run.exits.use_dynamic_exit_layer_weight
+            batch,
+            self.state.unwrapped,
+            exit_weights,
+            exits.use_dynamic_exit_layer_weight,
+            exits.exit_distillation,
         )
         return output, loss_func
 
@@ -174,12 +182,14 @@ class Trainer:
         lm_loss, exit_losses = reduce_losses(
             per_microbatch, self.run.exits.exit_layer_nums, self.device
         )
+        kl = self._exit_kl(per_microbatch)
         elapsed = time.perf_counter() - start
         return {
             "split": "train",
             "iteration": iteration + 1,
             "lm_loss": lm_loss,
             "exit_losses": {str(k): v for k, v in exit_losses.items()},
+            **kl,
             "exit_weights": {str(k): v for k, v in weights.items()},
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "update_successful": bool(success),
@@ -188,6 +198,13 @@ class Trainer:
             "tokens_per_s": self.global_batch_size * self.run.model.seq_length / elapsed,
             "fill_microbatches": self.fill_schedule.num_fill if self.fill_schedule else 0,
         }
+
+    def _exit_kl(self, per_microbatch: list[dict]) -> dict:
+        """{"exit_kl": {layer: KL(final || exit)}} with exit distillation, else {}."""
+        if not self.run.exits.exit_distillation:
+            return {}
+        kl = reduce_exit_kl(per_microbatch, self.run.exits.exit_layer_nums, self.device)
+        return {"exit_kl": {str(k): v for k, v in kl.items()}}
 
     # ------------------------------------------------------------------ loop
     def train(self) -> list[dict]:
@@ -248,6 +265,7 @@ class Trainer:
             "iteration": self.iteration,
             "lm_loss": lm_loss,
             "exit_losses": {str(k): v for k, v in exit_losses.items()},
+            **self._exit_kl(per_microbatch),
             "eval_time_s": time.perf_counter() - start,
         }
         self.writer.log(record)

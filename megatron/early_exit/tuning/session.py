@@ -30,6 +30,7 @@ from megatron.early_exit.training.checkpoint_args import (
 )
 from megatron.early_exit.training.losses import (
     add_weighted_exit_losses,
+    lm_loss_and_teacher,
     lm_loss_key,
     masked_mean,
 )
@@ -89,21 +90,34 @@ def make_exit_tuning_loss_func(
     exit_weights: dict[int, float],
     dynamic_exit_weight: bool,
     has_lm_loss: bool,
+    exit_distillation: bool = False,
 ) -> Callable[[ExitForwardOutput], tuple[torch.Tensor | None, dict[str, torch.Tensor]]]:
     """Exit losses only; exit heads see detached hidden states (the backbone ran without
-    autograd). The frozen model's LM loss, where computed, is a metric."""
+    autograd). The frozen model's LM loss, where computed, is a metric; with exit
+    distillation its logits are also the exits' teacher."""
 
     def loss_func(out: ExitForwardOutput):
         mask = batch.loss_mask
         metrics: dict[str, torch.Tensor] = {}
+        teacher = None
         if has_lm_loss:
-            metrics[lm_loss_key()] = masked_mean(out.output.detach(), mask)
+            per_token = out.output.detach()
+            if exit_distillation:
+                per_token, teacher = lm_loss_and_teacher(model, per_token, batch.labels)
+            metrics[lm_loss_key()] = masked_mean(per_token, mask)
         detached = {
             layer: ExitState(state.hidden.detach(), state.attention_mask, state.rotary_pos_emb)
             for layer, state in out.exit_states.items()
         }
         total = add_weighted_exit_losses(
-            None, model, detached, batch, exit_weights, dynamic_exit_weight, metrics
+            None,
+            model,
+            detached,
+            batch,
+            exit_weights,
+            dynamic_exit_weight,
+            metrics,
+            teacher_log_probs=teacher,
         )
         return total, metrics
 
@@ -185,9 +199,14 @@ class ExitTuning:
     def has_lm_loss(self, model: EarlyExitGPTModel) -> bool:
         return model.post_process and not self.partial
 
-    def loss_func(self, batch, model, exit_weights, dynamic_exit_weight):
+    def loss_func(self, batch, model, exit_weights, dynamic_exit_weight, exit_distillation=False):
         return make_exit_tuning_loss_func(
-            batch, model, exit_weights, dynamic_exit_weight, self.has_lm_loss(model)
+            batch,
+            model,
+            exit_weights,
+            dynamic_exit_weight,
+            self.has_lm_loss(model),
+            exit_distillation,
         )
 
     @staticmethod
