@@ -1,0 +1,53 @@
+"""The exit-agreement benchmark's analysis (cost model and coverage/agreement) on data
+whose answers are known."""
+
+import importlib.util
+import os
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "exit_agreement.py")
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("exit_agreement", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _data(rows, exits=(2, 4), L=8):
+    # unit = 10 params per layer; vocab projection 20 (2 layers); exit heads 25 (2.5 layers)
+    costs = {"layer": 10, "vocab_projection": 20, "exit_head": {str(e): 25 for e in exits}}
+    return {"exits": list(exits), "rows": rows, "costs": costs, "L": L}
+
+
+def test_perfect_confident_exit_fires_everywhere():
+    full = [5, 6, 7, 8]
+    rows = {"full": full, "2": full, "4": full, "conf2": [1.0] * 4, "conf4": [1.0] * 4}
+    res = _bench().analyse(_data(rows), 0.95)
+    assert res["agreement"] == {2: 1.0, 4: 1.0}
+    first = next(r for r in res["early_exit"] if r["exits"] == [2] and r["threshold"] == 0.99)
+    assert first["coverage"] == 1.0 and first["agreement"] == 1.0
+    # full step = 8 layers + 2 (LM head) = 10; firing at exit 2 costs 2 + 2.5
+    assert first["speedup_ceiling"] == pytest.approx(10 / 4.5)
+    spec = next(r for r in res["self_speculative"] if r["exit"] == 2 and r["draft_length"] == 1)
+    # acceptance 1: 2 tokens per round for one draft (4.5) and one verification (6 + 2)
+    assert spec["tokens_per_round"] == 2
+    assert spec["speedup_ceiling"] == pytest.approx(2 * 10 / (4.5 + 8))
+
+
+def test_unconfident_exits_cost_their_heads_and_keep_full_agreement():
+    full = [1, 2, 3, 4]
+    rows = {"full": full, "2": [0] * 4, "4": full, "conf2": [0.3] * 4, "conf4": [0.5, 0.5, 0, 0]}
+    res = _bench().analyse(_data(rows), 0.95)
+    assert res["agreement"] == {2: 0.0, 4: 1.0}
+    both = next(r for r in res["early_exit"] if r["exits"] == [2, 4] and r["threshold"] == 0.5)
+    # tokens 0,1 fire at exit 4 (4 + 2.5 + 2.5), tokens 2,3 run everything (10 + 5)
+    assert both["coverage"] == 0.5 and both["agreement"] == 1.0
+    assert both["speedup_ceiling"] == pytest.approx(40 / (2 * 9 + 2 * 15))
+    wrong = next(r for r in res["early_exit"] if r["exits"] == [2] and r["threshold"] == 0.3)
+    assert wrong["coverage"] == 1.0 and wrong["agreement"] == 0.0
+    assert res["best_early_exit_at_target"]["agreement"] >= 0.95
