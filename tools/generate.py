@@ -46,6 +46,11 @@ def generation_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft-exit-layer", type=int, default=None)
     g.add_argument("--draft-length", type=int, default=4)
     g.add_argument("--draft-threshold", type=float, default=0.0)
+    g.add_argument(
+        "--draft-vocab-size", type=int, default=None,
+        help="self_speculative: draft over the N most frequent tokens only (needs the "
+        "checkpoint's token_counts.npy from tools/count_tokens.py)",
+    )  # fmt: skip
     g.add_argument("--batch-size", type=int, default=None, help="prompts per batch (default: all)")
     g.add_argument("--output-json", default=None)
     g.add_argument("--help-generate", action="help")
@@ -59,6 +64,7 @@ def check_generation_args(args) -> None:
         ("--max-new-tokens", args.max_new_tokens, 0),
         ("--top-k", args.top_k, 0),
         ("--draft-length", args.draft_length, 1),
+        ("--draft-vocab-size", args.draft_vocab_size, 1),
         ("--eos-token-id", args.eos_token_id, 0),
     ):
         if value is not None and value < low:
@@ -193,6 +199,7 @@ def main(argv=None) -> int:
             draft_exit_layer=gen_args.draft_exit_layer,
             draft_length=gen_args.draft_length,
             draft_threshold=gen_args.draft_threshold,
+            draft_vocab_size=gen_args.draft_vocab_size,
         )
         reqs = [GenerationRequest(p, SamplingParams(**sampling), ee) for p in prompts]
         bs = gen_args.batch_size or len(reqs)

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-layers", type=int, nargs="+", default=None)
     g.add_argument("--method", choices=["auto", "kv_recompute", "pipeline"], default=None)
     g.add_argument("--draft-length", type=int, default=None)
+    g.add_argument("--draft-vocab-size", type=int, default=None,
+                   help="self_speculative: draft over the N most frequent tokens")  # fmt: skip
     g.add_argument("--print-exits", action="store_true", help="show each token's exit layer")
     p.add_argument("--json", action="store_true", help="print raw JSON responses")
     p.add_argument("--timeout", type=float, default=600.0)
@@ -95,7 +97,8 @@ def openai_body(args, prompts: list[str]) -> dict:
         body["logprobs"] = 1
     mode = args.mode or ("early_exit" if args.early_exit else None)
     ee = {"mode": mode} if mode else {}
-    for key in ("threshold", "metric", "exit_layers", "method", "draft_length"):
+    for key in ("threshold", "metric", "exit_layers", "method", "draft_length",
+                "draft_vocab_size"):  # fmt: skip
         if getattr(args, key) is not None:
             ee[key] = getattr(args, key)
     if ee:

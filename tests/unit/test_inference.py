@@ -393,3 +393,150 @@ def test_lean_layer_path_equals_module_path(dist_world, llama):
             torch.testing.assert_close(got[valid], want[valid], atol=1e-12, rtol=1e-12)
         torch.testing.assert_close(caches[1].k, caches[0].k, atol=0, rtol=0)
         torch.testing.assert_close(caches[1].v, caches[0].v, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- draft vocabulary (FR-Spec)
+DRAFT_N = VOCAB // 3
+
+
+def _counts_like(results) -> torch.Tensor:
+    """Synthetic token counts: the reference's tokens first, so that some drafts match."""
+    g = torch.Generator().manual_seed(11)
+    counts = torch.randint(0, 50, (VOCAB,), generator=g)
+    for r in results:
+        for t in r.token_ids:
+            counts[t] += 100
+    return counts
+
+
+@pytest.fixture
+def counted(engine):
+    """The module's engine with token counts, removed again afterwards."""
+    yield engine
+    engine.token_counts = None
+
+
+@pytest.mark.parametrize("draft_layer", [1, 2, 3])
+def test_draft_vocab_greedy_is_lossless(counted, draft_layer):
+    ref = counted.generate([_req(p, 14) for p in PROMPTS])
+    counted.token_counts = _counts_like(ref[:1])  # prompt 0's tokens only: others get misses
+    ids = set(counted.draft_ids(DRAFT_N).tolist())
+    assert not all(t in ids for r in ref for t in r.token_ids)
+    for draft_length in (1, 3, 5):
+        spec = counted.generate(
+            [
+                _req(p, 14, mode="self_speculative", draft_exit_layer=draft_layer,
+                     draft_length=draft_length, draft_vocab_size=DRAFT_N)
+                for p in PROMPTS
+            ]
+        )  # fmt: skip
+        for a, b in zip(ref, spec):
+            assert b.token_ids == a.token_ids, (draft_layer, draft_length)
+            assert b.stats.verify_passes >= 1
+
+
+def test_draft_vocab_sampling_matches_full_distribution(counted, monkeypatch):
+    """Chi-square test as above with a restricted draft; every draft is in the subset."""
+    from collections import Counter
+
+    from megatron.early_exit.inference import speculative
+    from megatron.early_exit.inference.api import EarlyExitParams, GenerationRequest, SamplingParams
+
+    prompt, n = PROMPTS[1], 400
+
+    def draw(ee):
+        reqs = [
+            GenerationRequest(prompt, SamplingParams(2, temperature=1.0, top_k=4, seed=s,
+                                                     ignore_eos=True), ee)
+            for s in range(n)
+        ]  # fmt: skip
+        return Counter(tuple(r.token_ids) for r in counted.generate(reqs))
+
+    full = draw(EarlyExitParams())
+    counted.token_counts = _counts_like([])  # random: the draft misses frequent target tokens
+    subset = set(counted.draft_ids(DRAFT_N).tolist())
+    drafted, qs = [], []
+    real_draft = speculative._draft
+
+    def spy(*args, **kw):
+        tok, q, conf = real_draft(*args, **kw)
+        drafted.append(tok)
+        qs.append(q)
+        return tok, q, conf
+
+    monkeypatch.setattr(speculative, "_draft", spy)
+    ee = EarlyExitParams(mode="self_speculative", draft_exit_layer=1, draft_length=2,
+                         draft_vocab_size=DRAFT_N)  # fmt: skip
+    spec = draw(ee)
+    assert drafted and set(drafted) <= subset
+    outside = torch.tensor(sorted(set(range(VOCAB)) - subset))
+    for q in qs:  # q is a distribution over the subset, exactly 0 elsewhere
+        assert torch.isinf(q[outside]).all() and abs(float(q.exp().sum()) - 1) < 1e-5
+    assert any(t not in subset for k in spec for t in k)  # the target still reaches them
+    keys = [k for k in set(full) | set(spec) if full[k] + spec[k] >= 10]
+    chi2 = sum((full[k] - spec[k]) ** 2 / (full[k] + spec[k]) for k in keys)
+    dof = max(len(keys) - 1, 1)
+    assert chi2 < dof + 4.5 * (2 * dof) ** 0.5 + 10, (chi2, dof)
+
+
+@pytest.mark.parametrize("llama", [False, True], ids=["gpt", "llama"])
+def test_draft_projection_equals_full_exit_columns(dist_world, llama):
+    import torch.nn.functional as F
+
+    engine = _engine(llama)
+    engine.model.double()
+    engine.token_counts = torch.arange(VOCAB) % 7  # many ties: lower ids win
+    ids = engine.draft_ids(DRAFT_N)
+    want = sorted(sorted(range(VOCAB), key=lambda t: (-(t % 7), t))[:DRAFT_N])
+    assert ids.tolist() == want
+    res = engine.generate([_req(PROMPTS[0], 6, mode="self_speculative", draft_exit_layer=2,
+                                draft_vocab_size=DRAFT_N)])[0]  # fmt: skip
+    st = engine.last_state
+    assert st.draft_ids.tolist() == want
+    # the gathered rows, float64: the subset logits are the full logits' columns
+    head = engine.model.exit_heads.get(2)
+    slots, w, bias = st._draft_projection(2, head)
+    full_w = engine.model.tied_exit_output_weight() if head.tied else head.output_layer.weight
+    h = torch.randn(3, full_w.shape[1], dtype=torch.float64)
+    ref = F.linear(h, full_w, head.output_layer.bias)[:, ids]
+    assert slots.tolist() == list(range(DRAFT_N))
+    torch.testing.assert_close(F.linear(h, w, bias), ref, atol=1e-12, rtol=0)
+    # end to end through the exit head (block, MLP, norm) at the newest position
+    p = len(PROMPTS[0]) + len(res.token_ids) - 1
+    chunk = st.chunk([0], [0], [p])  # the exit block recomputes its cache: idempotent
+    last = chunk.valid.sum(dim=1) - 1
+    full = st.exit_logits(2, chunk, last)
+    sub = st.exit_logits(2, chunk, last, draft=True)
+    assert sub.shape == (1, DRAFT_N)
+    torch.testing.assert_close(sub, full[:, ids], atol=1e-6, rtol=0)  # both cast to float32
+
+
+@pytest.mark.parametrize(
+    "value, counts, match",
+    [
+        (0, True, r"draft_vocab_size must be an integer in \[1, 96\]"),
+        (VOCAB + 1, True, "draft_vocab_size must be an integer"),
+        ("8", True, "draft_vocab_size must be an integer"),
+        (8, False, "tools/count_tokens.py"),
+    ],
+)
+def test_draft_vocab_bad_values(counted, value, counts, match):
+    from megatron.early_exit.inference.api import InferenceError
+
+    counted.token_counts = torch.ones(VOCAB, dtype=torch.long) if counts else None
+    req = _req(PROMPTS[0], 4, mode="self_speculative", draft_vocab_size=value)
+    with pytest.raises(InferenceError, match=match):
+        counted.generate([req])
+
+
+def test_draft_vocab_full_size_and_counts_checks(counted):
+    from megatron.early_exit.inference.draft_vocab import TokenCountError
+
+    counted.token_counts = torch.arange(10)  # shorter: unseen ids count 0
+    assert counted.token_counts.shape == (VOCAB,)
+    ref = counted.generate([_req(PROMPTS[2], 8)])[0]
+    spec = counted.generate([_req(PROMPTS[2], 8, mode="self_speculative",
+                                  draft_vocab_size=VOCAB)])[0]  # fmt: skip
+    assert spec.token_ids == ref.token_ids
+    with pytest.raises(TokenCountError, match="another tokenizer"):
+        counted.token_counts = torch.ones(VOCAB + 5, dtype=torch.long)

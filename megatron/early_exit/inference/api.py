@@ -18,6 +18,8 @@ Modes (`EarlyExitParams.mode`):
   `draft_length` tokens, the full model verifies them in one pass; output equals the full
   model's (greedy) or follows its distribution exactly (sampling). Any TP/PP (PP > 1 runs
   stage by stage, not pipelined); a batch is decoded one sequence after another.
+  `draft_vocab_size` N restricts the draft to the N most frequent tokens (cheaper exit
+  projection; drafts outside them are impossible, the output stays exact).
 
 Confidence metrics, all mapped to [0, 1] (higher = more confident), computed on the exit's
 softmax at the sampling temperature 1 (raw exit logits):
@@ -75,6 +77,9 @@ class EarlyExitParams:
     draft_exit_layer: int | None = None  # self_speculative: None = the first exit layer
     draft_length: int = 4  # self_speculative: max drafted tokens per verification
     draft_threshold: float = 0.0  # self_speculative: stop drafting below this confidence
+    # self_speculative: the draft scores only the N most frequent tokens (needs the engine's
+    # token counts, tools/count_tokens.py); None: the whole vocabulary. Still lossless.
+    draft_vocab_size: int | None = None
 
 
 @dataclass
@@ -149,6 +154,7 @@ class ModelLimits:
     max_sequence_length: int
     vocab_size: int
     pipeline_parallel_size: int = 1
+    has_token_counts: bool = False  # draft_vocab_size needs them
 
 
 def _fail(msg: str) -> None:
@@ -223,6 +229,18 @@ def validate_request(req: GenerationRequest, limits: ModelLimits) -> None:
                 f"draft exit layer {e.draft_exit_layer!r} does not exist; the model has exits "
                 f"at layers {list(limits.exit_layers)}"
             )
+        n = e.draft_vocab_size
+        if n is not None:
+            if not _is_int(n) or not 1 <= n <= limits.vocab_size:
+                _fail(
+                    f"early_exit.draft_vocab_size must be an integer in [1, {limits.vocab_size}]"
+                    f" or null, got {n!r}"
+                )
+            if not limits.has_token_counts:
+                _fail(
+                    "early_exit.draft_vocab_size needs token frequencies, but the model has "
+                    "none: run tools/count_tokens.py --data-path PREFIX --save CKPT"
+                )
 
 
 class EngineProtocol(Protocol):

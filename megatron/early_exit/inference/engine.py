@@ -27,6 +27,7 @@ a request are exactly its result's tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -118,8 +119,17 @@ def chunk_tokens(seqs: list[SeqState], rows: list[int], chunk) -> torch.Tensor:
 
 
 class InferenceEngine:
-    def __init__(self, model, vocab_size: int, max_sequence_length: int, tokenizer=None):
-        """`model`: this rank's bare EarlyExitGPTModel stage (eval mode is set here)."""
+    def __init__(
+        self,
+        model,
+        vocab_size: int,
+        max_sequence_length: int,
+        tokenizer=None,
+        token_counts: torch.Tensor | None = None,
+    ):
+        """`model`: this rank's bare EarlyExitGPTModel stage (eval mode is set here).
+        `token_counts`: int [vocab] token frequencies (tools/count_tokens.py) for
+        self-speculative `draft_vocab_size`."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = model.config
@@ -142,6 +152,29 @@ class InferenceEngine:
                 self.eos = None
         self.last_state: StageState | None = None  # for tests: caches after generate
         self._on_token: OnToken | None = None
+        self.token_counts = token_counts
+
+    @property
+    def token_counts(self) -> torch.Tensor | None:
+        return self._token_counts
+
+    @token_counts.setter
+    def token_counts(self, counts: torch.Tensor | None) -> None:
+        from megatron.early_exit.inference.draft_vocab import check_counts
+
+        vocab = self.limits.vocab_size
+        self._token_counts = None if counts is None else check_counts(counts, vocab)
+        self._draft_ids: dict[int, torch.Tensor] = {}  # per engine: N -> draft ids
+        self.limits = dataclasses.replace(self.limits, has_token_counts=counts is not None)
+
+    def draft_ids(self, n: int) -> torch.Tensor:
+        """The n most frequent token ids (ascending), computed once per n."""
+        ids = self._draft_ids.get(n)
+        if ids is None:
+            from megatron.early_exit.inference.draft_vocab import top_token_ids
+
+            ids = self._draft_ids[n] = top_token_ids(self._token_counts, n)
+        return ids
 
     # ------------------------------------------------------------------ public
     def tokenize(self, text: str) -> list[int]:
@@ -190,6 +223,7 @@ class InferenceEngine:
             draft_exit_layer=e.draft_exit_layer,
             draft_length=e.draft_length,
             draft_threshold=e.draft_threshold,
+            draft_vocab_size=e.draft_vocab_size if mode == "self_speculative" else None,
         )
 
     def _generate_group(

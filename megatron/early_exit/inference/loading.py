@@ -41,16 +41,40 @@ def build_engine(run, platform=None) -> InferenceEngine:
     config = build_transformer_config(run, use_te=use_te)
     initialize_distributed(run, config, platform)
     model = build_stage_model(run, config, platform, use_te)
+    counts = None
     if run.checkpoint.load:
         load_checkpoint(
             run.checkpoint.load, _ModelOnly(model), load_optimizer=False, load_rng=False
         )
+        counts = _token_counts(run.checkpoint.load, tokenizer.vocab_size)
     return InferenceEngine(
         unwrap(model),
         vocab_size=tokenizer.vocab_size,
         max_sequence_length=run.model.resolved_max_position_embeddings(),
         tokenizer=tokenizer,
+        token_counts=counts,
     )
+
+
+def _token_counts(root: str, vocab_size: int):
+    """`token_counts.npy` of the latest checkpoint (tools/count_tokens.py), if any; a bad
+    file is a CheckpointError (self-speculative draft_vocab_size needs the counts)."""
+    from megatron.early_exit.inference.draft_vocab import (
+        TokenCountError,
+        check_counts,
+        load_token_counts,
+    )
+    from megatron.early_exit.training.checkpoint_args import (
+        CheckpointError,
+        checkpoint_dir,
+        read_tracker,
+    )
+
+    try:
+        counts = load_token_counts(checkpoint_dir(root, read_tracker(root)))
+        return None if counts is None else check_counts(counts, vocab_size)
+    except TokenCountError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def inference_run_config(argv: Sequence[str] | None, device_is_cuda: bool = False, args=None):

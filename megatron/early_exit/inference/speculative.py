@@ -13,6 +13,16 @@ lengths are cut back to the accepted positions; stale entries are overwritten la
 after another (rounds are per sequence). PP > 1: the same rounds, stage by stage (hidden
 states passed on like in kv_recompute; the draft is broadcast from the exit's stage, the
 verification result from the last stage) - correct, not pipelined.
+
+Draft vocabulary (`draft_vocab_size` N, FR-Spec): the draft exit scores only the N most
+frequent tokens (engine.draft_ids; the projection rows are gathered once per generate
+call, stage.py), so a draft costs N/V of the exit projection. q is the softmax (after
+temperature/top-k/top-p) over those N tokens and exactly 0 elsewhere, so drafts come only
+from the subset and rejection sampling stays exact (accept min(1, p/q); the residual
+max(0, p - q) equals p outside the subset). Greedy output is unchanged (the full model
+decides every token). The adaptive stop (`draft_threshold`) uses the confidence of the
+subset distribution (its max_prob/margin are renormalised over N tokens, entropy is
+normalised by log N), which is higher than the full-vocabulary one.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ from megatron.early_exit.inference.sampling import (
 
 def run_self_speculative(engine, st, seqs, ee) -> None:
     k = ee.draft_exit_layer or ee.exit_layers[0]
+    n = ee.draft_vocab_size
+    st.set_draft_vocab(engine.draft_ids(n) if n is not None else None)
     for i, s in enumerate(seqs):
         s.spec_stats = {"drafted_tokens": 0, "accepted_tokens": 0, "verify_passes": 0}
         while s.finish is None:
@@ -73,14 +85,20 @@ def _draft(engine, st, i, s, k, ee, step: int) -> tuple[int, torch.Tensor, float
     box = torch.zeros(V + 2, dtype=torch.float64)
     owner = _owner(engine, k)
     if engine.pipe.stage == owner:
-        logits = _exit_logits(st, k, i, s, engine.device)
+        logits = _exit_logits(st, k, i, s, engine.device)  # [1, V] or [1, N] (draft vocab)
         q = processed_logprobs(logits[0], sp)
         if sp.greedy:
             tok = int(torch.argmax(q))
         else:
             tok = int(torch.multinomial(q.exp(), 1, generator=generator_for(sp.seed, step)))
         box[0], box[1] = tok, float(confidence(logits, ee.metric)[0])
-        box[2:] = q.double()
+        if st.draft_ids is not None:  # back to vocabulary ids; q is 0 outside the subset
+            ids = st.draft_ids_cpu
+            box[0] = int(ids[tok])
+            box[2:] = float("-inf")
+            box[2:][ids] = q.double()
+        else:
+            box[2:] = q.double()
     s.xcache_len = s.pos + 1
     box = engine.pipe.broadcast(box.to(engine.device), owner).cpu()
     return int(box[0]), box[2:].float(), float(box[1])
@@ -146,7 +164,7 @@ def _round(engine, st, i, s, k, ee) -> None:
 def _exit_logits(st, k, i, s, device):
     # an exit block sees every position its own cache lacks (hbuf holds layer-k outputs)
     chunk = st.chunk([i], [s.xcache_len if k in st.exit_caches else s.pos], [s.pos])
-    return st.exit_logits(k, chunk, chunk.valid.sum(dim=1) - 1)
+    return st.exit_logits(k, chunk, chunk.valid.sum(dim=1) - 1, draft=True)
 
 
 def _accept(drafts, qs, full, sp, step0):

@@ -70,6 +70,15 @@ class StageState:
         if getattr(model, "position_embedding_type", None) == "rope":
             self.freqs = model.rotary_pos_emb(max_len).squeeze(1)  # [S, 1, d]
         self._chunks: dict[tuple, Chunk] = {}  # per generate call: nothing shared by engines
+        self.draft_ids: torch.Tensor | None = None  # self_speculative draft vocabulary
+        self.draft_ids_cpu: torch.Tensor | None = None
+        self._draft_proj: dict[int, tuple] = {}  # exit layer -> (slots, W[ids], bias[ids])
+
+    def set_draft_vocab(self, ids: torch.Tensor | None) -> None:
+        """Restrict `exit_logits(..., draft=True)` to these token ids (ascending)."""
+        self.draft_ids = None if ids is None else ids.to(self.device)
+        self.draft_ids_cpu = None if ids is None else ids.cpu()
+        self._draft_proj = {}
 
     def chunk(self, seqs: list[int], starts: list[int], ends: list[int]) -> Chunk:
         """make_chunk on this stage's device, memoised (bounded): within a decode step every
@@ -127,8 +136,31 @@ class StageState:
             logits = gather_from_tensor_model_parallel_region(logits)
         return logits[..., : self.vocab_size].float()
 
-    def exit_logits(self, layer_number: int, chunk: Chunk, last_rows: torch.Tensor) -> torch.Tensor:
-        """Exit head logits at the newest position of each chunk sequence: [b, V].
+    def _draft_projection(self, layer_number: int, head) -> tuple:
+        """This TP rank's rows of the exit projection for the draft ids, gathered once per
+        generate call (not per token): (their slots in the draft vocabulary, W, bias).
+        Rank r holds ids [r * V/tp, (r+1) * V/tp) of the vocab-parallel projection."""
+        proj = self._draft_proj.get(layer_number)
+        if proj is None:
+            w = self.model.tied_exit_output_weight() if head.tied else head.output_layer.weight
+            start = parallel_state.get_tensor_model_parallel_rank() * w.shape[0]
+            ids = self.draft_ids
+            mine = (ids >= start) & (ids < start + w.shape[0])
+            local = ids[mine] - start
+            bias = head.output_layer.bias
+            proj = (
+                mine.nonzero().squeeze(1),
+                w.detach().index_select(0, local).contiguous(),
+                None if bias is None else bias.detach().index_select(0, local),
+            )
+            self._draft_proj[layer_number] = proj
+        return proj
+
+    def exit_logits(
+        self, layer_number: int, chunk: Chunk, last_rows: torch.Tensor, draft: bool = False
+    ) -> torch.Tensor:
+        """Exit head logits at the newest position of each chunk sequence: [b, V], or with
+        `draft` only the draft vocabulary's (set_draft_vocab): [b, N], on every TP rank.
 
         An exit block (a transformer layer in the head) sees the whole chunk so that its
         own KV cache stays in step with the backbone layer it hangs on.
@@ -147,6 +179,19 @@ class StageState:
             h = h + (out if bias is None else out + bias)
         if head.norm is not None:
             h = head.norm(h)
+        if draft and self.draft_ids is not None:
+            slots, w, bias = self._draft_projection(layer_number, head)
+            logits = F.linear(h[0], w, bias)  # [b, N/tp-ish]: only this rank's draft ids
+            if parallel_state.get_tensor_model_parallel_world_size() > 1:
+                full = logits.new_zeros(b, len(self.draft_ids))
+                full[:, slots] = logits
+                torch.distributed.all_reduce(
+                    full, group=parallel_state.get_tensor_model_parallel_group()
+                )  # each slot is non-zero on exactly one rank: the sum assembles [b, N]
+                logits = full
+            if head.temperature != 1.0:
+                logits = logits / head.temperature
+            return logits.float()
         weight = self.model.tied_exit_output_weight() if head.tied else None
         logits = _project(head.output_layer, h, weight)
         if head.temperature != 1.0:

@@ -63,7 +63,14 @@ def _early_exit_params(opts: EarlyExitOptions | None) -> EarlyExitParams:
     if opts is None:
         return EarlyExitParams(mode="none")
     params = EarlyExitParams(mode=opts.mode, method=None if opts.method == "auto" else opts.method)
-    for name in ("metric", "threshold", "draft_exit_layer", "draft_length", "draft_threshold"):
+    for name in (
+        "metric",
+        "threshold",
+        "draft_exit_layer",
+        "draft_length",
+        "draft_threshold",
+        "draft_vocab_size",
+    ):
         value = getattr(opts, name)
         if value is not None:
             setattr(params, name, value)

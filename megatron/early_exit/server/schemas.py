@@ -54,6 +54,13 @@ class EarlyExitOptions(BaseModel):
     draft_threshold: float | None = Field(
         None, ge=0.0, le=1.0, description="self_speculative: stop drafting below this"
     )
+    draft_vocab_size: int | None = Field(
+        None,
+        ge=1,
+        le=10_000_000,
+        description="self_speculative: draft over the N most frequent tokens only (cheaper "
+        "draft, still lossless; needs the checkpoint's token counts)",
+    )
 
 
 class MegatronRequest(BaseModel):
