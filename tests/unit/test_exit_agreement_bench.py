@@ -19,24 +19,40 @@ def _bench():
 
 
 def _data(rows, exits=(2, 4), L=8):
-    # unit = 10 params per layer; vocab projection 20 (2 layers); exit heads 25 (2.5 layers)
-    costs = {"layer": 10, "vocab_projection": 20, "exit_head": {str(e): 25 for e in exits}}
+    # unit = 10 params per layer; vocab projection 20 (2 layers); exit heads 25 (2.5 layers),
+    # of which an exit block of 5 (0.5 layer)
+    costs = {
+        "layer": 10,
+        "vocab_projection": 20,
+        "vocab_size": 4,
+        "exit_head": {str(e): 25 for e in exits},
+        "exit_block": {str(e): 5 for e in exits},
+    }
     return {"exits": list(exits), "rows": rows, "costs": costs, "L": L}
 
 
 def test_perfect_confident_exit_fires_everywhere():
     full = [5, 6, 7, 8]
     rows = {"full": full, "2": full, "4": full, "conf2": [1.0] * 4, "conf4": [1.0] * 4}
-    res = _bench().analyse(_data(rows), 0.95)
+    res = _bench().analyse(_data(rows), 0.95, draft_vocab=1)
     assert res["agreement"] == {2: 1.0, 4: 1.0}
     first = next(r for r in res["early_exit"] if r["exits"] == [2] and r["threshold"] == 0.99)
     assert first["coverage"] == 1.0 and first["agreement"] == 1.0
     # full step = 8 layers + 2 (LM head) = 10; firing at exit 2 costs 2 + 2.5
     assert first["speedup_ceiling"] == pytest.approx(10 / 4.5)
     spec = next(r for r in res["self_speculative"] if r["exit"] == 2 and r["draft_length"] == 1)
-    # acceptance 1: 2 tokens per round for one draft (4.5) and one verification (6 + 2)
+    # acceptance 1: 2 tokens per round for one draft (2 + 2.5) and one verification: the
+    # draft through layers 1..2 and its exit block's cache (0.5), both positions through
+    # 3..8 and the LM head: a full step (10) plus the block
     assert spec["tokens_per_round"] == 2
-    assert spec["speedup_ceiling"] == pytest.approx(2 * 10 / (4.5 + 8))
+    assert spec["speedup_ceiling"] == pytest.approx(2 * 10 / (4.5 + 10 + 0.5))
+    # a 1-of-4-token draft vocabulary cuts the draft projection (2 layers) to a quarter, so
+    # 1.5x needs less acceptance
+    need, need_small = (
+        res["acceptance_needed_for_1_5x"],
+        res["acceptance_needed_for_1_5x_draft_vocab"],
+    )
+    assert need_small[2] < need[2]
 
 
 def test_unconfident_exits_cost_their_heads_and_keep_full_agreement():
