@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.single_process import init_single_process_group
+from tests.single_process import tp1pp1_world
 
 pytestmark = pytest.mark.unit
 
@@ -203,19 +203,7 @@ def test_dry_run_reports_an_impossible_layout(tmp_path, capsys, monkeypatch):
 # ---- the dry run's parameter counts are megatron-core's -----------------------------------
 @pytest.fixture(scope="module")
 def one_process_world():
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from megatron.early_exit.platform import init_platform
-
-    init_platform(force_cpu=True)
-    init_single_process_group()
-    parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(3)
-    yield
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    yield from tp1pp1_world(seed=3)
 
 
 BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4"]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.single_process import init_single_process_group
+from tests.single_process import tp1pp1_world
 
 pytestmark = pytest.mark.unit
 
@@ -12,20 +12,7 @@ VOCAB, SEQ, BATCH = 256, 16, 2
 
 @pytest.fixture(scope="module")
 def dist_world():
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    import megatron.early_exit  # noqa: F401
-    from megatron.early_exit.platform import init_platform
-
-    init_platform(force_cpu=True)
-    init_single_process_group()
-    parallel_state.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(7)
-    yield
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    yield from tp1pp1_world(seed=7)
 
 
 def _model(**exit_kwargs):
