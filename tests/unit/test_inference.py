@@ -281,34 +281,41 @@ def test_self_speculative_kv_after_rejection_equals_full(dist_world):
     torch.testing.assert_close(blk[0, :n], full.exit_caches[2].k[0, :n], atol=1e-5, rtol=0)
 
 
-def test_self_speculative_sampling_matches_full_distribution(engine):
-    """Chi-square test on the joint distribution of the first 2 sampled tokens."""
+def _two_token_samples(engine, ee, n: int = 400):
+    """Counter of the first 2 sampled tokens (temperature 1, top-k 4) over n seeds."""
     from collections import Counter
 
-    from megatron.early_exit.inference.api import EarlyExitParams, GenerationRequest, SamplingParams
+    from megatron.early_exit.inference.api import GenerationRequest, SamplingParams
 
-    prompt, n = PROMPTS[1], 400
-
-    def draw(ee):
-        reqs = [
-            GenerationRequest(prompt, SamplingParams(2, temperature=1.0, top_k=4, seed=s,
+    reqs = [
+        GenerationRequest(PROMPTS[1], SamplingParams(2, temperature=1.0, top_k=4, seed=s,
                                                      ignore_eos=True), ee)
-            for s in range(n)
-        ]  # fmt: skip
-        return Counter(tuple(r.token_ids) for r in engine.generate(reqs))
+        for s in range(n)
+    ]  # fmt: skip
+    return Counter(tuple(r.token_ids) for r in engine.generate(reqs))
 
-    full = draw(EarlyExitParams())
-    spec = draw(EarlyExitParams(mode="self_speculative", draft_exit_layer=1, draft_length=2))
+
+def _assert_same_distribution(full, spec):
+    """Two-sample chi-square over outcomes seen >= 10 times; the 99.9% quantile of
+    chi2(dof) is below dof + 4.5*sqrt(2 dof) + 10."""
     keys = [k for k in set(full) | set(spec) if full[k] + spec[k] >= 10]
     chi2 = sum((full[k] - spec[k]) ** 2 / (full[k] + spec[k]) for k in keys)
     dof = max(len(keys) - 1, 1)
-    # two-sample chi-square; 99.9% quantile of chi2(dof) is below dof + 4.5*sqrt(2 dof) + 10
     assert chi2 < dof + 4.5 * (2 * dof) ** 0.5 + 10, (
         chi2,
         dof,
         full.most_common(5),
         spec.most_common(5),
     )
+
+
+def test_self_speculative_sampling_matches_full_distribution(engine):
+    """Chi-square test on the joint distribution of the first 2 sampled tokens."""
+    from megatron.early_exit.inference.api import EarlyExitParams
+
+    full = _two_token_samples(engine, EarlyExitParams())
+    ee = EarlyExitParams(mode="self_speculative", draft_exit_layer=1, draft_length=2)
+    _assert_same_distribution(full, _two_token_samples(engine, ee))
 
 
 # ---------------------------------------------------------------- streaming (on_token)
@@ -424,22 +431,10 @@ def test_draft_vocab_greedy_is_lossless(counted, draft_layer):
 
 def test_draft_vocab_sampling_matches_full_distribution(counted, monkeypatch):
     """Chi-square test as above with a restricted draft; every draft is in the subset."""
-    from collections import Counter
-
     from megatron.early_exit.inference import speculative
-    from megatron.early_exit.inference.api import EarlyExitParams, GenerationRequest, SamplingParams
+    from megatron.early_exit.inference.api import EarlyExitParams
 
-    prompt, n = PROMPTS[1], 400
-
-    def draw(ee):
-        reqs = [
-            GenerationRequest(prompt, SamplingParams(2, temperature=1.0, top_k=4, seed=s,
-                                                     ignore_eos=True), ee)
-            for s in range(n)
-        ]  # fmt: skip
-        return Counter(tuple(r.token_ids) for r in counted.generate(reqs))
-
-    full = draw(EarlyExitParams())
+    full = _two_token_samples(counted, EarlyExitParams())
     counted.token_counts = _counts_like([])  # random: the draft misses frequent target tokens
     subset = set(counted.draft_ids(DRAFT_N).tolist())
     drafted, qs = [], []
@@ -454,16 +449,13 @@ def test_draft_vocab_sampling_matches_full_distribution(counted, monkeypatch):
     monkeypatch.setattr(speculative, "_draft", spy)
     ee = EarlyExitParams(mode="self_speculative", draft_exit_layer=1, draft_length=2,
                          draft_vocab_size=DRAFT_N)  # fmt: skip
-    spec = draw(ee)
+    spec = _two_token_samples(counted, ee)
     assert drafted and set(drafted) <= subset
     outside = torch.tensor(sorted(set(range(VOCAB)) - subset))
     for q in qs:  # q is a distribution over the subset, exactly 0 elsewhere
         assert torch.isinf(q[outside]).all() and abs(float(q.exp().sum()) - 1) < 1e-5
     assert any(t not in subset for k in spec for t in k)  # the target still reaches them
-    keys = [k for k in set(full) | set(spec) if full[k] + spec[k] >= 10]
-    chi2 = sum((full[k] - spec[k]) ** 2 / (full[k] + spec[k]) for k in keys)
-    dof = max(len(keys) - 1, 1)
-    assert chi2 < dof + 4.5 * (2 * dof) ** 0.5 + 10, (chi2, dof)
+    _assert_same_distribution(full, spec)
 
 
 @pytest.mark.parametrize("llama", [False, True], ids=["gpt", "llama"])
