@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-
-class ConfigError(ValueError):
-    """An impossible or inconsistent configuration, reported before any work starts."""
+from megatron.early_exit.errors import ConfigError
 
 
 def _require(condition: bool, message: str) -> None:

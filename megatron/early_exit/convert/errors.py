@@ -5,9 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-
-class ConversionError(ValueError):
-    """Missing/mismatched files, unsupported architectures, impossible layouts."""
+from megatron.early_exit.errors import ConversionError
 
 
 def run_cli(main: Callable[[], int | None]) -> int:

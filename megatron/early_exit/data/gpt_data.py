@@ -38,12 +38,9 @@ import torch.distributed as dist
 from megatron.early_exit.data.mock import Batch
 from megatron.early_exit.data.mock import microbatch_iterator as mock_microbatch_iterator
 from megatron.early_exit.data.tokenizers import Tokenizer
+from megatron.early_exit.errors import DataError
 
 _PAD_NONE = -1  # megatron-core's "no pad token" id: never present in the data
-
-
-class DataError(ValueError):
-    """The data settings or files cannot give the requested datasets (one-line message)."""
 
 
 class MegatronTokenizerAdapter:

@@ -39,14 +39,11 @@ from megatron.early_exit.data.tokenizers import (
     build_tokenizer,
     tokenizer_config_from_args,
 )
+from megatron.early_exit.errors import PreprocessError
 
 TokenizerFactory = Callable[[], Tokenizer]
 
 _TMP_SUFFIX = ".tmp"
-
-
-class PreprocessError(Exception):
-    """A clear, one-line user error (the CLI exits with status 2)."""
 
 
 @dataclass

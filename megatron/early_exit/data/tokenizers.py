@@ -38,9 +38,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-
-class TokenizerError(ValueError):
-    """A tokenizer cannot be built from the given settings/files."""
+from megatron.early_exit.errors import TokenizerError
 
 
 @dataclass

@@ -35,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Literal, NamedTuple, Protocol
 
+from megatron.early_exit.errors import InferenceError
+
 Mode = Literal["none", "early_exit", "self_speculative"]
 Method = Literal["kv_recompute", "pipeline"]
 Metric = Literal["max_prob", "margin", "entropy"]
@@ -43,10 +45,6 @@ FinishReason = Literal["length", "eos", "stop"]
 MODES = ("none", "early_exit", "self_speculative")
 METHODS = ("kv_recompute", "pipeline")
 METRICS = ("max_prob", "margin", "entropy")
-
-
-class InferenceError(ValueError):
-    """Bad generation input (the server maps it to HTTP 400)."""
 
 
 @dataclass

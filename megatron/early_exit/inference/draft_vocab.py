@@ -20,12 +20,10 @@ from collections.abc import Sequence
 import numpy
 import torch
 
+from megatron.early_exit.errors import TokenCountError
+
 COUNTS_FILE = "token_counts.npy"
 _CHUNK = 1 << 22  # tokens per bincount call: bounded memory on any dataset size
-
-
-class TokenCountError(ValueError):
-    """Missing or inconsistent datasets, checkpoints or count files."""
 
 
 def _open(prefix: str):

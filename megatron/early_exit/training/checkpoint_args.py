@@ -16,6 +16,8 @@ import os
 from dataclasses import asdict
 from typing import Any
 
+from megatron.early_exit.errors import CheckpointError
+
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 ARGS_FILE = "ee_args.json"
 
@@ -31,10 +33,6 @@ _EXIT_KEYS = (
 )
 _TOKENIZER_KEYS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model", "vocab_size")
 _PATH_KEYS = ("vocab_file", "merge_file", "tokenizer_model")
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:

@@ -20,13 +20,10 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron.early_exit.config import ConfigError
+from megatron.early_exit.errors import AddExitsError
 
 _TOKENIZER_FILE_KEYS = ("vocab_file", "merge_file", "tokenizer_model")
 _HEAD_FLAGS = ("use_exit_norm", "use_exit_mlp", "use_exit_block", "untie_exit_output_weights")
-
-
-class AddExitsError(RuntimeError):
-    """Bad input for add_exits; reported as one line, exit code 2."""
 
 
 @dataclass
