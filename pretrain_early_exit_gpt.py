@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     from megatron.early_exit.config import ConfigError
     from megatron.early_exit.data.tokenizers import TokenizerError, build_tokenizer
     from megatron.early_exit.platform import init_platform
-    from megatron.early_exit.training.initialize import destroy_distributed, world_size_from_env
+    from megatron.early_exit.platform.distributed import destroy_distributed, world_size_from_env
 
     try:
         # A dry run checks a GPU launch script anywhere: validate as on CUDA (bf16 allowed)
@@ -37,9 +37,9 @@ def main(argv=None) -> int:
     if dry_run:
         return dry_run_report(run)
 
+    from megatron.early_exit.checkpoint.store import CheckpointError
     from megatron.early_exit.data.gpt_data import DataError
     from megatron.early_exit.model.specs import transformer_engine_usable
-    from megatron.early_exit.training.checkpointing import CheckpointError
     from megatron.early_exit.training.trainer import Trainer
 
     try:

@@ -80,7 +80,7 @@ def worker(a) -> None:
     from megatron.early_exit.arguments import parse_run_config
     from megatron.early_exit.pipeline.bubble_filling import schedule_for_run
     from megatron.early_exit.platform import init_platform
-    from megatron.early_exit.training.initialize import destroy_distributed, world_size_from_env
+    from megatron.early_exit.platform.distributed import destroy_distributed, world_size_from_env
     from megatron.early_exit.training.trainer import Trainer
     import torch.distributed as dist
 

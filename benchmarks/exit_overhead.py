@@ -149,9 +149,9 @@ def worker(a: argparse.Namespace) -> None:
     from megatron.early_exit.config import build_transformer_config
     from megatron.early_exit.model import ExitState, tied_embedding_ranks
     from megatron.early_exit.model.specs import transformer_engine_usable
+    from megatron.early_exit.pipeline.losses import masked_mean
     from megatron.early_exit.platform import init_platform
-    from megatron.early_exit.training.initialize import destroy_distributed, world_size_from_env
-    from megatron.early_exit.training.losses import masked_mean
+    from megatron.early_exit.platform.distributed import destroy_distributed, world_size_from_env
     from megatron.early_exit.training.trainer import Trainer
 
     plat = init_platform()

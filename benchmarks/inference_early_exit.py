@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def shakespeare_prompts(engine, n: int, length: int) -> list[list[int]]:
     """n prompts of `length` tokens from different works, taken from the middle of each."""
-    from megatron.early_exit.data import assets
+    from megatron.early_exit import assets
 
     texts = sorted(
         os.path.join(d, f)

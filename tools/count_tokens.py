@@ -38,9 +38,9 @@ def main(argv=None) -> int:
     import numpy
 
     import megatron.early_exit  # noqa: F401  (guards broken GPU accelerators first)
+    from megatron.early_exit.checkpoint.files import CheckpointError
     from megatron.early_exit.data.tokenizers import TokenizerError
     from megatron.early_exit.inference import draft_vocab as dv
-    from megatron.early_exit.training.checkpoint_args import CheckpointError
 
     try:
         if not args.save and not args.output:

@@ -6,7 +6,7 @@
 
 Cache: --cache DIR, else $EE_CACHE, else ~/.cache/ee-megatron. A second call only checks
 the files against their manifest (no network). Errors: one line on stderr, exit status 2.
-See megatron/early_exit/data/assets.py.
+See megatron/early_exit/assets.py.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import logging
 import sys
 from pathlib import Path
 
-_ASSETS_PY = Path(__file__).resolve().parent.parent / "megatron/early_exit/data/assets.py"
+_ASSETS_PY = Path(__file__).resolve().parent.parent / "megatron/early_exit/assets.py"
 
 
 def _load_assets():
     """The assets module, without importing megatron.early_exit (torch) when run from a
     checkout: fetching data needs only the standard library."""
-    if "megatron.early_exit.data.assets" in sys.modules:  # already imported (tests)
-        return sys.modules["megatron.early_exit.data.assets"]
+    if "megatron.early_exit.assets" in sys.modules:  # already imported (tests)
+        return sys.modules["megatron.early_exit.assets"]
     if _ASSETS_PY.is_file():
         name = "_ee_fetch_assets_lib"
         if name in sys.modules:
@@ -35,7 +35,7 @@ def _load_assets():
         sys.modules[name] = module  # dataclasses look the module up while it executes
         spec.loader.exec_module(module)
         return module
-    from megatron.early_exit.data import assets
+    from megatron.early_exit import assets
 
     return assets
 

@@ -147,6 +147,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     import megatron.early_exit  # noqa: F401
     from megatron.early_exit.arguments import build_parser, parse_args
+    from megatron.early_exit.checkpoint.files import CheckpointError
     from megatron.early_exit.config import ConfigError
     from megatron.early_exit.data.tokenizers import TokenizerError
     from megatron.early_exit.inference.api import (
@@ -157,8 +158,7 @@ def main(argv=None) -> int:
     )
     from megatron.early_exit.inference.loading import build_engine, inference_run_config
     from megatron.early_exit.platform import init_platform
-    from megatron.early_exit.training.checkpoint_args import CheckpointError
-    from megatron.early_exit.training.initialize import destroy_distributed
+    from megatron.early_exit.platform.distributed import destroy_distributed
 
     gen_args, rest = generation_parser().parse_known_args(argv)
     try:  # every rank checks the same inputs, so all exit together before any setup

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from megatron.early_exit.checkpoint.files import CheckpointError, read_checkpoint_args
 from megatron.early_exit.config import (
     CheckpointConfig,
     ConfigError,
@@ -22,7 +23,6 @@ from megatron.early_exit.config import (
     TrainingConfig,
 )
 from megatron.early_exit.data.tokenizers import add_tokenizer_arguments
-from megatron.early_exit.training.checkpoint_args import CheckpointError, read_checkpoint_args
 
 
 def build_parser() -> argparse.ArgumentParser:

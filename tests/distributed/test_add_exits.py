@@ -110,10 +110,10 @@ def _worker(ckpt: str, args: list[str]) -> None:
     import torch
 
     from megatron.early_exit.arguments import parse_run_config
+    from megatron.early_exit.checkpoint.store import load_checkpoint
     from megatron.early_exit.config import build_transformer_config
     from megatron.early_exit.platform import init_platform
-    from megatron.early_exit.training.checkpointing import load_checkpoint
-    from megatron.early_exit.training.initialize import destroy_distributed, initialize_distributed
+    from megatron.early_exit.platform.distributed import destroy_distributed, initialize_distributed
     from megatron.early_exit.training.setup import setup_training
 
     mode, layers = args[0], [int(a) for a in args[1:]]

@@ -4,7 +4,7 @@ from the TP1PP1 conversion (loaded at TP2PP2 to do so), and it is bitwise the or
 
 import pytest
 
-from megatron.early_exit.convert.testing import checked, compare, make_tiny_hf, run_tool, verify
+from tests.conversion import checked, compare, make_tiny_hf, run_tool, verify
 
 pytestmark = pytest.mark.distributed
 

@@ -130,7 +130,7 @@ def _pipe(out: str, argv: list[str]) -> None:
     from megatron.early_exit.pipeline import bubble_filling as bf
     from megatron.early_exit.pipeline.schedules import forward_backward_1f1b
     from megatron.early_exit.platform import init_platform
-    from megatron.early_exit.training.initialize import destroy_distributed, world_size_from_env
+    from megatron.early_exit.platform.distributed import destroy_distributed, world_size_from_env
     from megatron.early_exit.training.trainer import Trainer
 
     platform = init_platform()
@@ -188,10 +188,10 @@ def _ref(out: str, spec_path: str, argv: list[str]) -> None:
 
     import megatron.early_exit  # noqa: F401
     from megatron.early_exit.arguments import parse_run_config
+    from megatron.early_exit.pipeline.losses import masked_mean
     from megatron.early_exit.pipeline.schedules import forward_backward_no_pipelining
     from megatron.early_exit.platform import init_platform
-    from megatron.early_exit.training.initialize import destroy_distributed, world_size_from_env
-    from megatron.early_exit.training.losses import masked_mean
+    from megatron.early_exit.platform.distributed import destroy_distributed, world_size_from_env
     from megatron.early_exit.training.trainer import Trainer
 
     with open(spec_path) as f:

@@ -15,7 +15,7 @@ def main() -> None:
     from megatron.early_exit.arguments import parse_run_config
     from megatron.early_exit.pipeline import get_forward_backward_func
     from megatron.early_exit.platform import init_platform
-    from megatron.early_exit.training.initialize import destroy_distributed, world_size_from_env
+    from megatron.early_exit.platform.distributed import destroy_distributed, world_size_from_env
     from megatron.early_exit.training.trainer import Trainer
 
     platform = init_platform()

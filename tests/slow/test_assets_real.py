@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from megatron.early_exit.data.assets import MANIFEST, fetch, files, is_fetched
+from megatron.early_exit.assets import MANIFEST, fetch, files, is_fetched
 
 pytestmark = pytest.mark.slow
 

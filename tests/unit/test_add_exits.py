@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from megatron.early_exit.training.checkpoint_args import (
+from megatron.early_exit.checkpoint.files import (
     ARGS_FILE,
     TRACKER_FILE,
     checkpoint_dir,

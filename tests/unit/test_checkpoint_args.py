@@ -6,8 +6,7 @@ import os
 import pytest
 
 from megatron.early_exit.arguments import parse_run_config
-from megatron.early_exit.config import ConfigError
-from megatron.early_exit.training.checkpoint_args import (
+from megatron.early_exit.checkpoint.files import (
     ARGS_FILE,
     TRACKER_FILE,
     args_from_run,
@@ -15,6 +14,7 @@ from megatron.early_exit.training.checkpoint_args import (
     read_checkpoint_args,
     write_checkpoint_args,
 )
+from megatron.early_exit.config import ConfigError
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from megatron.early_exit.convert.testing import make_tiny_hf
+from tests.conversion import make_tiny_hf
 from tests.single_process import init_single_process_group
 
 pytestmark = pytest.mark.unit
@@ -20,7 +20,7 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def world():
 
-    from megatron.early_exit.training.initialize import destroy_distributed
+    from megatron.early_exit.platform.distributed import destroy_distributed
 
     init_single_process_group()
     yield

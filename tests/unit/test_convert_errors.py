@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron.early_exit.convert import ConversionError
-from megatron.early_exit.convert.testing import checked, make_tiny_hf, run_tool
+from tests.conversion import checked, make_tiny_hf, run_tool
 
 pytestmark = pytest.mark.unit
 

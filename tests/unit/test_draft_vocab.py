@@ -163,9 +163,9 @@ def test_cli_exit_code_and_output_file(tmp_path):
 
 @pytest.mark.unit
 def test_counts_of_another_tokenizer_are_refused(tmp_path):
+    from megatron.early_exit.checkpoint.files import CheckpointError
     from megatron.early_exit.inference.draft_vocab import check_counts
     from megatron.early_exit.inference.loading import _token_counts
-    from megatron.early_exit.training.checkpoint_args import CheckpointError
 
     it = _checkpoint(tmp_path / "ckpt", vocab=50)
     numpy.save(it / "token_counts.npy", numpy.ones(60, dtype=numpy.int64))

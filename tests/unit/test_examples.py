@@ -236,8 +236,8 @@ LLAMA += ["--disable-bias-linear", "--untie-embeddings-and-output-weights"]
 def test_dry_run_parameter_counts_match_built_models(one_process_world, flags):
     from megatron.early_exit.arguments import parse_run_config
     from megatron.early_exit.config import build_transformer_config
+    from megatron.early_exit.model.build import build_stage_model
     from megatron.early_exit.training.layout import describe_run
-    from megatron.early_exit.training.setup import build_stage_model
 
     run = parse_run_config([*BASE, *flags], 1)
     run.resolve_vocab(300)

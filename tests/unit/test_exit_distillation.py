@@ -88,7 +88,7 @@ def test_kl_and_its_gradient_match_a_float64_reference(dist_world):
 
 def test_copy_of_the_lm_head_has_zero_kl_but_not_zero_cross_entropy(dist_world):
     """An exit after the last layer with the final norm copied (tied output) is the LM head."""
-    from megatron.early_exit.training.losses import lm_loss_and_teacher
+    from megatron.early_exit.pipeline.losses import lm_loss_and_teacher
 
     model = _model(exit_layer_nums=[4], use_exit_norm=True).eval()
     model.exit_heads.get(4).norm.load_state_dict(model.decoder.final_layernorm.state_dict())
@@ -171,7 +171,7 @@ def test_ee_tuning_step_trains_only_exit_heads_with_the_kl_objective(dist_world)
 
 
 def test_normal_training_final_layer_gets_only_its_lm_gradient(dist_world):
-    from megatron.early_exit.training.losses import make_loss_func, masked_mean
+    from megatron.early_exit.pipeline.losses import make_loss_func, masked_mean
 
     model = _model(0.3, exit_layer_nums=[2], use_exit_norm=True, use_dynamic_exit_layer_weight=True)
     b = _batch()

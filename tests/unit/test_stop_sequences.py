@@ -47,7 +47,7 @@ def test_null_tokenizer_tail_equals_full_text():
 
 def test_byte_level_bpe_tail_equals_full_text():
     # Random GPT-2 ids: split UTF-8 characters, spaces, long tokens.
-    from megatron.early_exit.data import assets
+    from megatron.early_exit import assets
     from megatron.early_exit.data.tokenizers import TokenizerConfig, build_tokenizer
 
     try:

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
     import megatron.early_exit  # noqa: F401  (guards broken GPU accelerators first)
     from megatron.early_exit.convert.errors import run_cli
-    from megatron.early_exit.training.initialize import destroy_distributed
+    from megatron.early_exit.platform.distributed import destroy_distributed
     from megatron.early_exit.tuning.add_exits import AddExitsError, AddExitsOptions, add_exits
 
     opts = AddExitsOptions(

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
 
         path = args.gguf
         if args.asset:
-            from megatron.early_exit.data import assets
+            from megatron.early_exit import assets
 
             assets.fetch(args.asset)
             path = str(assets.main_path(args.asset))

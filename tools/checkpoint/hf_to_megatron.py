@@ -56,7 +56,7 @@ def main(argv=None) -> int:
 
     def run():
         from megatron.early_exit.convert.hf_convert import hf_to_megatron
-        from megatron.early_exit.training.initialize import destroy_distributed
+        from megatron.early_exit.platform.distributed import destroy_distributed
 
         try:
             flags = hf_to_megatron(

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
 
     def run():
         from megatron.early_exit.convert.hf_convert import megatron_to_hf
-        from megatron.early_exit.training.initialize import destroy_distributed
+        from megatron.early_exit.platform.distributed import destroy_distributed
 
         try:
             config = megatron_to_hf(args.load, args.out, overwrite=args.overwrite)

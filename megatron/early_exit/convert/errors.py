@@ -16,9 +16,9 @@ def run_cli(main: Callable[[], int | None]) -> int:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     import megatron.early_exit  # noqa: F401  (guards broken GPU accelerators first)
+    from megatron.early_exit.checkpoint.files import CheckpointError
     from megatron.early_exit.config import ConfigError
     from megatron.early_exit.data.tokenizers import TokenizerError
-    from megatron.early_exit.training.checkpoint_args import CheckpointError
 
     try:
         return int(main() or 0)

@@ -127,8 +127,8 @@ def hf_to_megatron(
 
 def record_args(run, tok: dict[str, Any], iter_dir: str) -> dict[str, Any]:
     """Write ee_args.json: model/exit flags and tokenizer (paths relative to iter_dir)."""
+    from megatron.early_exit.checkpoint.files import args_from_run, write_checkpoint_args
     from megatron.early_exit.data.tokenizers import TokenizerConfig, build_tokenizer
-    from megatron.early_exit.training.checkpoint_args import args_from_run, write_checkpoint_args
 
     args = args_from_run(run)
     for key in ("vocab_file", "merge_file", "tokenizer_model"):

@@ -47,7 +47,7 @@ def read_raw_args(root: str) -> tuple[str, dict[str, Any]]:
     """(iteration dir, ee_args.json as written: relative paths unresolved)."""
     import json
 
-    from megatron.early_exit.training.checkpoint_args import (
+    from megatron.early_exit.checkpoint.files import (
         ARGS_FILE,
         checkpoint_dir,
         read_tracker,
@@ -82,13 +82,10 @@ class Stage:
 
     def __init__(self, run, for_saving: bool = False) -> None:
         from megatron.early_exit.config import build_transformer_config
+        from megatron.early_exit.model.build import build_stage_model
         from megatron.early_exit.platform import init_platform
-        from megatron.early_exit.training.initialize import initialize_distributed
-        from megatron.early_exit.training.setup import (
-            TrainState,
-            build_stage_model,
-            setup_training,
-        )
+        from megatron.early_exit.platform.distributed import initialize_distributed
+        from megatron.early_exit.training.setup import TrainState, setup_training
 
         self.run = run
         self.platform = init_platform(force_cpu=True)
@@ -138,13 +135,13 @@ class Stage:
 
     # ------------------------------------------------------------------ checkpoints
     def load(self, root: str) -> int:
-        from megatron.early_exit.training.checkpointing import load_checkpoint
+        from megatron.early_exit.checkpoint.store import load_checkpoint
 
         return load_checkpoint(root, self.state, load_optimizer=False, load_rng=False)
 
     def save(self, staging_root: str, args: dict[str, Any], extra: dict | None = None) -> str:
         """Save as iteration 0 under `staging_root`; returns the iteration dir."""
-        from megatron.early_exit.training.checkpointing import checkpoint_dir, save_checkpoint
+        from megatron.early_exit.checkpoint.store import checkpoint_dir, save_checkpoint
 
         save_checkpoint(staging_root, 0, self.state, extra=extra or {}, args=args)
         return checkpoint_dir(staging_root, 0)

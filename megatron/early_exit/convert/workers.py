@@ -148,6 +148,7 @@ def reshard(args) -> None:
     """Load at (tp, pp), check a forward runs, save atomically at that layout."""
     import shutil
 
+    from megatron.early_exit.checkpoint.files import write_checkpoint_args
     from megatron.early_exit.convert.errors import ConversionError
     from megatron.early_exit.convert.hf_files import check_output_dir
     from megatron.early_exit.convert.megatron_side import (
@@ -157,7 +158,6 @@ def reshard(args) -> None:
         read_raw_args,
         resolved_args,
     )
-    from megatron.early_exit.training.checkpoint_args import write_checkpoint_args
 
     src_iter, raw = read_raw_args(args.load)
     flags = resolved_args(src_iter, raw)
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
 
     def go():
-        from megatron.early_exit.training.initialize import destroy_distributed
+        from megatron.early_exit.platform.distributed import destroy_distributed
 
         try:
             {"verify": verify, "reshard": reshard, "compare": compare}[args.cmd](args)

@@ -91,8 +91,8 @@ def count_token_ids(prefixes: Sequence[str], vocab_size: int | None = None) -> n
 
 def checkpoint_vocab_size(root: str) -> int:
     """The vocabulary an engine loaded from checkpoint `root` has (its tokenizer's)."""
+    from megatron.early_exit.checkpoint.files import read_checkpoint_args, read_tracker
     from megatron.early_exit.data.tokenizers import TokenizerConfig, build_tokenizer
-    from megatron.early_exit.training.checkpoint_args import read_checkpoint_args, read_tracker
 
     read_tracker(root)  # a clear error when root holds no checkpoint
     args = read_checkpoint_args(root)
@@ -107,7 +107,7 @@ def checkpoint_vocab_size(root: str) -> int:
 
 def save_token_counts(root: str, counts: numpy.ndarray) -> str:
     """Write counts to `<latest iteration dir of root>/token_counts.npy` atomically."""
-    from megatron.early_exit.training.checkpoint_args import checkpoint_dir, read_tracker
+    from megatron.early_exit.checkpoint.files import checkpoint_dir, read_tracker
 
     iter_dir = checkpoint_dir(root, read_tracker(root))
     if not os.path.isdir(iter_dir):

@@ -18,20 +18,20 @@ class _ModelOnly:
 
     @property
     def unwrapped(self):
-        from megatron.early_exit.training.setup import unwrap
+        from megatron.early_exit.model.build import unwrap
 
         return unwrap(self.model)
 
 
 def build_engine(run, platform=None) -> InferenceEngine:
     """Initialise distributed state, build this rank's stage, load `run.checkpoint.load`."""
+    from megatron.early_exit.checkpoint.store import load_checkpoint
     from megatron.early_exit.config import build_transformer_config
     from megatron.early_exit.data.tokenizers import build_tokenizer
+    from megatron.early_exit.model.build import build_stage_model, unwrap
     from megatron.early_exit.model.specs import transformer_engine_usable
     from megatron.early_exit.platform import init_platform
-    from megatron.early_exit.training.checkpointing import load_checkpoint
-    from megatron.early_exit.training.initialize import initialize_distributed
-    from megatron.early_exit.training.setup import build_stage_model, unwrap
+    from megatron.early_exit.platform.distributed import initialize_distributed
 
     platform = platform or init_platform()
     tokenizer = build_tokenizer(run.data.tokenizer_config())
@@ -59,15 +59,15 @@ def build_engine(run, platform=None) -> InferenceEngine:
 def _token_counts(root: str, vocab_size: int):
     """`token_counts.npy` of the latest checkpoint (tools/count_tokens.py), if any; a bad
     file is a CheckpointError (self-speculative draft_vocab_size needs the counts)."""
+    from megatron.early_exit.checkpoint.files import (
+        CheckpointError,
+        checkpoint_dir,
+        read_tracker,
+    )
     from megatron.early_exit.inference.draft_vocab import (
         TokenCountError,
         check_counts,
         load_token_counts,
-    )
-    from megatron.early_exit.training.checkpoint_args import (
-        CheckpointError,
-        checkpoint_dir,
-        read_tracker,
     )
 
     try:
@@ -80,7 +80,7 @@ def _token_counts(root: str, vocab_size: int):
 def inference_run_config(argv: Sequence[str] | None, device_is_cuda: bool = False, args=None):
     """RunConfig for inference: like parse_run_config, but needs no training data flags."""
     from megatron.early_exit.arguments import config_from_args, parse_args
-    from megatron.early_exit.training.initialize import world_size_from_env
+    from megatron.early_exit.platform.distributed import world_size_from_env
 
     if args is None:
         args = parse_args(argv)

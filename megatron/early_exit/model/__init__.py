@@ -1,5 +1,6 @@
 """Early-exit GPT on megatron-core's GPTModel."""
 
+from megatron.early_exit.model.build import build_stage_model, unwrap
 from megatron.early_exit.model.exit_head import ExitHead
 from megatron.early_exit.model.gpt_model import (
     EarlyExitGPTModel,
@@ -17,6 +18,8 @@ __all__ = [
     "ExitState",
     "LayerSpecs",
     "build_model",
+    "build_stage_model",
     "get_layer_specs",
     "tied_embedding_ranks",
+    "unwrap",
 ]

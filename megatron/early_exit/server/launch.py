@@ -32,8 +32,8 @@ def _install_stop_handlers(stop: threading.Event) -> None:
 
 
 def serve(run, args, platform) -> int:
+    from megatron.early_exit.checkpoint.files import CheckpointError
     from megatron.early_exit.inference.loading import build_engine
-    from megatron.early_exit.training.checkpoint_args import CheckpointError
 
     logging.basicConfig(level=logging.INFO, format="[server] %(message)s")
     stop = threading.Event()

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron.early_exit.training.losses import exit_kl_key, exit_loss_key, lm_loss_key
+from megatron.early_exit.pipeline.losses import exit_kl_key, exit_loss_key, lm_loss_key
 
 
 def reduce_losses(

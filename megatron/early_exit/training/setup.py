@@ -12,11 +12,11 @@ from megatron.core.distributed import (
 )
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import get_attr_wrapped_model
 
 from megatron.early_exit.config import EarlyExitTransformerConfig, RunConfig
-from megatron.early_exit.model import EarlyExitGPTModel, build_model
+from megatron.early_exit.model import EarlyExitGPTModel
+from megatron.early_exit.model.build import build_stage_model, unwrap
 from megatron.early_exit.platform import Platform
 
 # clip_grad=0 means "do not clip"; megatron-core then skips the grad norm, which we log.
@@ -34,36 +34,11 @@ class TrainState:
         return unwrap(self.model)
 
 
-def unwrap(model: torch.nn.Module) -> EarlyExitGPTModel:
-    while not isinstance(model, EarlyExitGPTModel):
-        model = model.module
-    return model
-
-
 def finalize_grads(model_chunks: list[torch.nn.Module]) -> None:
     """megatron-core's DP/TP/embedding grad finalisation, plus tied exits with an untied head."""
     finalize_model_grads(model_chunks)
     for chunk in model_chunks:
         get_attr_wrapped_model(chunk, "allreduce_tied_exit_grads")()
-
-
-def build_stage_model(
-    run: RunConfig, config: EarlyExitTransformerConfig, platform: Platform, use_te: bool
-) -> torch.nn.Module:
-    model = build_model(
-        config,
-        vocab_size=run.padded_vocab_size(),
-        max_sequence_length=run.model.resolved_max_position_embeddings(),
-        share_embeddings_and_output_weights=not run.model.untie_embeddings_and_output_weights,
-        position_embedding_type=run.model.position_embedding_type,
-        rotary_base=run.model.rotary_base,
-        rotary_percent=run.model.rotary_percent,
-        use_te=use_te,
-    )
-    model.to(platform.device())
-    if config.fp16 or config.bf16:
-        model = Float16Module(config, model)
-    return model
 
 
 def setup_training(

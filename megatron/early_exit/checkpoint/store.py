@@ -27,7 +27,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron.early_exit.training.checkpoint_args import (  # noqa: F401  (re-exported)
+from megatron.early_exit.checkpoint.files import (  # noqa: F401  (re-exported)
     ARGS_FILE,
     TRACKER_FILE,
     CheckpointError,
@@ -136,7 +136,7 @@ def save_checkpoint(
     args: dict | None = None,
     hook=None,
 ):
-    """Save atomically; `args` (flag values, see checkpoint_args) go to `ee_args.json`.
+    """Save atomically; `args` (flag values, see checkpoint/files.py) go to `ee_args.json`.
 
     `hook` (tuning.partial.PartialStagesCheckpoint) adapts the model's sharded state and
     adds the tensors a partial run does not hold, so the checkpoint stays complete.

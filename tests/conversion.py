@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools" / "checkpoint"
 _QUIET = {"PYTHONWARNINGS": "ignore::UserWarning,ignore::FutureWarning", "OMP_NUM_THREADS": "1"}
 
