@@ -65,7 +65,7 @@ def _train_argv(a) -> list[str]:
 
 def exit_samples(schedule, run, dp: int) -> tuple[int, int]:
     """(without filling, with filling) exit-loss samples per iteration."""
-    from megatron.early_exit.pipeline.bubble_filling import exit_stages
+    from megatron.early_exit.pipeline.fill_plan import exit_stages
 
     P, L = schedule.num_stages, run.model.num_layers
     mbs = run.training.micro_batch_size
@@ -78,7 +78,7 @@ def exit_samples(schedule, run, dp: int) -> tuple[int, int]:
 def worker(a) -> None:
     import megatron.early_exit  # noqa: F401, I001
     from megatron.early_exit.arguments import parse_run_config
-    from megatron.early_exit.pipeline.bubble_filling import schedule_for_run
+    from megatron.early_exit.pipeline.fill_plan import schedule_for_run
     from megatron.early_exit.platform import init_platform
     from megatron.early_exit.platform.distributed import destroy_distributed, world_size_from_env
     from megatron.early_exit.training.trainer import Trainer
@@ -134,7 +134,7 @@ def _with_fill_off(run):
 
 
 def _pp4_table(a) -> str:
-    from megatron.early_exit.pipeline.bubble_filling import exit_stages, plan_schedule
+    from megatron.early_exit.pipeline.fill_plan import exit_stages, plan_schedule
 
     L = a.num_layers
     M = a.global_batch_size // a.micro_batch_size

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from megatron.early_exit.arguments import parse_run_config
     from megatron.early_exit.config import ConfigError
-    from megatron.early_exit.pipeline.bubble_filling import schedule_for_run
+    from megatron.early_exit.pipeline.fill_plan import schedule_for_run
 
     try:
         run = parse_run_config(rest, world)

@@ -451,7 +451,7 @@ class FillConfig:
             not getattr(run.training, "tune_exit", False),
             "--fill-explicit-bubbles is for pretraining; --tune-exit has its own schedule",
         )
-        from megatron.early_exit.pipeline.bubble_filling import plan_for_run
+        from megatron.early_exit.pipeline.fill_plan import plan_for_run
 
         plan_for_run(run)  # raises ConfigError for counts or layouts it cannot schedule
 

@@ -19,10 +19,8 @@ def _toy(out: str, P: int, M: int, warm: int, cool: int) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron.early_exit.pipeline.bubble_filling import (
-        forward_backward_bubble_filling,
-        plan_schedule,
-    )
+    from megatron.early_exit.pipeline.bubble_filling import forward_backward_bubble_filling
+    from megatron.early_exit.pipeline.fill_plan import plan_schedule
 
     dist.init_process_group("gloo")
     parallel_state.initialize_model_parallel(pipeline_model_parallel_size=P)
@@ -128,6 +126,7 @@ def _pipe(out: str, argv: list[str]) -> None:
     import megatron.early_exit  # noqa: F401
     from megatron.early_exit.arguments import parse_run_config
     from megatron.early_exit.pipeline import bubble_filling as bf
+    from megatron.early_exit.pipeline import fill_plan
     from megatron.early_exit.pipeline.schedules import forward_backward_1f1b
     from megatron.early_exit.platform import init_platform
     from megatron.early_exit.platform.distributed import destroy_distributed, world_size_from_env
@@ -153,7 +152,7 @@ def _pipe(out: str, argv: list[str]) -> None:
         return _param_grads(model), metrics
 
     plain, plain_metrics = one(forward_backward_1f1b)
-    empty = bf.plan_schedule(
+    empty = fill_plan.plan_schedule(
         trainer.fill_schedule.num_stages, trainer.num_microbatches, [0], 2.0, 0, 0
     )
     from functools import partial

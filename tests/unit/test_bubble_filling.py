@@ -9,10 +9,10 @@ import pytest
 
 from megatron.early_exit.arguments import parse_run_config
 from megatron.early_exit.config import ConfigError
-from megatron.early_exit.pipeline.bubble_filling import (
+from megatron.early_exit.pipeline.bubble_filling import Inbox
+from megatron.early_exit.pipeline.fill_plan import (
     B,
     F,
-    Inbox,
     exit_stages,
     fill_sample_indices,
     one_f_one_b,

@@ -18,7 +18,12 @@ from megatron.early_exit.data.gpt_data import (
     samples_per_split,
 )
 from megatron.early_exit.data.tokenizers import Tokenizer, build_tokenizer
-from megatron.early_exit.pipeline import ExitLossWeights, bubble_filling, get_forward_backward_func
+from megatron.early_exit.pipeline import (
+    ExitLossWeights,
+    bubble_filling,
+    fill_plan,
+    get_forward_backward_func,
+)
 from megatron.early_exit.pipeline.losses import make_loss_func
 from megatron.early_exit.platform import Platform
 from megatron.early_exit.platform.distributed import initialize_distributed
@@ -54,9 +59,9 @@ class Trainer:
         self.num_microbatches = run.training.num_microbatches(self.dp_size)
         self.global_batch_size = run.training.resolved_global_batch_size(self.dp_size)
         # Bubble filling: the per-stage action lists, or None for plain 1F1B.
-        self.fill_schedule = bubble_filling.plan_for_run(run)
+        self.fill_schedule = fill_plan.plan_for_run(run)
         if run.fill.print_pipeline_schedule and dist.get_rank() == 0:
-            print(bubble_filling.schedule_for_run(run).table(), flush=True)
+            print(fill_plan.schedule_for_run(run).table(), flush=True)
         self.dataset, self.valid_dataset = self._build_datasets()
         self._eval_runs = 0
         self.iteration = 0
@@ -138,7 +143,7 @@ class Trainer:
         t = self.run.training
 
         def fill_data(k: int):
-            indices = bubble_filling.fill_sample_indices(
+            indices = fill_plan.fill_sample_indices(
                 iteration, k, self.fill_schedule.num_fill, t.train_iters,
                 self.global_batch_size, t.micro_batch_size, self.dp_rank, self.dp_size,
             )  # fmt: skip
