@@ -127,13 +127,14 @@ def test_kv_after_recompute_equals_full_forward(dist_world, llama):
 def _full_prefill(engine, seq):
     """One full-model pass over `seq` that also runs every exit head (none fires)."""
     from megatron.early_exit.inference.api import EarlyExitParams
-    from megatron.early_exit.inference.engine import SeqState
+    from megatron.early_exit.inference.decode_state import SeqState
+    from megatron.early_exit.inference.kv_recompute import KVRecompute
     from megatron.early_exit.inference.stage import StageState
 
     ee = EarlyExitParams(mode="early_exit", method="kv_recompute", threshold=2.0)
     st = StageState(engine.model, 1, MAXLEN, VOCAB, [1, 2, 3])
     with torch.no_grad():
-        engine._kv_step(st, [SeqState(_req(seq, 1), list(seq), 4, None)], ee)
+        engine.decoder(KVRecompute)._kv_step(st, [SeqState(_req(seq, 1), list(seq), 4, None)], ee)
     return st
 
 

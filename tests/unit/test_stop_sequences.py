@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from megatron.early_exit.inference.engine import stop_text_hit
+from megatron.early_exit.inference.decode_state import stop_text_hit
 
 pytestmark = pytest.mark.unit
 

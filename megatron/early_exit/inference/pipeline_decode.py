@@ -41,7 +41,7 @@ def run_pipeline(engine, st, seqs, ee) -> None:
 
 def _run_local(engine, st, seqs, active, starts, ends, undecided, steps, ee) -> dict:
     """This stage's layers on every active sequence; exits only for undecided ones."""
-    from megatron.early_exit.inference.engine import Decision
+    from megatron.early_exit.inference.decode_state import Decision
 
     decided: dict[int, Decision] = {}
     chunk = st.chunk(active, starts, ends)
@@ -85,7 +85,7 @@ def _confidence(logits, metric):
 
 
 def _sample(engine, seqs, i, logits, layer, ran_upto, steps):
-    from megatron.early_exit.inference.engine import Decision
+    from megatron.early_exit.inference.decode_state import Decision
     from megatron.early_exit.inference.sampling import sample
 
     sp = seqs[i].req.sampling
@@ -108,7 +108,7 @@ def _header(B, kind, active, starts, ends, undecided, decided, steps):
 
 
 def _stage0(engine, st, seqs, ee) -> None:
-    from megatron.early_exit.inference.engine import Decision, chunk_tokens
+    from megatron.early_exit.inference.decode_state import Decision, chunk_tokens
 
     pipe, B = engine.pipe, len(seqs)
     while True:
