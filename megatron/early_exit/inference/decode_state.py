@@ -20,7 +20,8 @@ from megatron.early_exit.inference.comm import Pipe
 from megatron.early_exit.inference.sampling import confidence, sample
 from megatron.early_exit.inference.stage import StageState
 
-_INACTIVE, _RUNNING, _DECIDED = 0, 1, 2
+# A sequence's state in a decode step's header (kv_recompute.py, pipeline_decode.py).
+INACTIVE, RUNNING, DECIDED = 0, 1, 2
 log = logging.getLogger(__name__)
 _STOP_MARGIN_CHARS = 16  # tail context that absorbs decoding artefacts at the tail's start
 
@@ -71,6 +72,8 @@ class SeqState:
     xcache_len: int = 0  # self_speculative: positions in the draft exit block's cache
     cache_len: list[int] = field(default_factory=list)  # index = global layer (1-based)
     index: int = 0  # position of the request in the generate call (for on_token)
+    # self_speculative: drafted/accepted tokens, verification passes (GenerationStats fields)
+    spec_stats: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         self.cache_len = [0] * (self.num_layers + 1)
@@ -107,7 +110,7 @@ class Decoder:
         self.pre_exit = pre_exit
         self.limits = limits
         self.tokenizer = tokenizer
-        self._on_token = on_token
+        self.on_token = on_token
         self.draft_ids = draft_ids
 
     def apply(self, s: SeqState, d: Decision) -> None:
@@ -126,13 +129,13 @@ class Decoder:
 
     def emit(self, s: SeqState) -> None:
         """Report the token just appended to `s` (final: tokens are never taken back)."""
-        if self._on_token is None:
+        if self.on_token is None:
             return
         try:
-            self._on_token(TokenEvent(s.index, s.gen[-1], s.exits[-1], s.logprobs[-1]))
+            self.on_token(TokenEvent(s.index, s.gen[-1], s.exits[-1], s.logprobs[-1]))
         except Exception:  # a broken listener must not strand the other ranks mid-collective
             log.exception("on_token callback failed; streaming disabled for this call")
-            self._on_token = None
+            self.on_token = None
 
     def check_stop(self, s: SeqState) -> None:
         sp = s.req.sampling

@@ -185,7 +185,7 @@ class InferenceEngine:
                 decoder.run(st, seqs, ee)
         elapsed = time.perf_counter() - t0
         self.last_state = st
-        return [self._result(s, elapsed) for s in seqs], decoder._on_token
+        return [self._result(s, elapsed) for s in seqs], decoder.on_token
 
     def decoder(self, kind: type[D] = Decoder, on_token: OnToken | None = None) -> D:
         """A decoding context (`decode_state.Decoder` or a subclass) for this model stage."""
@@ -213,10 +213,8 @@ class InferenceEngine:
             elapsed_s=elapsed,
             tokens_per_s=n / elapsed if elapsed > 0 else 0.0,
         )
-        extra = getattr(s, "spec_stats", None)
-        if extra:
-            for k, v in extra.items():
-                setattr(stats, k, v)
+        for k, v in s.spec_stats.items():
+            setattr(stats, k, v)
         text = self.tokenizer.detokenize(s.gen) if self.tokenizer is not None and n else None
         return GenerationResult(
             token_ids=list(s.gen),

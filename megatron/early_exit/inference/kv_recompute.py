@@ -15,8 +15,8 @@ import torch
 
 from megatron.early_exit.inference.api import EarlyExitParams
 from megatron.early_exit.inference.decode_state import (
-    _DECIDED,
-    _RUNNING,
+    DECIDED,
+    RUNNING,
     Decision,
     Decoder,
     SeqState,
@@ -47,7 +47,7 @@ class KVRecompute(Decoder):
             st.embed(chunk, tokens)
         else:
             hdr, lps = self._recv_header(B, pipe.stage - 1)
-            running = [i for i in active if hdr[i, 0] == _RUNNING]
+            running = [i for i in active if hdr[i, 0] == RUNNING]
             decided = self._decisions_from(hdr, lps)
             a = layers[0]
             starts = [seqs[i].cache_len[a] for i in running]
@@ -110,9 +110,9 @@ class KVRecompute(Decoder):
         hdr = torch.zeros(B, 4 + extra_cols, dtype=torch.long)
         lps = torch.zeros(B, dtype=torch.float64)
         for i in running:
-            hdr[i, 0] = _RUNNING
+            hdr[i, 0] = RUNNING
         for i, d in decided.items():
-            hdr[i, :4] = torch.tensor([_DECIDED, d.token, d.exit_layer, d.ran_upto])
+            hdr[i, :4] = torch.tensor([DECIDED, d.token, d.exit_layer, d.ran_upto])
             lps[i] = d.logprob
         return hdr.to(self.device), lps.to(self.device)
 
@@ -122,7 +122,7 @@ class KVRecompute(Decoder):
         return {
             i: Decision(row[1], row[2], row[3], lp[i])
             for i, row in enumerate(h)
-            if row[0] == _DECIDED
+            if row[0] == DECIDED
         }
 
     def _send_header(self, B, active, running, decided, stage) -> None:

@@ -21,33 +21,40 @@ from __future__ import annotations
 
 import torch
 
+from megatron.early_exit.inference.decode_state import (
+    DECIDED,
+    INACTIVE,
+    RUNNING,
+    Decision,
+    Decoder,
+    chunk_tokens,
+)
+from megatron.early_exit.inference.sampling import confidence, sample
+
 _STOP, _STEP = 0, 1
-_INACTIVE, _RUNNING, _DECIDED = 0, 1, 2
 _COLS = 7
 
 
-def run_pipeline(engine, st, seqs, ee) -> None:
+def run_pipeline(decoder: Decoder, st, seqs, ee) -> None:
     if st.first:
-        _stage0(engine, st, seqs, ee)
+        _stage0(decoder, st, seqs, ee)
     else:
-        _follower(engine, st, seqs, ee)
+        _follower(decoder, st, seqs, ee)
     # Stage 0 holds the truth; copy it everywhere (all ranks return the same results).
     state = [(s.gen, s.exits, s.layers_used, s.logprobs, s.finish) for s in seqs]
-    state = engine.pipe.broadcast_object(state, 0)
+    state = decoder.pipe.broadcast_object(state, 0)
     for s, (gen, exits, used, lps, finish) in zip(seqs, state):
         s.gen, s.exits, s.layers_used, s.logprobs, s.finish = gen, exits, used, lps, finish
         s.tokens = list(s.req.prompt_token_ids) + list(gen)
 
 
-def _run_local(engine, st, seqs, active, starts, ends, undecided, steps, ee) -> dict:
+def _run_local(decoder, st, seqs, active, starts, ends, undecided, steps, ee) -> dict:
     """This stage's layers on every active sequence; exits only for undecided ones."""
-    from megatron.early_exit.inference.decode_state import Decision
-
     decided: dict[int, Decision] = {}
     chunk = st.chunk(active, starts, ends)
     last_rows = chunk.valid.sum(dim=1) - 1
     exits = set(st.exits)
-    pre = engine.pre_exit
+    pre = decoder.pre_exit
 
     def check(layer: int, ran_upto: int) -> None:
         live = [r for r, i in enumerate(active) if i in undecided and i not in decided]
@@ -55,11 +62,11 @@ def _run_local(engine, st, seqs, active, starts, ends, undecided, steps, ee) -> 
             st.exit_block_fill(layer, chunk)
             return
         logits = st.exit_logits(layer, chunk, last_rows)
-        conf = _confidence(logits, ee.metric)
+        conf = confidence(logits, ee.metric)
         for r in live:
             if float(conf[r]) >= ee.threshold:
                 decided[active[r]] = _sample(
-                    engine, seqs, active[r], logits[r], layer, ran_upto, steps
+                    decoder, seqs, active[r], logits[r], layer, ran_upto, steps
                 )
 
     for layer in st.global_layers:
@@ -73,21 +80,12 @@ def _run_local(engine, st, seqs, active, starts, ends, undecided, steps, ee) -> 
         if rest:
             logits = st.final_logits(rest, [ends[active.index(i)] for i in rest])
             for r, i in enumerate(rest):
-                n = engine.num_layers
-                decided[i] = _sample(engine, seqs, i, logits[r], n, n, steps)
+                n = decoder.num_layers
+                decided[i] = _sample(decoder, seqs, i, logits[r], n, n, steps)
     return decided
 
 
-def _confidence(logits, metric):
-    from megatron.early_exit.inference.sampling import confidence
-
-    return confidence(logits, metric)
-
-
-def _sample(engine, seqs, i, logits, layer, ran_upto, steps):
-    from megatron.early_exit.inference.decode_state import Decision
-    from megatron.early_exit.inference.sampling import sample
-
+def _sample(decoder, seqs, i, logits, layer, ran_upto, steps):
     sp = seqs[i].req.sampling
     tok, lp = sample(logits, sp, sp.seed, steps[i])
     return Decision(tok, layer, ran_upto, lp)
@@ -99,7 +97,7 @@ def _header(B, kind, active, starts, ends, undecided, decided, steps):
     hdr[0, 0] = kind
     for i, s, e in zip(active, starts, ends):
         row = hdr[i + 1]
-        row[0] = _RUNNING if i in undecided else _DECIDED
+        row[0] = RUNNING if i in undecided else DECIDED
         row[4], row[5], row[6] = s, e, steps[i]
     for i, d in decided.items():
         hdr[i + 1, 1:4] = torch.tensor([d.token, d.exit_layer, d.ran_upto])
@@ -107,16 +105,14 @@ def _header(B, kind, active, starts, ends, undecided, decided, steps):
     return hdr, lps
 
 
-def _stage0(engine, st, seqs, ee) -> None:
-    from megatron.early_exit.inference.decode_state import Decision, chunk_tokens
-
-    pipe, B = engine.pipe, len(seqs)
+def _stage0(decoder, st, seqs, ee) -> None:
+    pipe, B = decoder.pipe, len(seqs)
     while True:
         active = [i for i, s in enumerate(seqs) if s.finish is None]
         if not active:
             hdr, lps = _header(B, _STOP, [], [], [], set(), {}, {})
-            pipe.send(hdr.to(engine.device), 1)
-            pipe.send(lps.to(engine.device), 1)
+            pipe.send(hdr.to(decoder.device), 1)
+            pipe.send(lps.to(decoder.device), 1)
             return
         starts = [seqs[i].emb_len for i in active]
         ends = [seqs[i].pos for i in active]
@@ -125,25 +121,25 @@ def _stage0(engine, st, seqs, ee) -> None:
         tokens = chunk_tokens(seqs, active, chunk)
         st.embed(chunk, tokens)
         undecided = set(active)
-        decided = _run_local(engine, st, seqs, active, starts, ends, undecided, steps, ee)
+        decided = _run_local(decoder, st, seqs, active, starts, ends, undecided, steps, ee)
         hdr, lps = _header(B, _STEP, active, starts, ends, undecided - set(decided), decided, steps)
-        pipe.send(hdr.to(engine.device), 1)
-        pipe.send(lps.to(engine.device), 1)
+        pipe.send(hdr.to(decoder.device), 1)
+        pipe.send(lps.to(decoder.device), 1)
         pipe.send(st.get_flat(active, starts, ends), 1)
         stage = 1
         while len(decided) < len(active):
             d = pipe.recv((B, 4), torch.long, stage).cpu().tolist()
             lp = pipe.recv((B,), torch.float64, stage).cpu().tolist()
             for i in active:
-                if d[i][0] == _DECIDED:
+                if d[i][0] == DECIDED:
                     decided[i] = Decision(d[i][1], d[i][2], d[i][3], lp[i])
             stage += 1
         for i in active:
-            engine.apply(seqs[i], decided[i])
+            decoder.apply(seqs[i], decided[i])
 
 
-def _follower(engine, st, seqs, ee) -> None:
-    pipe, B = engine.pipe, len(seqs)
+def _follower(decoder, st, seqs, ee) -> None:
+    pipe, B = decoder.pipe, len(seqs)
     prev, nxt = pipe.stage - 1, pipe.stage + 1
     h = st.hbuf.shape[-1]
     while True:
@@ -151,29 +147,29 @@ def _follower(engine, st, seqs, ee) -> None:
         lps = pipe.recv((B,), torch.float64, prev)
         if int(hdr[0, 0]) == _STOP:
             if not st.last:
-                pipe.send(hdr.to(engine.device), nxt)
+                pipe.send(hdr.to(decoder.device), nxt)
                 pipe.send(lps, nxt)
             return
         rows = hdr[1:].tolist()
-        active = [i for i in range(B) if rows[i][0] != _INACTIVE]
-        undecided = {i for i in active if rows[i][0] == _RUNNING}
+        active = [i for i in range(B) if rows[i][0] != INACTIVE]
+        undecided = {i for i in active if rows[i][0] == RUNNING}
         starts = [rows[i][4] for i in active]
         ends = [rows[i][5] for i in active]
         steps = {i: rows[i][6] for i in active}
         n = sum(e - s + 1 for s, e in zip(starts, ends))
         st.put_flat(active, starts, ends, pipe.recv((n, h), st.dtype, prev))
-        decided = _run_local(engine, st, seqs, active, starts, ends, undecided, steps, ee)
+        decided = _run_local(decoder, st, seqs, active, starts, ends, undecided, steps, ee)
         if undecided:
             msg = torch.zeros(B, 4, dtype=torch.long)
             out = torch.zeros(B, dtype=torch.float64)
             for i, d in decided.items():
-                msg[i] = torch.tensor([_DECIDED, d.token, d.exit_layer, d.ran_upto])
+                msg[i] = torch.tensor([DECIDED, d.token, d.exit_layer, d.ran_upto])
                 out[i] = d.logprob
-            pipe.send(msg.to(engine.device), 0)
-            pipe.send(out.to(engine.device), 0)
+            pipe.send(msg.to(decoder.device), 0)
+            pipe.send(out.to(decoder.device), 0)
         if not st.last:
             still = undecided - set(decided)
             hdr2, lps2 = _header(B, _STEP, active, starts, ends, still, {}, steps)
-            pipe.send(hdr2.to(engine.device), nxt)
-            pipe.send(lps2.to(engine.device), nxt)
+            pipe.send(hdr2.to(decoder.device), nxt)
+            pipe.send(lps2.to(decoder.device), nxt)
             pipe.send(st.get_flat(active, starts, ends), nxt)

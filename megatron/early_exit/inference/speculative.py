@@ -15,7 +15,7 @@ states passed on like in kv_recompute; the draft is broadcast from the exit's st
 verification result from the last stage) - correct, not pipelined.
 
 Draft vocabulary (`draft_vocab_size` N, FR-Spec): the draft exit scores only the N most
-frequent tokens (engine.draft_ids; the projection rows are gathered once per generate
+frequent tokens (decoder.draft_ids; the projection rows are gathered once per generate
 call, stage.py), so a draft costs N/V of the exit projection. q is the softmax (after
 temperature/top-k/top-p) over those N tokens and exactly 0 elsewhere, so drafts come only
 from the subset and rejection sampling stays exact (accept min(1, p/q); the residual
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron.early_exit.inference.decode_state import Decoder
 from megatron.early_exit.inference.sampling import (
     confidence,
     generator_for,
@@ -36,34 +37,34 @@ from megatron.early_exit.inference.sampling import (
 )
 
 
-def run_self_speculative(engine, st, seqs, ee) -> None:
+def run_self_speculative(decoder: Decoder, st, seqs, ee) -> None:
     k = ee.draft_exit_layer or ee.exit_layers[0]
     n = ee.draft_vocab_size
-    st.set_draft_vocab(engine.draft_ids(n) if n is not None else None)
+    st.set_draft_vocab(decoder.draft_ids(n) if n is not None else None)
     for i, s in enumerate(seqs):
-        s.spec_stats = {"drafted_tokens": 0, "accepted_tokens": 0, "verify_passes": 0}
+        s.spec_stats.update(drafted_tokens=0, accepted_tokens=0, verify_passes=0)
         while s.finish is None:
-            _round(engine, st, i, s, k, ee)
+            _round(decoder, st, i, s, k, ee)
         d, a, v = (s.spec_stats[x] for x in ("drafted_tokens", "accepted_tokens", "verify_passes"))
         s.spec_stats["acceptance_rate"] = a / d if d else 0.0
         s.spec_stats["mean_accepted_length"] = a / v if v else 0.0
 
 
-def _owner(engine, layer: int) -> int:
+def _owner(decoder, layer: int) -> int:
     """Pipeline stage holding a layer (uniform split)."""
-    return (layer - 1) // (engine.num_layers // engine.pipe.size)
+    return (layer - 1) // (decoder.num_layers // decoder.pipe.size)
 
 
-def _forward(engine, st, i, s, from_layer: int, upto: int) -> None:
+def _forward(decoder, st, i, s, from_layer: int, upto: int) -> None:
     """Newest position through layers from_layer..upto on every stage, with catch-up chunks
     (positions a layer lacks); hidden states move stage to stage like in kv_recompute.
     Bookkeeping (cache lengths) is updated identically on every rank."""
-    pipe, p = engine.pipe, s.pos
+    pipe, p = decoder.pipe, s.pos
     first, last = st.offset + 1, st.offset + len(st.layers)
     if from_layer == 1 and st.first:
         chunk = st.chunk([i], [s.emb_len], [p])
         ids = [[s.tokens[q] for q in chunk.pos[0].tolist()]]
-        st.embed(chunk, torch.tensor(ids, device=engine.device))
+        st.embed(chunk, torch.tensor(ids, device=decoder.device))
     if pipe.stage > 0 and from_layer <= first <= upto:
         start = s.cache_len[first]
         flat = pipe.recv((p - start + 1, st.hbuf.shape[-1]), st.dtype, pipe.stage - 1)
@@ -78,14 +79,14 @@ def _forward(engine, st, i, s, from_layer: int, upto: int) -> None:
         s.cache_len[layer] = p + 1
 
 
-def _draft(engine, st, i, s, k, ee, step: int) -> tuple[int, torch.Tensor, float]:
+def _draft(decoder, st, i, s, k, ee, step: int) -> tuple[int, torch.Tensor, float]:
     """(draft token, its processed log-distribution q [V], exit confidence), on every rank."""
     sp = s.req.sampling
-    V = engine.limits.vocab_size
+    V = decoder.limits.vocab_size
     box = torch.zeros(V + 2, dtype=torch.float64)
-    owner = _owner(engine, k)
-    if engine.pipe.stage == owner:
-        logits = _exit_logits(st, k, i, s, engine.device)  # [1, V] or [1, N] (draft vocab)
+    owner = _owner(decoder, k)
+    if decoder.pipe.stage == owner:
+        logits = _exit_logits(st, k, i, s, decoder.device)  # [1, V] or [1, N] (draft vocab)
         q = processed_logprobs(logits[0], sp)
         if sp.greedy:
             tok = int(torch.argmax(q))
@@ -100,31 +101,31 @@ def _draft(engine, st, i, s, k, ee, step: int) -> tuple[int, torch.Tensor, float
         else:
             box[2:] = q.double()
     s.xcache_len = s.pos + 1
-    box = engine.pipe.broadcast(box.to(engine.device), owner).cpu()
+    box = decoder.pipe.broadcast(box.to(decoder.device), owner).cpu()
     return int(box[0]), box[2:].float(), float(box[1])
 
 
-def _round(engine, st, i, s, k, ee) -> None:
+def _round(decoder, st, i, s, k, ee) -> None:
     sp = s.req.sampling
-    L = engine.num_layers
+    L = decoder.num_layers
     base = s.pos  # newest token, not yet through any layer deeper than what it has
     budget = sp.max_new_tokens - len(s.gen) - 1  # room for drafts + the full model's token
     drafts: list[int] = []
     qs: list[torch.Tensor] = []
     for j in range(min(ee.draft_length, budget)):
-        _forward(engine, st, i, s, 1, k)
-        tok, q, conf = _draft(engine, st, i, s, k, ee, 3 * (len(s.gen) + j) + 1)
+        _forward(decoder, st, i, s, 1, k)
+        tok, q, conf = _draft(decoder, st, i, s, k, ee, 3 * (len(s.gen) + j) + 1)
         drafts.append(tok)
         qs.append(q)
         s.tokens.append(tok)
         if ee.draft_threshold > 0 and conf < ee.draft_threshold:
             break
     # verification: the newest token through 1..k, everything pending through k+1..L
-    _forward(engine, st, i, s, 1, k)
-    if engine.pipe.stage == _owner(engine, k) and k in st.exit_caches:
+    _forward(decoder, st, i, s, 1, k)
+    if decoder.pipe.stage == _owner(decoder, k) and k in st.exit_caches:
         st.exit_block_fill(k, st.chunk([i], [s.xcache_len], [s.pos]))
     s.xcache_len = s.pos + 1
-    _forward(engine, st, i, s, k + 1, L)
+    _forward(decoder, st, i, s, k + 1, L)
     box = torch.zeros(ee.draft_length + 3, dtype=torch.float64)
     if st.last:
         positions = list(range(base, s.pos + 1))
@@ -134,7 +135,7 @@ def _round(engine, st, i, s, k, ee) -> None:
         for j in range(accepted):
             box[2 + j] = float(ps[j][drafts[j]])
         box[2 + accepted] = float(ps[accepted][nxt])
-    box = engine.pipe.broadcast(box.to(engine.device), engine.pipe.size - 1).cpu().tolist()
+    box = decoder.pipe.broadcast(box.to(decoder.device), decoder.pipe.size - 1).cpu().tolist()
     accepted, nxt, lps = int(box[0]), int(box[1]), box[2:]
     s.spec_stats["verify_passes"] += 1
     s.spec_stats["drafted_tokens"] += len(drafts)
@@ -153,8 +154,8 @@ def _round(engine, st, i, s, k, ee) -> None:
         s.exits.append(layer)
         s.layers_used.append(layer)
         s.logprobs.append(lp)
-        engine.emit(s)
-        engine.check_stop(s)
+        decoder.emit(s)
+        decoder.check_stop(s)
         if s.finish is not None:
             break
     # the tokens list keeps the pending token at the end, like kv_recompute expects
