@@ -7,15 +7,11 @@
 import sys
 
 
-def main(argv=None) -> int:
-    import warnings
+def main(argv=None, on_checkpoint_staged=None) -> int:
+    """`on_checkpoint_staged(iteration)`: called on every rank mid-save (tests inject faults)."""
+    from megatron.early_exit.cli import quiet_startup
 
-    # megatron-core and torch.distributed.checkpoint warn on every CPU run about optional
-    # fused kernels and deprecated internals they call themselves; keep the log readable.
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed.*")
-    import megatron.early_exit  # noqa: F401  (guards broken GPU accelerators first)
+    quiet_startup()
     from megatron.early_exit.arguments import parse_args, parse_run_config
     from megatron.early_exit.config import ConfigError
     from megatron.early_exit.data.tokenizers import TokenizerError, build_tokenizer
@@ -37,14 +33,23 @@ def main(argv=None) -> int:
     if dry_run:
         return dry_run_report(run)
 
-    from megatron.early_exit.checkpoint.store import CheckpointError
     from megatron.early_exit.data.gpt_data import DataError
+    from megatron.early_exit.errors import CheckpointError
     from megatron.early_exit.model.specs import transformer_engine_usable
     from megatron.early_exit.training.trainer import Trainer
+    from megatron.early_exit.tuning import ExitTuning
 
     try:
         use_te = transformer_engine_usable(platform.is_cuda)
-        trainer = Trainer(run, platform, use_te=use_te, tokenizer=tokenizer)
+        mode = ExitTuning(run) if run.training.tune_exit else None  # None: pretraining
+        trainer = Trainer(
+            run,
+            platform,
+            use_te=use_te,
+            tokenizer=tokenizer,
+            mode=mode,
+            on_checkpoint_staged=on_checkpoint_staged,
+        )
         trainer.train()
     except (CheckpointError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -109,7 +109,6 @@ def _read_jsonl(path: str) -> list[dict]:
 
 def _worker(argv: list[str]) -> int:
     """One rank of a launch: the real entry point, then this rank's peak RSS."""
-    sys.path.insert(0, ROOT)
     from pretrain_early_exit_gpt import main
 
     rc = main(argv)

@@ -138,13 +138,12 @@ class _HostMemory:
 
 
 def worker(a: argparse.Namespace) -> None:
-    import warnings
+    from megatron.early_exit.cli import quiet_startup
 
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    quiet_startup()
     import torch
     import torch.distributed as dist
 
-    import megatron.early_exit  # noqa: F401  (guards broken GPU accelerators first)
     from megatron.early_exit.arguments import parse_run_config
     from megatron.early_exit.config import build_transformer_config
     from megatron.early_exit.model import ExitState, tied_embedding_ranks

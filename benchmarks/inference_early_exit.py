@@ -329,10 +329,9 @@ def plot(path, rows) -> None:
 def main() -> None:
     args = build_parser().parse_args()
     if args.worker:
-        sys.path.insert(0, ROOT)
-        import warnings
+        from megatron.early_exit.cli import quiet_startup
 
-        warnings.filterwarnings("ignore")
+        quiet_startup()
         worker(args)
     else:
         launch(args)

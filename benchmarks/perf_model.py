@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
 
 MODELS = ("1.3B", "7B", "13B", "30B")
 # Nodes of 8 GPUs per model for the headline numbers: DP=8 everywhere, so the number of

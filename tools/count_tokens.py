@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,14 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    import warnings
-
-    warnings.filterwarnings("ignore", category=UserWarning)  # megatron-core's optional kernels
     import numpy
 
-    import megatron.early_exit  # noqa: F401  (guards broken GPU accelerators first)
-    from megatron.early_exit.checkpoint.files import CheckpointError
-    from megatron.early_exit.data.tokenizers import TokenizerError
+    from megatron.early_exit.cli import quiet_startup
+
+    quiet_startup()
+    from megatron.early_exit.errors import UserError
     from megatron.early_exit.inference import draft_vocab as dv
 
     try:
@@ -58,7 +53,7 @@ def main(argv=None) -> int:
             except OSError as exc:
                 raise dv.TokenCountError(f"--output {args.output}: {exc}") from None
             written.append(args.output)
-    except (dv.TokenCountError, CheckpointError, TokenizerError) as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     seen = int((counts > 0).sum())

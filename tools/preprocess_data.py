@@ -13,11 +13,9 @@ import sys
 
 
 def main(argv=None) -> int:
-    import warnings
+    from megatron.early_exit.cli import quiet_startup
 
-    # megatron-core warns about optional fused kernels on import; irrelevant here.
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core.*")
-    import megatron.early_exit  # noqa: F401  (guards broken GPU accelerators first)
+    quiet_startup()
     from megatron.early_exit.data.preprocess import main as preprocess_main
 
     return preprocess_main(argv)

@@ -47,15 +47,11 @@ def check_server_args(args) -> None:
 
 
 def main(argv=None) -> int:
-    import warnings
+    from megatron.early_exit.cli import quiet_startup
 
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed.*")
-    import megatron.early_exit  # noqa: F401  (guards broken GPU accelerators first)
+    quiet_startup()
     from megatron.early_exit.arguments import build_parser, parse_args
-    from megatron.early_exit.config import ConfigError
-    from megatron.early_exit.data.tokenizers import TokenizerError
+    from megatron.early_exit.errors import ConfigError, UserError
     from megatron.early_exit.inference.loading import inference_run_config
     from megatron.early_exit.platform import init_platform
 
@@ -70,7 +66,7 @@ def main(argv=None) -> int:
             raise ConfigError("--load CKPT is required: the server serves a trained checkpoint")
         check_server_args(args)
         run = inference_run_config(None, platform.is_cuda, args=args)
-    except (ConfigError, TokenizerError, ValueError) as exc:
+    except (UserError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

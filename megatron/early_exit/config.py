@@ -1,21 +1,26 @@
 """Typed configs, validated before any process group exists.
 
-`RunConfig` groups everything one training run needs; `arguments.py` is the only code
-that builds it from the command line. Components receive the sub-config they need.
+`RunConfig` groups everything one training run needs; components receive the sub-config
+they need. Every field that is a command-line flag declares it here, once (`flags.flag`:
+default, help, Megatron-LM name); `arguments.py` generates the parser from these classes.
 `EarlyExitTransformerConfig` extends megatron-core's `TransformerConfig` with the exit
 settings, so the model is built from one config like any megatron-core model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron.early_exit.data.tokenizers import TokenizerConfig
 from megatron.early_exit.errors import ConfigError
+from megatron.early_exit.flags import flag, tagged
 
 
 def _require(condition: bool, message: str) -> None:
@@ -23,24 +28,57 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# Tags of exit flags: HEADS shape the exit heads' parameters (a checkpoint's heads must
+# match them); RECORDED go into a checkpoint's ee_args.json. Loss weights are training
+# choices: neither.
+HEADS, RECORDED = "heads", "recorded"
+
+
 @dataclass
 class ExitConfig:
     """Where early exits sit, what an exit head is, and how exit losses are weighted."""
 
-    exit_layer_nums: list[int] = field(default_factory=list)  # 1-based global layer numbers
-    pre_exit: bool = False  # exit before the layer instead of after it
-    use_exit_norm: bool = False
-    use_exit_mlp: bool = False
-    use_exit_block: bool = False
-    untie_exit_output_weights: bool = False
-    exit_layer_temperature: list[float] = field(default_factory=list)  # one, or one per exit
-    exit_layer_weight: list[float] = field(default_factory=list)  # one per exit (default 1.0)
-    exit_layer_weight_init: list[float] = field(default_factory=list)  # warm-up start values
-    exit_layer_weight_warmup_iters: int = 0
-    exit_layer_weight_warmup_style: str = "linear"
-    use_dynamic_exit_layer_weight: bool = False
-    # Train exits toward the final layer's (detached) distribution: KL(p_final || p_exit).
-    exit_distillation: bool = False
+    FLAG_GROUP: ClassVar[str] = "early exit"
+
+    exit_layer_nums: list[int] = flag(
+        [], help="1-based layers that get an exit (after the layer; before with --pre-exit)",
+        tags=(HEADS, RECORDED),
+    )  # fmt: skip
+    pre_exit: bool = flag(
+        False, help="exits take the layer's input instead of its output", tags=(HEADS, RECORDED)
+    )
+    use_exit_norm: bool = flag(
+        False, help="norm before the exit's output projection", tags=(HEADS, RECORDED)
+    )
+    use_exit_mlp: bool = flag(False, help="residual MLP in the exit head", tags=(HEADS, RECORDED))
+    use_exit_block: bool = flag(
+        False, help="a full transformer layer in the exit head", tags=(HEADS, RECORDED)
+    )
+    untie_exit_output_weights: bool = flag(
+        False, help="own output projection per exit (default: the word embeddings)",
+        tags=(HEADS, RECORDED),
+    )  # fmt: skip
+    exit_layer_temperature: list[float] = flag(
+        [], help="divide exit logits by T (one value, or one per exit)", tags=(RECORDED,)
+    )
+    exit_layer_weight: list[float] = flag([], help="loss weight per exit (default 1.0)")
+    exit_layer_weight_init: list[float] = flag(
+        [], help="per-exit start weights of the warm-up (or cool-down)"
+    )
+    exit_layer_weight_warmup_iters: int = flag(
+        0, help="iterations from --exit-layer-weight-init to --exit-layer-weight"
+    )
+    exit_layer_weight_warmup_style: str = flag(
+        "linear", choices=["linear", "cosine"], help="shape of the weight warm-up"
+    )
+    use_dynamic_exit_layer_weight: bool = flag(
+        False, help="scale each token's exit loss by the exit's detached max probability"
+    )
+    exit_distillation: bool = flag(
+        False,
+        help="train exits on KL(final layer || exit) instead of cross entropy with the data "
+        "(the final layer's distribution is detached; needs PP=1)",
+    )
 
     @property
     def num_exits(self) -> int:
@@ -116,6 +154,12 @@ class ExitConfig:
             )
 
 
+# The one list of exit-architecture fields (see HEADS, RECORDED above).
+EXIT_HEAD_FIELDS = tagged(ExitConfig, HEADS)
+EXIT_ARCH_FIELDS = tagged(ExitConfig, RECORDED)
+TOKENIZER_FIELDS = tuple(f.name for f in dataclasses.fields(TokenizerConfig))
+
+
 @dataclass
 class EarlyExitTransformerConfig(TransformerConfig):
     """megatron-core TransformerConfig plus the early-exit settings."""
@@ -129,29 +173,41 @@ class EarlyExitTransformerConfig(TransformerConfig):
 
 @dataclass
 class ModelConfig:
-    """Architecture of the GPT backbone (GPT-2 style by default, Llama style by flags)."""
+    """Architecture of the GPT backbone (GPT-2 style by default, Llama style by flags).
 
-    num_layers: int = 4
-    hidden_size: int = 64
-    num_attention_heads: int = 4
-    ffn_hidden_size: int | None = None  # default 4 * hidden (or 8/3 * hidden with SwiGLU)
-    kv_channels: int | None = None
-    seq_length: int = 64
-    max_position_embeddings: int | None = None
-    normalization: str = "LayerNorm"
-    norm_epsilon: float = 1e-5
-    position_embedding_type: str = "learned_absolute"
-    rotary_base: int = 10000
-    rotary_percent: float = 1.0
-    swiglu: bool = False
-    group_query_attention: bool = False
-    num_query_groups: int | None = None
-    untie_embeddings_and_output_weights: bool = False
-    disable_bias_linear: bool = False
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    init_method_std: float = 0.02
-    make_vocab_size_divisible_by: int = 128
+    A checkpoint records all of it (ee_args.json)."""
+
+    FLAG_GROUP: ClassVar[str] = "model"
+
+    num_layers: int = flag(4, help="transformer layers")
+    hidden_size: int = flag(64, help="hidden size")
+    num_attention_heads: int = flag(4, help="attention heads")
+    ffn_hidden_size: int | None = flag(
+        None, help="MLP hidden size (default 4 x hidden, or 8/3 x hidden with --swiglu)"
+    )
+    kv_channels: int | None = flag(None, help="per-head size (default hidden / heads)")
+    seq_length: int = flag(64, help="training sequence length")
+    max_position_embeddings: int | None = flag(None, help="default: --seq-length")
+    normalization: str = flag("LayerNorm", choices=["LayerNorm", "RMSNorm"], help="norm type")
+    norm_epsilon: float = flag(1e-5, help="epsilon of every norm")
+    position_embedding_type: str = flag(
+        "learned_absolute", choices=["learned_absolute", "rope"], help="position encoding"
+    )
+    rotary_base: int = flag(10000, help="RoPE theta")
+    rotary_percent: float = flag(1.0, help="share of each head's dimensions that RoPE rotates")
+    swiglu: bool = flag(False, help="SwiGLU MLP (Llama)")
+    group_query_attention: bool = flag(False, help="grouped-query attention")
+    num_query_groups: int | None = flag(None, help="key/value heads with --group-query-attention")
+    untie_embeddings_and_output_weights: bool = flag(
+        False, help="own LM-head weights (default: tied to the word embeddings)"
+    )
+    disable_bias_linear: bool = flag(False, help="no biases in linear layers (Llama)")
+    hidden_dropout: float = flag(0.0, help="dropout after attention and MLP")
+    attention_dropout: float = flag(0.0, help="dropout of attention probabilities")
+    init_method_std: float = flag(0.02, help="std of the weight initialisation")
+    make_vocab_size_divisible_by: int = flag(
+        128, help="pad the vocabulary to a multiple of this x TP"
+    )
 
     def resolved_ffn_hidden_size(self) -> int:
         if self.ffn_hidden_size is not None:
@@ -215,15 +271,27 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: int | None = None
-    sequence_parallel: bool = False
-    use_distributed_optimizer: bool = False
-    batch_p2p_comm: bool = True
-    world_size: int = 1
+    FLAG_GROUP: ClassVar[str] = "parallelism"
+
+    tensor_model_parallel_size: int = flag(1, help="TP size")
+    pipeline_model_parallel_size: int = flag(1, help="PP size (stages)")
+    num_layers_per_virtual_pipeline_stage: int | None = flag(
+        None, help="interleaved schedule (refused: not supported with exit losses)"
+    )
+    sequence_parallel: bool = flag(False, help="sequence parallelism (needs TP > 1)")
+    use_distributed_optimizer: bool = flag(False, help="shard optimizer state over DP")
+    batch_p2p_comm: bool = flag(
+        True, name="--no-batch-p2p-comm", help="separate pipeline sends and receives"
+    )
     # EE-Tuning: run only the first k of the pipeline_model_parallel_size stages.
-    tune_exit_pipeline_parallel_size: int | None = None
+    tune_exit_pipeline_parallel_size: int | None = flag(
+        None,
+        help="with --tune-exit: run (and load) only the first k pipeline stages; all exits "
+        "must live there (world size TP x k x DP)",
+    )
+    # Not flags: from --num-layers-per-virtual-pipeline-stage, and from the launcher.
+    virtual_pipeline_model_parallel_size: int | None = None
+    world_size: int = 1
 
     @property
     def runtime_pipeline_parallel_size(self) -> int:
@@ -278,28 +346,37 @@ class ParallelConfig:
 
 @dataclass
 class TrainingConfig:
-    micro_batch_size: int = 2
-    global_batch_size: int | None = None  # default: micro batch x data-parallel size
-    train_iters: int = 10
-    exit_interval: int | None = None  # stop (and save) once iteration % exit_interval == 0
-    eval_interval: int | None = None  # validate every N iterations (and at the end)
-    eval_iters: int = 10  # global batches per validation
-    lr: float = 1e-3
-    min_lr: float = 0.0
-    lr_decay_style: str = "cosine"
-    lr_warmup_iters: int = 0
-    lr_decay_iters: int | None = None
-    clip_grad: float = 1.0
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    seed: int = 1234
-    bf16: bool = False
-    fp16: bool = False
-    loss_scale: float | None = None  # fixed fp16 loss scale; dynamic when None
-    initial_loss_scale: float = 2.0**32
-    tune_exit: bool = False  # EE-Tuning: train only exit heads on a frozen backbone
+    FLAG_GROUP: ClassVar[str] = "training"
+
+    micro_batch_size: int = flag(2, help="sequences per microbatch")
+    global_batch_size: int | None = flag(None, help="default: micro batch x data-parallel size")
+    train_iters: int = flag(10, help="iterations to train")
+    eval_interval: int | None = flag(None, help="validate every N iterations and at the end")
+    eval_iters: int = flag(10, help="global batches per validation")
+    exit_interval: int | None = flag(
+        None, help="stop after an iteration divisible by this (saving if --save)"
+    )
+    lr: float = flag(1e-3, help="peak learning rate")
+    min_lr: float = flag(0.0, help="learning rate at the end of the decay")
+    lr_decay_style: str = flag(
+        "cosine", choices=["cosine", "linear", "constant"], help="learning-rate decay"
+    )
+    lr_warmup_iters: int = flag(0, help="linear warm-up iterations")
+    lr_decay_iters: int | None = flag(None, help="decay iterations (default: --train-iters)")
+    clip_grad: float = flag(1.0, help="gradient-norm clipping (0: off)")
+    weight_decay: float = flag(0.01, help="AdamW weight decay")
+    adam_beta1: float = flag(0.9, help="Adam beta1")
+    adam_beta2: float = flag(0.999, help="Adam beta2")
+    adam_eps: float = flag(1e-8, help="Adam epsilon")
+    seed: int = flag(1234, help="random seed")
+    bf16: bool = flag(False, help="bfloat16 parameters (GPU)")
+    fp16: bool = flag(False, help="float16 parameters with loss scaling (GPU)")
+    loss_scale: float | None = flag(None, help="fixed fp16 loss scale (default: dynamic)")
+    initial_loss_scale: float = flag(2.0**32, help="start of the dynamic fp16 loss scale")
+    tune_exit: bool = flag(
+        False,
+        help="EE-Tuning: freeze the loaded backbone, train only the exit heads on exit losses",
+    )
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -363,30 +440,31 @@ class TrainingConfig:
 
 
 @dataclass
-class DataConfig:
-    mock_data: bool = False
-    data_path: list[str] = field(default_factory=list)  # ["PREFIX"] or ["0.7", "A", "0.3", "B"]
-    split: str = "969,30,1"
-    data_cache_path: str | None = None
-    tokenizer_type: str = "NullTokenizer"
-    vocab_file: str | None = None
-    merge_file: str | None = None
-    tokenizer_model: str | None = None
-    vocab_size: int | None = None  # NullTokenizer's vocabulary; else taken from the tokenizer
+class DataConfig(TokenizerConfig):
+    """Training data, plus the tokenizer flags (inherited: declared in data/tokenizers.py).
 
-    def tokenizer_config(self):
-        from megatron.early_exit.data.tokenizers import tokenizer_config_from_args
+    `vocab_size` is NullTokenizer's vocabulary; other tokenizers set it (resolve_vocab)."""
 
-        return tokenizer_config_from_args(self)  # same field names as the flags
+    FLAG_GROUP: ClassVar[str] = "data"
 
-    def validate(self) -> None:
+    mock_data: bool = flag(False, help="seeded synthetic token ids")
+    data_path: list[str] = flag([], help="PREFIX or weighted blend 'W1 P1 W2 P2 ...'")
+    split: str = flag("969,30,1", help="train,valid,test weights")
+    data_cache_path: str | None = flag(None, help="index cache (shared by all nodes)")
+
+    def tokenizer_config(self) -> TokenizerConfig:
+        return TokenizerConfig(**{k: getattr(self, k) for k in TOKENIZER_FIELDS})
+
+    def validate(self, needs_data: bool = True) -> None:
+        """`needs_data=False` (inference): only the tokenizer settings are checked."""
         from megatron.early_exit.data.tokenizers import TOKENIZER_TYPES
 
-        _require(
-            self.mock_data or self.data_path,
-            "no training data: pass --data-path PREFIX (from tools/preprocess_data.py) or "
-            "--mock-data",
-        )
+        if needs_data:
+            _require(
+                self.mock_data or self.data_path,
+                "no training data: pass --data-path PREFIX (from tools/preprocess_data.py) or "
+                "--mock-data",
+            )
         _require(
             not (self.mock_data and self.data_path),
             "--mock-data and --data-path exclude each other",
@@ -407,12 +485,16 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    save: str | None = None
-    load: str | None = None
-    save_interval: int | None = None
-    no_load_optim: bool = False
-    no_load_rng: bool = False
-    finetune: bool = False  # load weights, restart at iteration 0
+    FLAG_GROUP: ClassVar[str] = "checkpointing"
+
+    save: str | None = flag(None, help="checkpoint directory to save to")
+    load: str | None = flag(
+        None, help="checkpoint to load; its recorded model and tokenizer flags become defaults"
+    )
+    save_interval: int | None = flag(None, help="save every N iterations (and at the end)")
+    no_load_optim: bool = flag(False, help="do not load optimizer and LR-schedule state")
+    no_load_rng: bool = flag(False, help="do not load the RNG state")
+    finetune: bool = flag(False, help="load weights only and restart at iteration 0")
 
     def validate(self) -> None:
         if self.save_interval is not None:
@@ -422,8 +504,10 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = 1
-    metrics_file: str | None = None
+    FLAG_GROUP: ClassVar[str] = "logging"
+
+    log_interval: int = flag(1, help="print (and record) every N iterations")
+    metrics_file: str | None = flag(None, help="JSON lines of every logged record")
 
     def validate(self) -> None:
         _require(self.log_interval >= 1, "--log-interval must be >= 1")
@@ -431,13 +515,21 @@ class LoggingConfig:
 
 @dataclass
 class FillConfig:
-    """Bubble filling of the 1F1B schedule (pipeline/bubble_filling.py)."""
+    """Bubble filling of the 1F1B schedule (pipeline/fill_plan.py, bubble_filling.py)."""
 
-    fill_explicit_bubbles: bool = False
-    num_fill_warmup_microbatches: int | None = None  # None: automatic
-    num_fill_cooldown_microbatches: int | None = None  # None: automatic
-    backward_forward_ratio: float = 2.0
-    print_pipeline_schedule: bool = False
+    FLAG_GROUP: ClassVar[str] = "bubble filling"
+
+    fill_explicit_bubbles: bool = flag(
+        False, help="train exits with extra microbatches in 1F1B pipeline bubbles"
+    )
+    num_fill_warmup_microbatches: int | None = flag(None, help="default: automatic")
+    num_fill_cooldown_microbatches: int | None = flag(None, help="default: automatic")
+    backward_forward_ratio: float = flag(
+        2.0, help="backward/forward time, for the automatic fill counts"
+    )
+    print_pipeline_schedule: bool = flag(
+        False, help="print each stage's order of forward/backward/fill steps at start-up"
+    )
 
     def validate(self, run: RunConfig) -> None:
         if not self.fill_explicit_bubbles:
@@ -458,6 +550,8 @@ class FillConfig:
 
 @dataclass
 class RunConfig:
+    FLAG_GROUP: ClassVar[str] = "run"
+
     model: ModelConfig = field(default_factory=ModelConfig)
     exits: ExitConfig = field(default_factory=ExitConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -466,16 +560,23 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     fill: FillConfig = field(default_factory=FillConfig)
+    dry_run: bool = flag(
+        False,
+        help="parse and validate for WORLD_SIZE GPUs, print the parallel layout and parameter "
+        "counts, and exit without creating process groups",
+    )
 
-    def validate(self, device_is_cuda: bool = False) -> RunConfig:
-        """Check everything that can be checked without process groups; raise ConfigError."""
+    def validate(self, device_is_cuda: bool = False, needs_data: bool = True) -> RunConfig:
+        """Check everything that can be checked without process groups; raise ConfigError.
+
+        `needs_data=False` for inference: no training data flags are required."""
         self.parallel.validate(self.model.num_layers)
         self.model.validate(self.parallel.tensor_model_parallel_size)
         self.exits.validate(self.model.num_layers)
         self._validate_exit_tuning()
         self._validate_exit_distillation()
         self.training.validate(self.parallel.data_parallel_size, device_is_cuda)
-        self.data.validate()
+        self.data.validate(needs_data)
         self.checkpoint.validate()
         self.logging.validate()
         self.fill.validate(self)

@@ -2,20 +2,16 @@
 
 Copy-init acceptance: at the moment of adding, an exit that copies the final norm and the
 output head gives exactly the logits of applying them to that layer's hidden state. The
-check runs in a worker process (this file run as a script) that loads the new checkpoint.
+check runs in a worker process (this module run with -m) that loads the new checkpoint.
 """
 
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-if __name__ == "__main__":  # worker mode: make `tests` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from tests.distributed.launch import ENTRY, ROOT, TINY, torchrun  # noqa: E402
+from tests.distributed.launch import ENTRY, ROOT, TINY, torchrun
 
 pytestmark = pytest.mark.distributed
 TOOL = ROOT / "tools" / "checkpoint" / "add_exits.py"
@@ -46,7 +42,7 @@ def bases(tmp_path_factory):
 def run_worker(ckpt, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
-        [sys.executable, __file__, str(ckpt), *map(str, args)],
+        [sys.executable, "-m", "tests.distributed.test_add_exits", str(ckpt), *map(str, args)],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -112,18 +108,17 @@ def _worker(ckpt: str, args: list[str]) -> None:
     from megatron.early_exit.arguments import parse_run_config
     from megatron.early_exit.checkpoint.store import load_checkpoint
     from megatron.early_exit.config import build_transformer_config
-    from megatron.early_exit.platform import init_platform
-    from megatron.early_exit.platform.distributed import destroy_distributed, initialize_distributed
-    from megatron.early_exit.training.setup import setup_training
+    from megatron.early_exit.model import build_stage_model, init_model_parallel, unwrap
+    from megatron.early_exit.platform import destroy_distributed, init_platform
 
     mode, layers = args[0], [int(a) for a in args[1:]]
     platform = init_platform()
     run = parse_run_config(["--load", ckpt, "--mock-data"], 1)
     config = build_transformer_config(run)
-    initialize_distributed(run, config, platform)
-    state = setup_training(run, config, platform, use_te=False)
-    load_checkpoint(ckpt, state, load_optimizer=False, load_rng=False)
-    model = state.unwrapped.eval()
+    init_model_parallel(run, config, platform)
+    model = unwrap(build_stage_model(run, config, platform, use_te=False))
+    load_checkpoint(ckpt, model, load_rng=False)
+    model = model.eval()
     try:
         with torch.no_grad():
             if mode == "exact":

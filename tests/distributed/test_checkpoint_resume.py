@@ -6,6 +6,7 @@ import pytest
 
 from tests.distributed.launch import (
     ENTRY,
+    ROOT,
     TINY,
     assert_close_records,
     layout_args,
@@ -15,6 +16,7 @@ from tests.distributed.launch import (
 )
 
 pytestmark = pytest.mark.distributed
+FAULT_WORKER = ROOT / "tests" / "distributed" / "worker_fault.py"  # kills the save of iteration N
 MODEL = [*TINY, "--exit-layer-nums", "1", "3", "--use-exit-norm", "--lr-warmup-iters", "2"]
 
 
@@ -68,9 +70,8 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path):
     args = [*MODEL, *layout_args(1, 2), "--train-iters", "4", "--save", str(ckpt)]
     proc = torchrun(
         2,
-        ENTRY,
-        [*args, "--save-interval", "2", "--metrics-file", str(tmp_path / "m.jsonl")],
-        env={"EE_FAULT_INJECT": "kill_during_save:4"},
+        FAULT_WORKER,
+        ["4", *args, "--save-interval", "2", "--metrics-file", str(tmp_path / "m.jsonl")],
         check=False,
     )
     assert proc.returncode != 0, "the fault injection should have killed the save"

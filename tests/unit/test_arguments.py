@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar  # a dataclass resolves string ClassVar annotations here
+
 import pytest
 import torch
 
@@ -104,6 +106,38 @@ EXPECTED_FLAGS = [
 ]
 
 
+# Every generation flag of tools/generate.py (inference.generate_config.GenerateConfig), pinned
+# the same way.
+EXPECTED_GENERATE_FLAGS = [
+    "--add-bos",
+    "--batch-size",
+    "--draft-exit-layer",
+    "--draft-length",
+    "--draft-threshold",
+    "--draft-vocab-size",
+    "--early-exit-thres",
+    "--eos-token-id",
+    "--exit-layers",
+    "--help-generate",
+    "--ignore-eos",
+    "--logprobs",
+    "--max-new-tokens",
+    "--method",
+    "--metric",
+    "--mode",
+    "--output-json",
+    "--prompt",
+    "--prompt-ids",
+    "--prompts-file",
+    "--sampling-seed",
+    "--stop",
+    "--temperature",
+    "--threshold",
+    "--top-k",
+    "--top-p",
+]
+
+
 def _option_strings(parser) -> list[str]:
     return sorted(
         option
@@ -120,6 +154,98 @@ def test_flag_registry_is_pinned():
     removed = sorted(set(EXPECTED_FLAGS) - set(flags))
     assert not added and not removed, f"flags added: {added}; flags removed: {removed}"
     assert flags == EXPECTED_FLAGS  # also pins that the literal list stays sorted
+
+
+def _generate_tool():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "generate.py"
+    spec = importlib.util.spec_from_file_location("generate_tool", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_generate_flag_registry_is_pinned():
+    flags = _option_strings(_generate_tool().generation_parser())
+    assert len(flags) == len(set(flags)), "a flag is registered twice"
+    added = sorted(set(flags) - set(EXPECTED_GENERATE_FLAGS))
+    removed = sorted(set(EXPECTED_GENERATE_FLAGS) - set(flags))
+    assert not added and not removed, f"flags added: {added}; flags removed: {removed}"
+    assert flags == EXPECTED_GENERATE_FLAGS
+
+
+def test_parser_defaults_are_the_config_defaults():
+    # argparse is generated from the fields: parsing nothing gives the dataclass defaults.
+    from megatron.early_exit.config import RunConfig
+    from megatron.early_exit.flags import from_args
+    from megatron.early_exit.inference.generate_config import GenerateConfig
+
+    assert config_from_args(build_parser().parse_args([]), world_size=1) == RunConfig()
+    gen, rest = _generate_tool().parse_generate_config([])
+    assert gen == GenerateConfig() and rest == []
+    gen = from_args(GenerateConfig, _generate_tool().generation_parser().parse_args([]))
+    assert gen == GenerateConfig()
+
+
+def test_every_flag_has_help():
+    for parser in (build_parser(), _generate_tool().generation_parser()):
+        for action in parser._actions:
+            assert action.help, f"{action.option_strings} has no help text"
+
+
+def test_registry_declares_a_config_in_a_few_lines():
+    # The pattern a new config (e.g. the server's) follows; see flags.py.
+    import argparse
+    from dataclasses import dataclass
+
+    from megatron.early_exit.flags import add_flags, flag, from_args, option_strings
+
+    @dataclass
+    class DemoConfig:
+        FLAG_GROUP: ClassVar[str] = "demo"
+        host: str = flag("127.0.0.1", help="bind address")
+        port: int = flag(5000, help="port")
+        api_key: str | None = flag(None, help="key")
+        strict: bool = flag(True, name="--no-strict", help="relax")
+        tags: list[str] = flag([], append=True, help="repeatable")
+        ids: list[int] | None = flag(None, help="one or more")
+
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    add_flags(parser, DemoConfig)
+    assert option_strings(DemoConfig) == [
+        "--api-key", "--host", "--ids", "--no-strict", "--port", "--tags",
+    ]  # fmt: skip
+    assert from_args(DemoConfig, parser.parse_args([])) == DemoConfig()
+    cfg = from_args(
+        DemoConfig,
+        parser.parse_args(
+            ["--port", "7", "--no-strict", "--tags", "a", "--tags", "b", "--ids", "1", "2"]
+        ),
+    )
+    assert (cfg.port, cfg.strict, cfg.tags, cfg.ids, cfg.host) == (
+        7,
+        False,
+        ["a", "b"],
+        [1, 2],
+        "127.0.0.1",
+    )
+    assert DemoConfig().tags == [] and DemoConfig().tags is not DemoConfig().tags
+
+
+def test_registry_refuses_a_true_flag_without_a_negative_name():
+    import argparse
+    from dataclasses import dataclass
+
+    from megatron.early_exit.flags import add_flags, flag
+
+    @dataclass
+    class Bad:
+        on: bool = flag(True, help="cannot be switched off")
+
+    with pytest.raises(TypeError, match="--no-"):
+        add_flags(argparse.ArgumentParser(), Bad)
 
 
 def test_no_abbreviations():

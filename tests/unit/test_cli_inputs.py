@@ -26,7 +26,8 @@ server = _load("run_text_generation_server")
 
 
 def gen_args(*argv):
-    return generate.generation_parser().parse_known_args(list(argv))[0]
+    """The GenerateConfig of generation flags (flags.from_args on the tool's parser)."""
+    return generate.parse_generate_config(list(argv))[0]
 
 
 @pytest.mark.parametrize(
@@ -42,19 +43,19 @@ def gen_args(*argv):
 )
 def test_generate_rejects_bad_counts(argv, message):
     with pytest.raises(ValueError, match=message):
-        generate.check_generation_args(gen_args(*argv))
+        gen_args(*argv).validate()
 
 
 def test_generate_accepts_defaults_and_valid_counts():
-    generate.check_generation_args(gen_args())
-    generate.check_generation_args(gen_args("--batch-size", "1", "--max-new-tokens", "0"))
+    gen_args().validate()
+    gen_args("--batch-size", "1", "--max-new-tokens", "0").validate()
 
 
 def test_prompts_file_text_and_jsonl(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text('plain line\n\n{"prompt": "from json", "id": 3}\n')
     args = gen_args("--prompt", "first", "--prompts-file", str(f))
-    assert generate.read_prompt_texts(args) == ["first", "plain line", "from json"]
+    assert args.prompt_texts() == ["first", "plain line", "from json"]
 
 
 @pytest.mark.parametrize(
@@ -69,23 +70,23 @@ def test_bad_prompts_file_names_file_and_line(tmp_path, content, message):
     f = tmp_path / "p.jsonl"
     f.write_text(content)
     with pytest.raises(ValueError, match=message) as exc:
-        generate.read_prompt_texts(gen_args("--prompts-file", str(f)))
+        gen_args("--prompts-file", str(f)).prompt_texts()
     assert str(f) in str(exc.value)
 
 
 def test_missing_prompts_file(tmp_path):
     missing = tmp_path / "nope.txt"
     with pytest.raises(ValueError, match="cannot read") as exc:
-        generate.read_prompt_texts(gen_args("--prompts-file", str(missing)))
+        gen_args("--prompts-file", str(missing)).prompt_texts()
     assert f"--prompts-file {missing}" in str(exc.value)
 
 
 def test_prompt_ids():
     args = gen_args("--prompt-ids", "1, 2,3", "--prompt-ids", "7")
-    assert generate.parse_prompt_ids(args) == [[1, 2, 3], [7]]
+    assert args.prompt_token_ids() == [[1, 2, 3], [7]]
     for bad in ("1,x", "1.5", ",", "-1,2"):
         with pytest.raises(ValueError, match="--prompt-ids"):
-            generate.parse_prompt_ids(gen_args(f"--prompt-ids={bad}"))
+            gen_args(f"--prompt-ids={bad}").prompt_token_ids()
 
 
 def test_generate_main_exits_2_with_one_error_line(tmp_path, capsys):

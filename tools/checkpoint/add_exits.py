@@ -51,15 +51,11 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    import warnings
+    from megatron.early_exit.cli import quiet_startup, run_cli
 
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core.*")
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
-    import megatron.early_exit  # noqa: F401  (guards broken GPU accelerators first)
-    from megatron.early_exit.convert.errors import run_cli
-    from megatron.early_exit.platform.distributed import destroy_distributed
-    from megatron.early_exit.tuning.add_exits import AddExitsError, AddExitsOptions, add_exits
+    quiet_startup()
+    from megatron.early_exit.platform import destroy_distributed
+    from megatron.early_exit.tuning.add_exits import AddExitsOptions, add_exits
 
     opts = AddExitsOptions(
         load=args.load,
@@ -76,15 +72,11 @@ def main(argv=None) -> int:
     )
 
     def run() -> int:
-        try:
-            path = add_exits(opts)
-        except AddExitsError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        path = add_exits(opts)
         print(f"added exits at layers {sorted(args.exit_layer_nums)}: {path}")
         return 0
 
-    try:  # run_cli turns ConfigError/TokenizerError/CheckpointError into `error:` + exit 2
+    try:  # run_cli turns user errors (AddExitsError, ConfigError, ...) into `error:` + exit 2
         return run_cli(run)
     finally:
         destroy_distributed()

@@ -35,12 +35,11 @@ def parse(argv=None):
 
 
 def main(argv=None) -> int:
-    import warnings
-
-    # megatron-core/torch warn on import about optional GPU kernels: irrelevant here.
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
     args = parse(argv)
+    from megatron.early_exit.cli import quiet_startup, run_cli
+    from megatron.early_exit.errors import ConversionError
+
+    quiet_startup()
     tp, pp = args.target_tensor_parallel_size, args.target_pipeline_parallel_size
     worker = ["reshard", "--load", args.load, "--save", args.save, "--tp", str(tp), "--pp", str(pp)]
     if args.overwrite:
@@ -49,7 +48,6 @@ def main(argv=None) -> int:
         from megatron.early_exit.convert.workers import main as worker_main
 
         return worker_main(worker)
-    from megatron.early_exit.convert.errors import ConversionError, run_cli
 
     def check():  # fail fast, in this process, on impossible layouts and bad paths
         from megatron.early_exit.convert.hf_files import check_output_dir

@@ -46,13 +46,10 @@ def parse(argv=None):
 
 
 def main(argv=None) -> int:
-    import warnings
-
-    # megatron-core/torch warn on import about optional GPU kernels: irrelevant here.
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
     args = parse(argv)
-    from megatron.early_exit.convert.errors import run_cli
+    from megatron.early_exit.cli import quiet_startup, run_cli
+
+    quiet_startup()
 
     def run():
         from megatron.early_exit.convert.hf_convert import hf_to_megatron

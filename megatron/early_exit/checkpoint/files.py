@@ -6,7 +6,8 @@ when `--load` is given, so `--load DIR` alone restores the model and its tokeniz
 given on the command line still win. Tokenizer files may be recorded relative to the
 checkpoint directory (converters copy them there), which keeps a checkpoint movable.
 
-This module is deliberately light (no megatron-core import): the CLI parser reads it.
+This module is deliberately light (no megatron-core import at import time): the CLI
+parser reads it.
 """
 
 from __future__ import annotations
@@ -21,18 +22,8 @@ from megatron.early_exit.errors import CheckpointError
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 ARGS_FILE = "ee_args.json"
 
-# Exit flags that change the parameters (loss weights are training choices, not recorded).
-_EXIT_KEYS = (
-    "exit_layer_nums",
-    "pre_exit",
-    "use_exit_norm",
-    "use_exit_mlp",
-    "use_exit_block",
-    "untie_exit_output_weights",
-    "exit_layer_temperature",
-)
-_TOKENIZER_KEYS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model", "vocab_size")
-_PATH_KEYS = ("vocab_file", "merge_file", "tokenizer_model")
+# Tokenizer files, recorded absolute or relative to the iteration directory.
+TOKENIZER_PATH_KEYS = ("vocab_file", "merge_file", "tokenizer_model")
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
@@ -40,24 +31,46 @@ def checkpoint_dir(root: str, iteration: int) -> str:
 
 
 def read_tracker(root: str) -> int:
+    """The iteration the tracker of `root` points to (CheckpointError naming the problem)."""
     path = os.path.join(root, TRACKER_FILE)
+    if not os.path.isdir(root):
+        why = "the directory does not exist" if not os.path.exists(root) else "not a directory"
+        raise CheckpointError(f"no checkpoint in {root!r}: {TRACKER_FILE} is missing ({why})")
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint in {root!r}: {TRACKER_FILE} is missing")
-    with open(path) as f:
-        text = f.read().strip()
+    try:
+        with open(path) as f:
+            text = f.read(64).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is unreadable: {exc}") from None
     if not text.isdigit():
         raise CheckpointError(f"{path} is corrupt (expected an iteration number, got {text!r})")
     return int(text)
 
 
+def latest_checkpoint_dir(root: str) -> str:
+    """The iteration directory the tracker of `root` points to, which must exist."""
+    iteration = read_tracker(root)
+    path = checkpoint_dir(root, iteration)
+    if not os.path.isdir(path):
+        raise CheckpointError(
+            f"{os.path.join(root, TRACKER_FILE)} points to iteration {iteration} but {path} is "
+            "missing"
+        )
+    return path
+
+
 def args_from_run(run) -> dict[str, Any]:
-    """The flag values (dest names) that rebuild `run`'s model and tokenizer."""
+    """The flag values (dest names) that rebuild `run`'s model and tokenizer: the whole
+    architecture, the exit flags tagged RECORDED in config.py, the tokenizer flags."""
+    from megatron.early_exit.config import EXIT_ARCH_FIELDS, TOKENIZER_FIELDS
+
     out = dict(asdict(run.model))
     exits = asdict(run.exits)
-    out.update({k: exits[k] for k in _EXIT_KEYS})
+    out.update({k: exits[k] for k in EXIT_ARCH_FIELDS})
     data = asdict(run.data)
-    out.update({k: data[k] for k in _TOKENIZER_KEYS})
-    for key in _PATH_KEYS:  # absolute, so the checkpoint does not depend on the launch cwd
+    out.update({k: data[k] for k in TOKENIZER_FIELDS})
+    for key in TOKENIZER_PATH_KEYS:  # absolute, so the checkpoint does not depend on the launch cwd
         if out.get(key):
             out[key] = os.path.abspath(out[key])
     return out
@@ -84,7 +97,7 @@ def read_checkpoint_args(root: str) -> dict[str, Any] | None:
         raise CheckpointError(f"{path} is unreadable: {exc}") from exc
     if not isinstance(args, dict):
         raise CheckpointError(f"{path} is corrupt: expected a JSON object")
-    for key in _PATH_KEYS:
+    for key in TOKENIZER_PATH_KEYS:
         value = args.get(key)
         if value and not os.path.isabs(value):
             args[key] = os.path.join(iter_dir, value)

@@ -1,4 +1,4 @@
-"""Reshardable, atomic checkpoints with megatron.core.dist_checkpointing.
+"""Reshardable, atomic checkpoints of a model stage with megatron.core.dist_checkpointing.
 
 Layout on disk:
     ROOT/iter_0000010/                 one dist checkpoint (model, optimizer, RNG, ...)
@@ -9,6 +9,11 @@ only then rewrites the tracker (temp file + os.replace). A crash at any point le
 previous checkpoint and tracker intact. Model and optimizer state are sharded by global
 tensor, so a checkpoint loads into any TP/PP/DP layout; the RNG state is per rank and is
 restored only into the same layout.
+
+Training saves and loads model, optimizer, LR schedule and RNG; inference and conversion
+pass only the model (and conversion saves without an optimizer). `hook` lets a run that
+holds only part of the model (EE-Tuning of the first k stages, tuning/partial.py) adapt the
+model's sharded state and carry the rest over from the checkpoint it loaded.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import os
 import random
 import shutil
 import signal
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -27,18 +34,27 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron.early_exit.checkpoint.files import (  # noqa: F401  (re-exported)
-    ARGS_FILE,
+from megatron.early_exit.checkpoint.files import (
     TRACKER_FILE,
-    CheckpointError,
-    args_from_run,
     checkpoint_dir,
     read_tracker,
     write_checkpoint_args,
 )
-from megatron.early_exit.training.setup import TrainState
+from megatron.early_exit.checkpoint.integrity import checked_checkpoint_dir, read_common_state
+from megatron.early_exit.errors import CheckpointError
+from megatron.early_exit.model.build import unwrap
 
 _OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointHook(Protocol):
+    """Adapts a partial model's checkpoint view (implemented by tuning.partial)."""
+
+    source: str | None  # the iteration dir last loaded: where carried-over tensors come from
+
+    def model_sd(self, model_sd: dict, is_loading: bool) -> dict: ...
+
+    def carry_over(self, model_sd: dict) -> dict: ...
 
 
 def _layout() -> dict[str, int]:
@@ -86,15 +102,15 @@ def _restore_rng(state: dict) -> None:
 
 
 def _sharded_state(
-    state: TrainState, is_loading: bool, with_optimizer: bool, with_rng: bool, hook=None
+    model, optimizer, is_loading: bool, with_optimizer: bool, with_rng: bool, hook=None
 ) -> dict:
     # Keys from the bare model: independent of DDP/Float16Module wrapping.
-    model_sd = state.unwrapped.sharded_state_dict()
+    model_sd = unwrap(model).sharded_state_dict()
     if hook is not None:  # e.g. EE-Tuning of the first k stages: full-model global shapes
         model_sd = hook.model_sd(model_sd, is_loading)
     sd = {"model": model_sd}
     if with_optimizer:
-        sd["optimizer"] = state.optimizer.sharded_state_dict(
+        sd["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=is_loading, metadata=_OPTIMIZER_SHARDING
         )
     if with_rng:
@@ -131,15 +147,22 @@ def _ensure_results_queue_dies_with_us() -> None:
 def save_checkpoint(
     root: str,
     iteration: int,
-    state: TrainState,
+    model: torch.nn.Module,
+    optimizer=None,
+    scheduler=None,
+    *,
     extra: dict | None = None,
     args: dict | None = None,
-    hook=None,
-):
-    """Save atomically; `args` (flag values, see checkpoint/files.py) go to `ee_args.json`.
+    hook: CheckpointHook | None = None,
+    on_staged: Callable[[int], None] | None = None,
+) -> None:
+    """Save atomically (collective); `args` (flags, see checkpoint/files.py) go to `ee_args.json`.
 
-    `hook` (tuning.partial.PartialStagesCheckpoint) adapts the model's sharded state and
-    adds the tensors a partial run does not hold, so the checkpoint stays complete.
+    `model` may be wrapped (DDP, Float16Module). Without `optimizer` (or before its first
+    step) no optimizer state is written; without `scheduler` no LR-schedule state. `hook`
+    (see CheckpointHook) adds the tensors a partial run does not hold, so the checkpoint
+    stays complete. `on_staged(iteration)` runs on every rank once the staging directory is
+    written and before it is renamed into place (tests inject faults there).
     """
     rank0 = dist.get_rank() == 0
     _ensure_results_queue_dies_with_us()
@@ -151,21 +174,20 @@ def save_checkpoint(
         os.makedirs(tmp)
     dist.barrier()
     # Before the first step torch's Adam has no state to save (e.g. an initial checkpoint).
-    with_optimizer = _optimizer_has_state(state.optimizer)
+    with_optimizer = optimizer is not None and _optimizer_has_state(optimizer)
     sd = _sharded_state(
-        state, is_loading=False, with_optimizer=with_optimizer, with_rng=True, hook=hook
+        model, optimizer, is_loading=False, with_optimizer=with_optimizer, with_rng=True, hook=hook
     )
     if hook is not None:
         sd["carried_over"] = hook.carry_over(sd["model"])
+    if scheduler is not None:
+        sd["scheduler"] = scheduler.state_dict()
     sd.update(
-        iteration=iteration,
-        scheduler=state.scheduler.state_dict(),
-        layout=_layout(),
-        has_optimizer=with_optimizer,
-        extra=extra or {},
+        iteration=iteration, layout=_layout(), has_optimizer=with_optimizer, extra=extra or {}
     )
     dist_checkpointing.save(sd, tmp)
-    _maybe_inject_fault(iteration)
+    if on_staged is not None:
+        on_staged(iteration)
     dist.barrier()
     if rank0:
         if args is not None:
@@ -179,16 +201,6 @@ def save_checkpoint(
     dist.barrier()
 
 
-def _maybe_inject_fault(iteration: int) -> None:
-    """EE_FAULT_INJECT=kill_during_save[:ITER] SIGKILLs this process mid-save (tests only)."""
-    spec = os.environ.get("EE_FAULT_INJECT", "")
-    if not spec.startswith("kill_during_save"):
-        return
-    _, _, at = spec.partition(":")
-    if not at or int(at) == iteration:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _write_tracker(root: str, iteration: int) -> None:
     path = os.path.join(root, TRACKER_FILE)
     tmp = path + ".tmp"
@@ -200,29 +212,38 @@ def _write_tracker(root: str, iteration: int) -> None:
 
 
 def load_checkpoint(
-    root: str, state: TrainState, load_optimizer: bool = True, load_rng: bool = True, hook=None
+    root: str,
+    model: torch.nn.Module,
+    optimizer=None,
+    scheduler=None,
+    *,
+    load_rng: bool = True,
+    hook: CheckpointHook | None = None,
 ) -> int:
-    """Load the latest checkpoint under `root` into `state`; return its iteration."""
+    """Load the latest checkpoint under `root` into `model` (collective); return its iteration.
+
+    `optimizer` and `scheduler` are restored when given and the checkpoint has optimizer
+    state (a checkpoint saved before the first step, or without an optimizer, has none).
+    The RNG state is restored with `load_rng` into the layout it was saved from. A missing,
+    truncated or mismatched checkpoint is a CheckpointError naming the file or tensors.
+    """
+    path = checked_checkpoint_dir(root)
     iteration = read_tracker(root)
-    path = checkpoint_dir(root, iteration)
-    if not os.path.isdir(path):
-        raise CheckpointError(
-            f"{TRACKER_FILE} points to iteration {iteration} but {path} is missing"
-        )
-    common = dist_checkpointing.load_common_state_dict(path)
+    common = read_common_state(path)
     same_layout = common.get("layout") == _layout()
-    if not common.get("has_optimizer", True):
-        load_optimizer = False  # saved before the first optimizer step
-    if load_optimizer and state.optimizer.config.use_distributed_optimizer:
-        _prepare_distributed_optimizer_for_load(state.optimizer)
+    load_optimizer = optimizer is not None and common.get("has_optimizer", True)
+    if load_optimizer and optimizer.config.use_distributed_optimizer:
+        _prepare_distributed_optimizer_for_load(optimizer)
     sd = _sharded_state(
-        state,
+        model,
+        optimizer,
         is_loading=True,
         with_optimizer=load_optimizer,
         with_rng=load_rng and same_layout,
         hook=hook,
     )
-    _check_model_keys(state.unwrapped, sd["model"], path)
+    bare = unwrap(model)
+    _check_model_keys(bare, sd["model"], path)
     try:
         # A partial run (hook) reads only a subset of the layers: no full-coverage check.
         loaded = dist_checkpointing.load(sd, path, validate_access_integrity=hook is None)
@@ -231,15 +252,16 @@ def load_checkpoint(
             f"could not load {path}: {exc}. Was it saved from a model with the same "
             "architecture and exit layers?"
         ) from exc
-    state.unwrapped.load_state_dict(loaded["model"], strict=True)
+    bare.load_state_dict(loaded["model"], strict=True)
     if hook is not None:
         hook.source = path
     if load_optimizer:
         with torch.no_grad():  # the distributed optimizer copies into views of leaf params
-            state.optimizer.load_state_dict(loaded["optimizer"])
-        if state.optimizer.config.use_distributed_optimizer:
-            _restore_adam_steps(state.optimizer, loaded["optimizer"])
-        state.scheduler.load_state_dict(loaded["scheduler"])
+            optimizer.load_state_dict(loaded["optimizer"])
+        if optimizer.config.use_distributed_optimizer:
+            _restore_adam_steps(optimizer, loaded["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(loaded["scheduler"])
     if "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])
     return iteration

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from megatron.early_exit.config import EXIT_ARCH_FIELDS
 from megatron.early_exit.convert.errors import ConversionError
 from megatron.early_exit.convert.hf_arch import (
     family_of,
@@ -46,15 +47,6 @@ from megatron.early_exit.convert.megatron_side import (
 )
 from megatron.early_exit.convert.weights import OUTPUT, WORD, hf_to_ours, ours_to_hf
 
-EXIT_FLAG_KEYS = (
-    "exit_layer_nums",
-    "pre_exit",
-    "use_exit_norm",
-    "use_exit_mlp",
-    "use_exit_block",
-    "untie_exit_output_weights",
-    "exit_layer_temperature",
-)
 _EXTRA_FLAG_KEYS = ("make_vocab_size_divisible_by", "seq_length", "init_method_std")
 
 
@@ -85,7 +77,7 @@ def hf_to_megatron(
     ee = config.get("early_exit")
     tensors = hf_to_ours(arch.family, flags, read_hf_weights(hf_dir))
     if ee:
-        flags.update({k: ee[k] for k in EXIT_FLAG_KEYS if k in ee})
+        flags.update({k: ee[k] for k in EXIT_ARCH_FIELDS if k in ee})
         path = os.path.join(hf_dir, ee.get("file", EXIT_HEADS_FILE))
         if not os.path.isfile(path):
             raise ConversionError(f"config.json has an early_exit entry but {path} is missing")
@@ -109,7 +101,7 @@ def hf_to_megatron(
 
     check_output_dir(out, overwrite)
     run = build_run(flags)  # validates the flags (heads vs hidden size, exits, ...)
-    stage = Stage(run, for_saving=True)
+    stage = Stage(run)
     stage.set_full_weights(tensors, vocab)
     with atomic_dir(out, overwrite) as staging:
         iter_dir = stage.save(staging, args=None, extra={"converted_from": os.path.abspath(hf_dir)})
@@ -177,7 +169,7 @@ def megatron_to_hf(root: str, out: str, overwrite: bool = False) -> dict[str, An
     config = hf_config_from_flags(flags, special_ids(flags))
     config["ee_megatron"] = {k: flags[k] for k in _EXTRA_FLAG_KEYS if k in flags}
     if flags.get("exit_layer_nums"):
-        config["early_exit"] = {k: flags.get(k) for k in EXIT_FLAG_KEYS}
+        config["early_exit"] = {k: flags.get(k) for k in EXIT_ARCH_FIELDS}
         config["early_exit"]["file"] = EXIT_HEADS_FILE
     with atomic_dir(out, overwrite) as staging:
         write_safetensors(hf, os.path.join(staging, "model.safetensors"), {"format": "pt"})

@@ -1,6 +1,6 @@
 """Our side of a conversion: build a stage of the model from recorded flags, load or save
-it with the training code's own checkpoint functions, and run it (TP/PP-aware forward
-and a cache-free greedy loop used as the reference in tests).
+it with the checkpoint package (the same functions training uses), and run it (TP/PP-aware
+forward and a cache-free greedy loop used as the reference in tests).
 
 Converters run in one process (TP1PP1, full tensors); checkpoints are dist checkpoints
 sharded by global tensor, so they load at any TP/PP.
@@ -15,12 +15,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron.early_exit.checkpoint.files import TOKENIZER_PATH_KEYS
 from megatron.early_exit.convert.errors import ConversionError
 from megatron.early_exit.convert.hf_files import VOCAB_PADDING_FILE  # noqa: F401
 from megatron.early_exit.convert.weights import OUTPUT, WORD
 
 EXIT_PREFIX = "exit_heads."
-_PATH_KEYS = ("vocab_file", "merge_file", "tokenizer_model")
 
 
 def build_run(flags: dict[str, Any], tp: int = 1, pp: int = 1, world_size: int = 1):
@@ -47,15 +47,11 @@ def read_raw_args(root: str) -> tuple[str, dict[str, Any]]:
     """(iteration dir, ee_args.json as written: relative paths unresolved)."""
     import json
 
-    from megatron.early_exit.checkpoint.files import (
-        ARGS_FILE,
-        checkpoint_dir,
-        read_tracker,
-    )
+    from megatron.early_exit.checkpoint.files import ARGS_FILE, latest_checkpoint_dir
 
     if not os.path.isdir(root):
         raise ConversionError(f"checkpoint {root!r} does not exist")
-    iter_dir = checkpoint_dir(root, read_tracker(root))
+    iter_dir = latest_checkpoint_dir(root)
     path = os.path.join(iter_dir, ARGS_FILE)
     if not os.path.isfile(path):
         raise ConversionError(
@@ -71,7 +67,7 @@ def read_raw_args(root: str) -> tuple[str, dict[str, Any]]:
 
 def resolved_args(iter_dir: str, raw: dict[str, Any]) -> dict[str, Any]:
     out = dict(raw)
-    for key in _PATH_KEYS:
+    for key in TOKENIZER_PATH_KEYS:
         if out.get(key) and not os.path.isabs(out[key]):
             out[key] = os.path.join(iter_dir, out[key])
     return out
@@ -80,23 +76,16 @@ def resolved_args(iter_dir: str, raw: dict[str, Any]) -> dict[str, Any]:
 class Stage:
     """This rank's model stage (process groups created on first use)."""
 
-    def __init__(self, run, for_saving: bool = False) -> None:
+    def __init__(self, run) -> None:
         from megatron.early_exit.config import build_transformer_config
-        from megatron.early_exit.model.build import build_stage_model
+        from megatron.early_exit.model.build import build_stage_model, init_model_parallel, unwrap
         from megatron.early_exit.platform import init_platform
-        from megatron.early_exit.platform.distributed import initialize_distributed
-        from megatron.early_exit.training.setup import TrainState, setup_training
 
         self.run = run
         self.platform = init_platform(force_cpu=True)
         self.config = build_transformer_config(run, use_te=False)
-        initialize_distributed(run, self.config, self.platform)
-        if for_saving:
-            self.state = setup_training(run, self.config, self.platform, use_te=False)
-        else:
-            model = build_stage_model(run, self.config, self.platform, use_te=False)
-            self.state = TrainState(model=model, optimizer=None, scheduler=None)
-        self.model = self.state.unwrapped
+        init_model_parallel(run, self.config, self.platform)
+        self.model = unwrap(build_stage_model(run, self.config, self.platform, use_te=False))
         self.model.eval()
 
     # ------------------------------------------------------------------ weights
@@ -137,13 +126,15 @@ class Stage:
     def load(self, root: str) -> int:
         from megatron.early_exit.checkpoint.store import load_checkpoint
 
-        return load_checkpoint(root, self.state, load_optimizer=False, load_rng=False)
+        return load_checkpoint(root, self.model, load_rng=False)
 
     def save(self, staging_root: str, args: dict[str, Any], extra: dict | None = None) -> str:
-        """Save as iteration 0 under `staging_root`; returns the iteration dir."""
-        from megatron.early_exit.checkpoint.store import checkpoint_dir, save_checkpoint
+        """Save as iteration 0 (no optimizer state) under `staging_root`; returns the
+        iteration dir."""
+        from megatron.early_exit.checkpoint.files import checkpoint_dir
+        from megatron.early_exit.checkpoint.store import save_checkpoint
 
-        save_checkpoint(staging_root, 0, self.state, extra=extra or {}, args=args)
+        save_checkpoint(staging_root, 0, self.model, extra=extra or {}, args=args)
         return checkpoint_dir(staging_root, 0)
 
     # ------------------------------------------------------------------ running
@@ -201,7 +192,7 @@ def forward_logits(model, tokens: torch.Tensor) -> torch.Tensor | None:
 
 def copy_relative_files(src_iter_dir: str, dst_iter_dir: str, raw_args: dict[str, Any]) -> None:
     """Copy tokenizer files recorded relative to the source checkpoint."""
-    for key in _PATH_KEYS:
+    for key in TOKENIZER_PATH_KEYS:
         rel = raw_args.get(key)
         if not rel or os.path.isabs(rel):
             continue

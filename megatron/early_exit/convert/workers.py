@@ -164,7 +164,7 @@ def reshard(args) -> None:
     if int(os.environ.get("RANK", "0")) == 0:  # before the process group exists
         check_output_dir(args.save, args.overwrite)
     run = build_run(flags, args.tp, args.pp, _world())
-    stage = Stage(run, for_saving=True)
+    stage = Stage(run)
     iteration = stage.load(args.load)
     ids = torch.arange(min(8, run.model.seq_length)) % int(flags["vocab_size"])
     logits = stage.logits(ids.unsqueeze(0))
@@ -217,8 +217,9 @@ def compare(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from megatron.early_exit.convert.errors import run_cli
+    from megatron.early_exit.cli import quiet_startup, run_cli
 
+    quiet_startup()
     args = _parser().parse_args(argv)
 
     def go():

@@ -36,18 +36,33 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from megatron.early_exit.errors import TokenizerError
+from megatron.early_exit.flags import add_flags, flag, from_args
+
+TOKENIZER_TYPES = (
+    "NullTokenizer",
+    "GPT2BPETokenizer",
+    "SentencePieceTokenizer",
+    "Llama2Tokenizer",
+    "HuggingFaceTokenizer",
+)
 
 
 @dataclass
 class TokenizerConfig:
-    tokenizer_type: str = "NullTokenizer"
-    vocab_file: str | None = None  # GPT2BPETokenizer: encoder.json
-    merge_file: str | None = None  # GPT2BPETokenizer: vocab.bpe
-    tokenizer_model: str | None = None  # SentencePiece .model, or HF dir / tokenizer.json
-    vocab_size: int | None = None  # NullTokenizer only
+    """The Megatron tokenizer flags, shared by training, inference and preprocessing."""
+
+    FLAG_GROUP: ClassVar[str] = "tokenizer"
+
+    tokenizer_type: str = flag("NullTokenizer", help=f"one of {', '.join(TOKENIZER_TYPES)}")
+    vocab_file: str | None = flag(None, help="GPT2BPETokenizer: encoder.json")
+    merge_file: str | None = flag(None, help="GPT2BPETokenizer: vocab.bpe")
+    tokenizer_model: str | None = flag(
+        None, help="SentencePiece .model, or HF dir / tokenizer.json"
+    )
+    vocab_size: int | None = flag(None, help="NullTokenizer vocabulary")
 
 
 class Tokenizer(ABC):
@@ -112,15 +127,6 @@ class NullTokenizer(Tokenizer):
                 f"NullTokenizer ids out of range [0, {self._vocab_size}): {bad[:5]}"
             )
         return " ".join(map(str, ids))
-
-
-TOKENIZER_TYPES = (
-    "NullTokenizer",
-    "GPT2BPETokenizer",
-    "SentencePieceTokenizer",
-    "Llama2Tokenizer",
-    "HuggingFaceTokenizer",
-)
 
 
 # ---- shared helpers ---------------------------------------------------------------------
@@ -432,27 +438,15 @@ class HuggingFaceTokenizer(_StoredSpecialIds):
 
 # ---- command-line flags -------------------------------------------------------------------
 def add_tokenizer_arguments(group, tokenizer_type_required: bool = False) -> None:
-    """The Megatron tokenizer flags, shared by training, preprocessing and later tools."""
-    if tokenizer_type_required:
-        group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    else:
-        group.add_argument("--tokenizer-type", default="NullTokenizer")
-    group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: encoder.json")
-    group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: vocab.bpe")
-    group.add_argument(
-        "--tokenizer-model", default=None, help="SentencePiece .model, or HF dir / tokenizer.json"
+    """TokenizerConfig's flags (a tool that needs a tokenizer may require the type)."""
+    required = {"required": True, "choices": list(TOKENIZER_TYPES)}
+    add_flags(
+        group, TokenizerConfig, {"tokenizer_type": required} if tokenizer_type_required else None
     )
-    group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary")
 
 
 def tokenizer_config_from_args(args) -> TokenizerConfig:
-    return TokenizerConfig(
-        tokenizer_type=args.tokenizer_type,
-        vocab_file=args.vocab_file,
-        merge_file=args.merge_file,
-        tokenizer_model=args.tokenizer_model,
-        vocab_size=args.vocab_size,
-    )
+    return from_args(TokenizerConfig, args)
 
 
 # ---- factory ------------------------------------------------------------------------------

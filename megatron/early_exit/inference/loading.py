@@ -1,26 +1,14 @@
-"""Build an InferenceEngine from Megatron-style flags (`--load CKPT` restores the model)."""
+"""Build an InferenceEngine from Megatron-style flags (`--load CKPT` restores the model).
+
+Inference stands on the same runtime layer as training (checkpoint/, model/, platform/)
+and needs no training state: the stage is built, its weights loaded, nothing else.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 from megatron.early_exit.inference.engine import InferenceEngine
-
-
-@dataclasses.dataclass
-class _ModelOnly:
-    """What load_checkpoint needs from a TrainState when only weights are loaded."""
-
-    model: object
-    optimizer: object = None
-    scheduler: object = None
-
-    @property
-    def unwrapped(self):
-        from megatron.early_exit.model.build import unwrap
-
-        return unwrap(self.model)
 
 
 def build_engine(run, platform=None) -> InferenceEngine:
@@ -28,10 +16,9 @@ def build_engine(run, platform=None) -> InferenceEngine:
     from megatron.early_exit.checkpoint.store import load_checkpoint
     from megatron.early_exit.config import build_transformer_config
     from megatron.early_exit.data.tokenizers import build_tokenizer
-    from megatron.early_exit.model.build import build_stage_model, unwrap
+    from megatron.early_exit.model.build import build_stage_model, init_model_parallel, unwrap
     from megatron.early_exit.model.specs import transformer_engine_usable
     from megatron.early_exit.platform import init_platform
-    from megatron.early_exit.platform.distributed import initialize_distributed
 
     platform = platform or init_platform()
     tokenizer = build_tokenizer(run.data.tokenizer_config())
@@ -39,13 +26,11 @@ def build_engine(run, platform=None) -> InferenceEngine:
     run.parallel.sequence_parallel = False  # decode chunks are tiny; SP buys nothing here
     use_te = transformer_engine_usable(platform.is_cuda)
     config = build_transformer_config(run, use_te=use_te)
-    initialize_distributed(run, config, platform)
+    init_model_parallel(run, config, platform)
     model = build_stage_model(run, config, platform, use_te)
     counts = None
     if run.checkpoint.load:
-        load_checkpoint(
-            run.checkpoint.load, _ModelOnly(model), load_optimizer=False, load_rng=False
-        )
+        load_checkpoint(run.checkpoint.load, model, load_rng=False)
         counts = _token_counts(run.checkpoint.load, tokenizer.vocab_size)
     return InferenceEngine(
         unwrap(model),
@@ -59,38 +44,45 @@ def build_engine(run, platform=None) -> InferenceEngine:
 def _token_counts(root: str, vocab_size: int):
     """`token_counts.npy` of the latest checkpoint (tools/count_tokens.py), if any; a bad
     file is a CheckpointError (self-speculative draft_vocab_size needs the counts)."""
-    from megatron.early_exit.checkpoint.files import (
-        CheckpointError,
-        checkpoint_dir,
-        read_tracker,
-    )
-    from megatron.early_exit.inference.draft_vocab import (
-        TokenCountError,
-        check_counts,
-        load_token_counts,
-    )
+    from megatron.early_exit.checkpoint.files import latest_checkpoint_dir
+    from megatron.early_exit.errors import CheckpointError, TokenCountError
+    from megatron.early_exit.inference.draft_vocab import check_counts, load_token_counts
 
     try:
-        counts = load_token_counts(checkpoint_dir(root, read_tracker(root)))
+        counts = load_token_counts(latest_checkpoint_dir(root))
         return None if counts is None else check_counts(counts, vocab_size)
     except TokenCountError as exc:
         raise CheckpointError(str(exc)) from None
 
 
 def inference_run_config(argv: Sequence[str] | None, device_is_cuda: bool = False, args=None):
-    """RunConfig for inference: like parse_run_config, but needs no training data flags."""
+    """RunConfig for inference: like parse_run_config, but needs no training data flags.
+
+    With `--load`, the checkpoint is checked first (a missing or damaged one is a
+    CheckpointError naming the file), and a checkpoint without recorded flags says so when
+    the command line does not describe the model either.
+    """
     from megatron.early_exit.arguments import config_from_args, parse_args
-    from megatron.early_exit.platform.distributed import world_size_from_env
+    from megatron.early_exit.checkpoint import checked_checkpoint_dir, read_checkpoint_args
+    from megatron.early_exit.config import ConfigError
+    from megatron.early_exit.platform import world_size_from_env
 
     if args is None:
         args = parse_args(argv)
-    if not args.mock_data and not args.data_path:
-        # Data flags are training-only; satisfy the shared validation without reading data.
-        if args.tokenizer_type == "NullTokenizer":
-            args.mock_data = True
-        else:
-            args.data_path = ["<inference: no data>"]
-    return config_from_args(args, world_size_from_env()).validate(device_is_cuda=device_is_cuda)
+    recorded = True
+    if args.load:
+        iter_dir = checked_checkpoint_dir(args.load)
+        recorded = read_checkpoint_args(args.load) is not None
+    run = config_from_args(args, world_size_from_env())
+    try:
+        return run.validate(device_is_cuda=device_is_cuda, needs_data=False)
+    except ConfigError as exc:
+        if recorded:
+            raise
+        raise ConfigError(
+            f"{exc} (checkpoint {iter_dir} records no model flags, no ee_args.json: give the "
+            "model and tokenizer flags on the command line)"
+        ) from None
 
 
 def engine_from_args(argv: Sequence[str] | None) -> InferenceEngine:

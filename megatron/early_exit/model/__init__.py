@@ -1,6 +1,6 @@
 """Early-exit GPT on megatron-core's GPTModel."""
 
-from megatron.early_exit.model.build import build_stage_model, unwrap
+from megatron.early_exit.model.build import build_stage_model, init_model_parallel, unwrap
 from megatron.early_exit.model.exit_head import ExitHead
 from megatron.early_exit.model.gpt_model import (
     EarlyExitGPTModel,
@@ -20,6 +20,7 @@ __all__ = [
     "build_model",
     "build_stage_model",
     "get_layer_specs",
+    "init_model_parallel",
     "tied_embedding_ranks",
     "unwrap",
 ]

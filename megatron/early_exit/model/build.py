@@ -1,4 +1,5 @@
-"""Build this rank's stage of the early-exit GPT, for training, inference and conversion alike."""
+"""This rank's stage of the early-exit GPT, for training, inference and conversion alike:
+start the process groups the model's layout needs, then build the stage."""
 
 from __future__ import annotations
 
@@ -6,11 +7,36 @@ import torch
 from megatron.core.transformer.module import Float16Module
 
 from megatron.early_exit.config import EarlyExitTransformerConfig, RunConfig
-from megatron.early_exit.model.gpt_model import EarlyExitGPTModel, build_model
-from megatron.early_exit.platform import Platform
+from megatron.early_exit.model.gpt_model import (
+    EarlyExitGPTModel,
+    build_model,
+    tied_embedding_ranks,
+)
+from megatron.early_exit.platform import Platform, initialize_distributed
+
+
+def init_model_parallel(
+    run: RunConfig, config: EarlyExitTransformerConfig, platform: Platform
+) -> None:
+    """Process groups for `run`'s layout (a world of one without torchrun), seeded.
+
+    The embedding group holds every stage with a copy of the word embeddings: the first,
+    the last when the LM head is tied, and each stage with a tied exit head.
+    """
+    initialize_distributed(
+        platform,
+        world_size=run.parallel.world_size,
+        tensor_model_parallel_size=run.parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=run.parallel.pipeline_model_parallel_size,
+        seed=run.training.seed,
+        get_embedding_ranks=tied_embedding_ranks(
+            config, not run.model.untie_embeddings_and_output_weights
+        ),
+    )
 
 
 def unwrap(model: torch.nn.Module) -> EarlyExitGPTModel:
+    """The bare EarlyExitGPTModel inside DDP / Float16Module wrappers."""
     while not isinstance(model, EarlyExitGPTModel):
         model = model.module
     return model
@@ -19,6 +45,7 @@ def unwrap(model: torch.nn.Module) -> EarlyExitGPTModel:
 def build_stage_model(
     run: RunConfig, config: EarlyExitTransformerConfig, platform: Platform, use_te: bool
 ) -> torch.nn.Module:
+    """This rank's stage on the platform's device (in a Float16Module for bf16/fp16)."""
     model = build_model(
         config,
         vocab_size=run.padded_vocab_size(),

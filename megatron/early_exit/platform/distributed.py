@@ -1,15 +1,16 @@
-"""Distributed start-up: platform, process groups, model-parallel state, seeds."""
+"""Process-group start-up and teardown: torch.distributed, megatron-core's model-parallel
+groups and seeds. Training, inference and conversion all start here."""
 
 from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
-from megatron.early_exit.config import EarlyExitTransformerConfig, RunConfig
-from megatron.early_exit.platform import Platform, init_platform
+from megatron.early_exit.platform.device import Platform
 
 
 def world_size_from_env() -> int:
@@ -17,13 +18,21 @@ def world_size_from_env() -> int:
 
 
 def initialize_distributed(
-    run: RunConfig, transformer_config: EarlyExitTransformerConfig, platform: Platform
+    platform: Platform,
+    *,
+    world_size: int,
+    tensor_model_parallel_size: int,
+    pipeline_model_parallel_size: int,
+    seed: int,
+    get_embedding_ranks: Callable[[list[int], int | None], list[int]] | None = None,
 ) -> None:
-    """Create the process group (torchrun env or a single process) and megatron's groups."""
+    """Create the process group (torchrun env or a single process) and megatron's groups.
+
+    `world_size` is what the config was validated for; `get_embedding_ranks` (megatron-core's
+    hook) says which ranks share the word embeddings (see `model.tied_embedding_ranks`).
+    """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from megatron.early_exit.model import tied_embedding_ranks
 
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain `python script.py`: a world of one
@@ -35,21 +44,19 @@ def initialize_distributed(
             timeout=datetime.timedelta(minutes=10),
             device_id=platform.device() if platform.is_cuda else None,
         )
-    if dist.get_world_size() != run.parallel.world_size:
+    if dist.get_world_size() != world_size:
         raise RuntimeError(
             f"process group has {dist.get_world_size()} ranks but the config was validated "
-            f"for {run.parallel.world_size}"
+            f"for {world_size}"
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=run.parallel.tensor_model_parallel_size,
-            pipeline_model_parallel_size=run.parallel.pipeline_model_parallel_size,
-            get_embedding_ranks=tied_embedding_ranks(
-                transformer_config, not run.model.untie_embeddings_and_output_weights
-            ),
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            get_embedding_ranks=get_embedding_ranks,
         )
-    torch.manual_seed(run.training.seed)
-    model_parallel_cuda_manual_seed(run.training.seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
 
 
 def destroy_distributed() -> None:
@@ -69,4 +76,4 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-__all__ = ["destroy_distributed", "init_platform", "initialize_distributed", "world_size_from_env"]
+__all__ = ["destroy_distributed", "initialize_distributed", "world_size_from_env"]

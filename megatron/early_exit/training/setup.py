@@ -1,23 +1,19 @@
-"""Build this rank's model stage, wrap it (precision, DDP), and create optimizer + LR schedule."""
+"""Wrap this rank's model stage in DDP and create the optimizer and LR schedule."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from megatron.core.distributed import (
-    DistributedDataParallel,
-    DistributedDataParallelConfig,
-    finalize_model_grads,
-)
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.utils import get_attr_wrapped_model
 
 from megatron.early_exit.config import EarlyExitTransformerConfig, RunConfig
 from megatron.early_exit.model import EarlyExitGPTModel
 from megatron.early_exit.model.build import build_stage_model, unwrap
 from megatron.early_exit.platform import Platform
+from megatron.early_exit.training.mode import TrainingMode, finalize_grads
 
 # clip_grad=0 means "do not clip"; megatron-core then skips the grad norm, which we log.
 _NO_CLIP = 1e30
@@ -34,36 +30,27 @@ class TrainState:
         return unwrap(self.model)
 
 
-def finalize_grads(model_chunks: list[torch.nn.Module]) -> None:
-    """megatron-core's DP/TP/embedding grad finalisation, plus tied exits with an untied head."""
-    finalize_model_grads(model_chunks)
-    for chunk in model_chunks:
-        get_attr_wrapped_model(chunk, "allreduce_tied_exit_grads")()
-
-
 def setup_training(
     run: RunConfig,
     config: EarlyExitTransformerConfig,
     platform: Platform,
     use_te: bool,
-    tuning=None,
+    mode: TrainingMode | None = None,
 ) -> TrainState:
-    """`tuning` (tuning.ExitTuning, with --tune-exit) freezes the backbone before DDP and
-    the optimizer see the parameters: both then cover only the exit heads."""
+    """This rank's stage in DDP, with optimizer and LR schedule (process groups must exist).
+
+    `mode.prepare` (e.g. EE-Tuning's frozen backbone) runs before DDP and the optimizer see
+    the parameters; `mode.finalize_grads` reduces each step's gradients."""
     model = build_stage_model(run, config, platform, use_te)
-    if tuning is not None:
-        tuning.prepare(unwrap(model))
+    if mode is not None:
+        mode.prepare(unwrap(model))
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=run.parallel.use_distributed_optimizer,
     )
     model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
-    config.finalize_model_grads_func = finalize_grads
-    if tuning is not None:
-        from megatron.early_exit.tuning.session import finalize_exit_grads
-
-        config.finalize_model_grads_func = finalize_exit_grads
+    config.finalize_model_grads_func = finalize_grads if mode is None else mode.finalize_grads
 
     t = run.training
     optimizer = get_megatron_optimizer(

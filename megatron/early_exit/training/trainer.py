@@ -1,15 +1,21 @@
-"""The training loop over the library: data -> schedule -> optimizer -> metrics/checkpoints."""
+"""The training loop over the library: data -> schedule -> optimizer -> metrics/checkpoints.
+
+What differs between kinds of training (pretraining, EE-Tuning) is a `TrainingMode`
+(mode.py) the caller passes in.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from functools import partial
 
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron.early_exit.checkpoint import store as checkpointing
-from megatron.early_exit.config import RunConfig, build_transformer_config
+from megatron.early_exit.checkpoint import args_from_run
+from megatron.early_exit.checkpoint.store import load_checkpoint, save_checkpoint
+from megatron.early_exit.config import ConfigError, RunConfig, build_transformer_config
 from megatron.early_exit.data import MockGPTDataset, microbatch_iterator
 from megatron.early_exit.data.gpt_data import (
     BatchSource,
@@ -18,18 +24,12 @@ from megatron.early_exit.data.gpt_data import (
     samples_per_split,
 )
 from megatron.early_exit.data.tokenizers import Tokenizer, build_tokenizer
-from megatron.early_exit.pipeline import (
-    ExitLossWeights,
-    bubble_filling,
-    fill_plan,
-    get_forward_backward_func,
-)
-from megatron.early_exit.pipeline.losses import make_loss_func
+from megatron.early_exit.model import init_model_parallel
+from megatron.early_exit.pipeline import ExitLossWeights, bubble_filling, fill_plan
 from megatron.early_exit.platform import Platform
-from megatron.early_exit.platform.distributed import initialize_distributed
 from megatron.early_exit.training.metrics import MetricsWriter, reduce_exit_kl, reduce_losses
+from megatron.early_exit.training.mode import Pretraining, TrainingMode
 from megatron.early_exit.training.setup import TrainState, setup_training
-from megatron.early_exit.tuning import ExitTuning
 
 
 class Trainer:
@@ -39,18 +39,25 @@ class Trainer:
         platform: Platform,
         use_te: bool = False,
         tokenizer: Tokenizer | None = None,
+        mode: TrainingMode | None = None,
+        on_checkpoint_staged: Callable[[int], None] | None = None,
     ) -> None:
+        """`mode`: what kind of training (default: Pretraining; `--tune-exit` needs
+        tuning.ExitTuning). `on_checkpoint_staged(iteration)`: see checkpoint.store."""
         self.run = run
         self.platform = platform
         self.device = platform.device()
-        # --tune-exit (EE-Tuning): the processes may build only the first k stages.
-        self.tuning = ExitTuning(run) if run.training.tune_exit else None
-        model_run = self.tuning.model_run if self.tuning else run
+        self.mode = mode if mode is not None else Pretraining(run)
+        if run.training.tune_exit != self.mode.tune_exit:
+            raise ConfigError(
+                "--tune-exit needs the EE-Tuning training mode (tuning.ExitTuning) and only it"
+            )
+        self.on_checkpoint_staged = on_checkpoint_staged
+        # EE-Tuning may build only the first k stages.
+        model_run = self.mode.model_run
         self.config = build_transformer_config(model_run, use_te=use_te)
-        initialize_distributed(model_run, self.config, platform)
-        self.state: TrainState = setup_training(
-            model_run, self.config, platform, use_te, tuning=self.tuning
-        )
+        init_model_parallel(model_run, self.config, platform)
+        self.state: TrainState = setup_training(model_run, self.config, platform, use_te, self.mode)
         self.tokenizer = tokenizer or build_tokenizer(run.data.tokenizer_config())
         self.exit_weights = ExitLossWeights(run.exits)
         self.writer = MetricsWriter(run.logging.metrics_file)
@@ -67,15 +74,14 @@ class Trainer:
         self.iteration = 0
         ck = run.checkpoint
         if ck.load:
-            load_optim = not ck.no_load_optim
-            if self.tuning is not None:
-                load_optim = load_optim and self.tuning.load_optimizer(ck.load)
-            self.iteration = checkpointing.load_checkpoint(
+            load_optim = not ck.no_load_optim and self.mode.load_optimizer(ck.load)
+            self.iteration = load_checkpoint(
                 ck.load,
-                self.state,
-                load_optimizer=load_optim,
+                self.state.model,
+                self.state.optimizer if load_optim else None,
+                self.state.scheduler if load_optim else None,
                 load_rng=not ck.no_load_rng,
-                hook=self.tuning.checkpoint_hook if self.tuning else None,
+                hook=self.mode.checkpoint_hook,
             )
             if ck.finetune:
                 self.iteration = 0
@@ -119,8 +125,7 @@ class Trainer:
         # computes the LM loss from them.
         labels = None if exits.exit_distillation else batch.labels
         output = model(batch.tokens, batch.position_ids, None, labels=labels)
-        make = self.tuning.loss_func if self.tuning else make_loss_func
-        loss_func = make(
+        loss_func = self.mode.loss_func(
             batch,
             self.state.unwrapped,
             exit_weights,
@@ -130,7 +135,7 @@ class Trainer:
         return output, loss_func
 
     def _schedule(self):
-        return self.tuning.schedule() if self.tuning else get_forward_backward_func()
+        return self.mode.schedule()
 
     def _fill_samples(self) -> int:
         fills = self.fill_schedule.num_fill if self.fill_schedule else 0
@@ -277,13 +282,16 @@ class Trainer:
         return record
 
     def save(self) -> None:
-        checkpointing.save_checkpoint(
+        save_checkpoint(
             self.run.checkpoint.save,
             self.iteration,
-            self.state,
-            extra={"run": _summary(self.run), "tune_exit": self.tuning is not None},
-            args=checkpointing.args_from_run(self.run),
-            hook=self.tuning.checkpoint_hook if self.tuning else None,
+            self.state.model,
+            self.state.optimizer,
+            self.state.scheduler,
+            extra={"run": _summary(self.run), "tune_exit": self.mode.tune_exit},
+            args=args_from_run(self.run),
+            hook=self.mode.checkpoint_hook,
+            on_staged=self.on_checkpoint_staged,
         )
         self._last_saved = self.iteration
         if dist.get_rank() == 0:

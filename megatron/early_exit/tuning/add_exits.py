@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron.early_exit.checkpoint.files import TOKENIZER_PATH_KEYS
 from megatron.early_exit.config import ConfigError
-from megatron.early_exit.errors import AddExitsError
+from megatron.early_exit.errors import AddExitsError, CheckpointError
 
-_TOKENIZER_FILE_KEYS = ("vocab_file", "merge_file", "tokenizer_model")
 _HEAD_FLAGS = ("use_exit_norm", "use_exit_mlp", "use_exit_block", "untie_exit_output_weights")
 
 
@@ -156,7 +156,7 @@ def copy_init(model, layers: list[int], zero_mlp_output: bool = False) -> None:
 
 def _copy_tokenizer_files(args: dict, iter_dir: str) -> None:
     """Keep the checkpoint self-contained: tokenizer files next to it, recorded relative."""
-    for key in _TOKENIZER_FILE_KEYS:
+    for key in TOKENIZER_PATH_KEYS:
         path = args.get(key)
         if not path or not os.path.exists(path):
             continue
@@ -174,20 +174,20 @@ def add_exits(opts: AddExitsOptions) -> str:
     from megatron.core import dist_checkpointing, parallel_state
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from megatron.early_exit.checkpoint import store as checkpointing
     from megatron.early_exit.checkpoint.files import (
-        CheckpointError,
+        args_from_run,
         checkpoint_dir,
-        read_tracker,
+        latest_checkpoint_dir,
         write_checkpoint_args,
     )
+    from megatron.early_exit.checkpoint.integrity import check_checkpoint_files
+    from megatron.early_exit.checkpoint.store import save_checkpoint
     from megatron.early_exit.config import build_transformer_config
+    from megatron.early_exit.model.build import build_stage_model, init_model_parallel, unwrap
     from megatron.early_exit.platform import init_platform
-    from megatron.early_exit.platform.distributed import initialize_distributed
-    from megatron.early_exit.training.setup import setup_training
 
     try:
-        src = checkpoint_dir(opts.load, read_tracker(opts.load))
+        src = latest_checkpoint_dir(opts.load)
     except CheckpointError as exc:
         raise AddExitsError(str(exc)) from exc
     if not os.path.isfile(os.path.join(src, "metadata.json")):
@@ -204,15 +204,15 @@ def add_exits(opts: AddExitsOptions) -> str:
     config = build_transformer_config(run, use_te=False)
     if parallel_state.model_parallel_is_initialized():
         raise AddExitsError("add_exits runs in its own process (model parallel state exists)")
-    initialize_distributed(run, config, platform)
-    state = setup_training(run, config, platform, use_te=False)
-    model = state.unwrapped
+    init_model_parallel(run, config, platform)
+    model = unwrap(build_stage_model(run, config, platform, use_te=False))
 
     new_prefixes = tuple(f"exit_heads.{n}." for n in new)
     sharded = {
         k: v for k, v in model.sharded_state_dict().items() if not k.startswith(new_prefixes)
     }
     try:
+        check_checkpoint_files(src)
         loaded = dist_checkpointing.load(sharded, src)
     except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
         lines = [x.strip() for x in str(exc).splitlines() if x.strip()] or [type(exc).__name__]
@@ -236,11 +236,11 @@ def add_exits(opts: AddExitsOptions) -> str:
     tmp = f"{save}.tmp-add-exits"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        saved_args = checkpointing.args_from_run(run)
-        checkpointing.save_checkpoint(
+        saved_args = args_from_run(run)
+        save_checkpoint(  # iteration 0 without optimizer state: EE-Tuning starts from here
             tmp,
             0,
-            state,
+            model,
             extra={"add_exits": {"source": os.path.abspath(opts.load), "layers": new}},
             args=saved_args,
         )
@@ -270,7 +270,7 @@ def make_self_contained(root: str) -> None:
     iter_dir = checkpoint_dir(root, read_tracker(root))
     with open(os.path.join(iter_dir, ARGS_FILE)) as f:
         args = json.load(f)
-    for key in _TOKENIZER_FILE_KEYS:
+    for key in TOKENIZER_PATH_KEYS:
         if args.get(key) and not os.path.isabs(args[key]):
             args[key] = os.path.join(iter_dir, args[key])
     _copy_tokenizer_files(args, iter_dir)

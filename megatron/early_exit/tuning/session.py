@@ -1,4 +1,5 @@
-"""What `--tune-exit` changes in training, in one place.
+"""What `--tune-exit` changes in training, in one place: `ExitTuning`, a training mode
+(the interface of training/mode.py, which the entry point hands to the trainer).
 
 * the backbone is frozen (requires_grad=False), so megatron-core's DDP and optimizer only
   see exit-head parameters; tied exits project with the frozen word embeddings;
@@ -13,20 +14,15 @@
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable
 
 import torch
-from megatron.core import dist_checkpointing
 
-from megatron.early_exit.checkpoint.files import (
-    CheckpointError,
-    checkpoint_dir,
-    read_checkpoint_args,
-    read_tracker,
-)
-from megatron.early_exit.config import ConfigError, RunConfig
+from megatron.early_exit.checkpoint.files import read_checkpoint_args, read_tracker
+from megatron.early_exit.checkpoint.integrity import checked_checkpoint_dir, read_common_state
+from megatron.early_exit.config import EXIT_HEAD_FIELDS, RunConfig
 from megatron.early_exit.data import Batch
+from megatron.early_exit.errors import CheckpointError, ConfigError
 from megatron.early_exit.model import EarlyExitGPTModel, ExitForwardOutput, ExitState
 from megatron.early_exit.pipeline.losses import (
     add_weighted_exit_losses,
@@ -37,14 +33,6 @@ from megatron.early_exit.pipeline.losses import (
 from megatron.early_exit.tuning.partial import PartialStagesCheckpoint
 
 ADD_EXITS_HINT = "add them with tools/checkpoint/add_exits.py first"
-_EXIT_ARCH_KEYS = (
-    "exit_layer_nums",
-    "pre_exit",
-    "use_exit_norm",
-    "use_exit_mlp",
-    "use_exit_block",
-    "untie_exit_output_weights",
-)
 
 
 def freeze_backbone(model: EarlyExitGPTModel) -> list[torch.nn.Parameter]:
@@ -147,15 +135,9 @@ def check_checkpoint_exits(run: RunConfig) -> None:
         except CheckpointError as exc:
             raise CheckpointError(f"--tune-exit: {exc}") from exc
         return  # no recorded flags: the tensor check at load time still names mismatches
-    theirs = {k: saved.get(k) for k in _EXIT_ARCH_KEYS}
-    ours = {
-        "exit_layer_nums": run.exits.exit_layer_nums,
-        "pre_exit": run.exits.pre_exit,
-        "use_exit_norm": run.exits.use_exit_norm,
-        "use_exit_mlp": run.exits.use_exit_mlp,
-        "use_exit_block": run.exits.use_exit_block,
-        "untie_exit_output_weights": run.exits.untie_exit_output_weights,
-    }
+    # The flags that shape the heads' parameters (a temperature only rescales logits).
+    theirs = {k: saved.get(k) for k in EXIT_HEAD_FIELDS}
+    ours = {k: getattr(run.exits, k) for k in EXIT_HEAD_FIELDS}
     if not theirs["exit_layer_nums"]:
         raise CheckpointError(
             f"--tune-exit: checkpoint {root} has no exit heads; {ADD_EXITS_HINT} "
@@ -171,7 +153,9 @@ def check_checkpoint_exits(run: RunConfig) -> None:
 
 
 class ExitTuning:
-    """The trainer's view of `--tune-exit`."""
+    """The trainer's view of `--tune-exit` (a training.mode.TrainingMode)."""
+
+    tune_exit = True
 
     def __init__(self, run: RunConfig) -> None:
         if not run.training.tune_exit:
@@ -196,6 +180,9 @@ class ExitTuning:
             strip_lm_head(model)
         freeze_backbone(model)
 
+    def finalize_grads(self, model_chunks: list[torch.nn.Module]) -> None:
+        finalize_exit_grads(model_chunks)
+
     def has_lm_loss(self, model: EarlyExitGPTModel) -> bool:
         return model.post_process and not self.partial
 
@@ -217,8 +204,5 @@ class ExitTuning:
 
     def load_optimizer(self, root: str) -> bool:
         """Adam state is restored only from an EE-Tuning checkpoint (same parameter set)."""
-        path = checkpoint_dir(root, read_tracker(root))
-        if not os.path.isdir(path):
-            return False
-        common = dist_checkpointing.load_common_state_dict(path)
+        common = read_common_state(checked_checkpoint_dir(root))
         return bool((common.get("extra") or {}).get("tune_exit"))
