@@ -49,9 +49,7 @@ def read_raw_args(root: str) -> tuple[str, dict[str, Any]]:
 
     from megatron.early_exit.checkpoint.files import ARGS_FILE, latest_checkpoint_dir
 
-    if not os.path.isdir(root):
-        raise ConversionError(f"checkpoint {root!r} does not exist")
-    iter_dir = latest_checkpoint_dir(root)
+    iter_dir = latest_checkpoint_dir(root)  # CheckpointError naming what is missing
     path = os.path.join(iter_dir, ARGS_FILE)
     if not os.path.isfile(path):
         raise ConversionError(

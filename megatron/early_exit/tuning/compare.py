@@ -4,7 +4,8 @@
 
 checks that every backbone tensor of BACKBONE_CKPT is bit-identical in TUNED_CKPT (EE-Tuning
 must not touch them) and prints how many exit-head tensors changed. Exit code 1 on a
-difference. Needs no process group (the reads are local).
+difference, 2 (one `error:` line) on a missing or damaged checkpoint. Needs no process
+group (the reads are local).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ def read_model_tensors(root: str) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from megatron.core import dist_checkpointing
 
-    from megatron.early_exit.checkpoint.files import checkpoint_dir, read_tracker
+    from megatron.early_exit.checkpoint import checked_checkpoint_dir
 
-    path = checkpoint_dir(root, read_tracker(root))
+    path = checked_checkpoint_dir(root)  # CheckpointError naming a missing or damaged file
     metadata = dist_checkpointing.load_tensors_metadata(path)
     out = {
         key: torch.empty(md.global_shape, dtype=md.dtype)
@@ -51,7 +52,13 @@ def main(argv=None) -> int:
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
-    bad, changed, same = compare_backbone(*argv)
+    from megatron.early_exit.cli import run_cli
+
+    result = []
+    rc = run_cli(lambda: result.extend(compare_backbone(*argv)))
+    if rc:
+        return rc
+    bad, changed, same = result
     if bad:
         print(f"backbone changed: {len(bad)} tensors differ, e.g. {bad[:3]}")
         return 1
