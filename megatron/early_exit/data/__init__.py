@@ -1,4 +1,6 @@
-"""Data: mock data for now (real tokenizers and datasets come with the data issue)."""
+"""Data: tokenizers (tokenizers.py) and their flags, corpus preprocessing into indexed
+datasets (preprocess.py), megatron-core GPTDataset blends and splits (gpt_data.py), and
+seeded mock data (mock.py)."""
 
 from megatron.early_exit.data.mock import Batch, MockGPTDataset, microbatch_iterator
 

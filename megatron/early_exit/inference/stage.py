@@ -4,7 +4,7 @@
 stage (the output of the deepest local layer that has processed it, or the input that
 arrived from the previous stage). KV recomputation relies on it: a token that exited at
 layer k keeps its layer-k hidden state here until the next step feeds it, together with
-the new token, through layers k+1.. (DESIGN.md, "KV recomputation").
+the new token, through layers k+1.. (kv_recompute.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Pipeline schedules with early-exit losses, and exit-loss weight schedules."""
+"""Pipeline schedules with early-exit losses, the per-microbatch loss functions, bubble
+filling (fill_plan.py plans, bubble_filling.py executes) and exit-loss weight schedules."""
 
 from megatron.early_exit.pipeline.exit_tuning import forward_backward_exit_tuning
 from megatron.early_exit.pipeline.loss_weights import ExitLossWeights

@@ -1,8 +1,8 @@
 """Let megatron-core 0.16.1 run on a CPU-only torch build (gloo backend).
 
-megatron-core calls CUDA-only APIs at a known, small set of sites (listed in the probe's
-shim_sites.txt). Instead of a global TorchFunctionMode, which taxes every torch call
-(~25% on a tiny forward+backward), we redirect only what would otherwise raise:
+megatron-core calls CUDA-only APIs at a known, small set of sites (the kinds below).
+Instead of a global TorchFunctionMode, which taxes every torch call (~25% on a tiny
+forward+backward), we redirect only what would otherwise raise:
 
 * `torch.cuda.*` functions that raise without CUDA (device queries, sync, streams, RNG)
   become CPU equivalents or no-ops. The CUDA RNG maps to the CPU default generator, so

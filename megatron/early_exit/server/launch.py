@@ -32,7 +32,7 @@ def _install_stop_handlers(stop: threading.Event) -> None:
 
 
 def serve(run, args, platform) -> int:
-    from megatron.early_exit.checkpoint.files import CheckpointError
+    from megatron.early_exit.errors import CheckpointError
     from megatron.early_exit.inference.loading import build_engine
 
     logging.basicConfig(level=logging.INFO, format="[server] %(message)s")
