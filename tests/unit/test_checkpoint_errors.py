@@ -20,6 +20,17 @@ TOOLS = Path(__file__).resolve().parents[2] / "tools"
 ITER = "iter_0000001"
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    # A tool run in this process starts a world of one and sets RANK, WORLD_SIZE and
+    # MASTER_PORT for it (platform/distributed.py); later tests' subprocesses must not
+    # inherit them.
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def _tiny():
     from megatron.early_exit.config import ExitConfig, RunConfig, build_transformer_config
     from megatron.early_exit.model import build_stage_model
