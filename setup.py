@@ -15,11 +15,14 @@ setup(
         "sentencepiece",
         "psutil",
         "packaging",
+        "tensorboard",
     ],
     extras_require={
         # Optional GPU accelerators; used only when they import and work (platform layer).
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         "dev": ["pytest", "ruff", "matplotlib"],
+        # --wandb-project (heavy: a service binary; optional like in Megatron-LM)
+        "wandb": ["wandb==0.31.0"],
     },
     py_modules=["pretrain_early_exit_gpt"],
 )

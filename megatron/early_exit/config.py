@@ -508,9 +508,53 @@ class LoggingConfig:
 
     log_interval: int = flag(1, help="print (and record) every N iterations")
     metrics_file: str | None = flag(None, help="JSON lines of every logged record")
+    # TensorBoard / W&B / timers / memory (training/monitor.py); the logging rank writes.
+    tensorboard_dir: str | None = flag(None, help="write TensorBoard scalars to this directory")
+    tensorboard_log_interval: int = flag(1, help="write TensorBoard/W&B scalars every N iterations")
+    wandb_project: str | None = flag(
+        None, help="log to this W&B project (needs `pip install wandb`)"
+    )
+    wandb_exp_name: str | None = flag(None, help="W&B run name")
+    wandb_save_dir: str | None = flag(
+        None, help="W&B run directory (default: --tensorboard-dir/wandb, or ./wandb)"
+    )
+    timing_log_level: int = flag(
+        0, choices=[0, 1, 2],
+        help="timers: 0 none; 1 forward-backward, optimizer, data, grad sync; 2 also forward, "
+        "backward, exit heads and p2p",
+    )  # fmt: skip
+    log_timers_to_tensorboard: bool = flag(False, help="write the timers as scalars too")
+    log_memory_to_tensorboard: bool = flag(
+        False, help="record memory (max over ranks): CPU RSS, or torch.cuda memory statistics"
+    )
 
     def validate(self) -> None:
         _require(self.log_interval >= 1, "--log-interval must be >= 1")
+        _require(self.tensorboard_log_interval >= 1, "--tensorboard-log-interval must be >= 1")
+        if self.wandb_project is None:
+            for name, value in (
+                ("--wandb-exp-name", self.wandb_exp_name),
+                ("--wandb-save-dir", self.wandb_save_dir),
+            ):
+                _require(value is None, f"{name} needs --wandb-project")
+        else:
+            import importlib.util
+
+            _require(
+                importlib.util.find_spec("wandb") is not None,
+                "--wandb-project needs the wandb package: pip install wandb==0.31.0 (or "
+                "pip install -e .[wandb]); set WANDB_MODE=offline to log without a network",
+            )
+        _require(
+            not self.log_timers_to_tensorboard or self.timing_log_level > 0,
+            "--log-timers-to-tensorboard needs --timing-log-level 1 or 2",
+        )
+        if self.log_timers_to_tensorboard or self.log_memory_to_tensorboard:
+            _require(
+                self.tensorboard_dir is not None or self.wandb_project is not None,
+                "--log-timers-to-tensorboard / --log-memory-to-tensorboard need "
+                "--tensorboard-dir or --wandb-project",
+            )
 
 
 @dataclass

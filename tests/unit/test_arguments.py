@@ -51,6 +51,8 @@ EXPECTED_FLAGS = [
     "--kv-channels",
     "--load",
     "--log-interval",
+    "--log-memory-to-tensorboard",
+    "--log-timers-to-tensorboard",
     "--loss-scale",
     "--lr",
     "--lr-decay-iters",
@@ -88,6 +90,9 @@ EXPECTED_FLAGS = [
     "--split",
     "--swiglu",
     "--tensor-model-parallel-size",
+    "--tensorboard-dir",
+    "--tensorboard-log-interval",
+    "--timing-log-level",
     "--tokenizer-model",
     "--tokenizer-type",
     "--train-iters",
@@ -102,6 +107,9 @@ EXPECTED_FLAGS = [
     "--use-exit-norm",
     "--vocab-file",
     "--vocab-size",
+    "--wandb-exp-name",
+    "--wandb-project",
+    "--wandb-save-dir",
     "--weight-decay",
 ]
 

@@ -43,10 +43,35 @@ def _sent_tensor(output: Any) -> torch.Tensor:
     return output.output if hasattr(output, "output") else output
 
 
+@contextlib.contextmanager
+def _timed(config, name: str):
+    """megatron-core's `config.timers(name, log_level=2)` around a block, if timing is on."""
+    timers = getattr(config, "timers", None)
+    if timers is None:
+        yield
+        return
+    timers(name, log_level=2).start()
+    try:
+        yield
+    finally:
+        timers(name).stop()
+
+
 def _forward(forward_step_func, data_iterator, model, input_tensor):
     set_input_tensor = get_attr_wrapped_model(model, "set_input_tensor")
     set_input_tensor(input_tensor)
-    return forward_step_func(data_iterator, model)
+    # DDP and megatron-core modules carry the TransformerConfig (a bare test module may not).
+    config = getattr(model, "config", None)
+    with _timed(config, "forward-compute"):
+        output, loss_func = forward_step_func(data_iterator, model)
+    if getattr(config, "timers", None) is None:
+        return output, loss_func
+
+    def timed_loss_func(out):  # exit heads (and the LM loss) run here, deferred
+        with _timed(config, "exit-heads"):
+            return loss_func(out)
+
+    return output, timed_loss_func
 
 
 def _backward(
@@ -70,20 +95,25 @@ def _backward(
         roots.append(output_tensor)
         grads.append(output_tensor_grad)
     if roots:
-        Variable._execution_engine.run_backward(
-            tensors=tuple(roots),
-            grad_tensors=tuple(grads),
-            keep_graph=False,
-            create_graph=False,
-            inputs=tuple(),
-            allow_unreachable=True,
-            accumulate_grad=True,
-        )
+        with _timed(config, "backward-compute"):
+            _run_backward(roots, grads)
     if input_tensor is None:
         return None
     if input_tensor.grad is None:  # nothing downstream depended on the input
         return torch.zeros_like(input_tensor)
     return input_tensor.grad
+
+
+def _run_backward(roots: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    Variable._execution_engine.run_backward(
+        tensors=tuple(roots),
+        grad_tensors=tuple(grads),
+        keep_graph=False,
+        create_graph=False,
+        inputs=tuple(),
+        allow_unreachable=True,
+        accumulate_grad=True,
+    )
 
 
 def _deallocate(output: Any, config: TransformerConfig) -> None:

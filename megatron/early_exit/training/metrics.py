@@ -93,4 +93,12 @@ def format_log_line(record: dict) -> str:
         parts.append(f"{1000 * record['iteration_time_s']:.1f} ms/iter")
     if record.get("tokens_per_s") is not None:
         parts.append(f"{record['tokens_per_s']:.0f} tokens/s")
+    if record.get("memory"):
+        parts.append("memory MiB (max over ranks) " + _pairs(record["memory"], 1.0, ".0f"))
+    if record.get("timers_s"):
+        parts.append("ms/iter (max over ranks) " + _pairs(record["timers_s"], 1000.0, ".2f"))
     return " | ".join(parts)
+
+
+def _pairs(values: dict[str, float], scale: float, fmt: str) -> str:
+    return " ".join(f"{k}: {scale * v:{fmt}}" for k, v in values.items())

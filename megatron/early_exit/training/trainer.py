@@ -29,6 +29,7 @@ from megatron.early_exit.pipeline import ExitLossWeights, bubble_filling, fill_p
 from megatron.early_exit.platform import Platform
 from megatron.early_exit.training.metrics import MetricsWriter, reduce_exit_kl, reduce_losses
 from megatron.early_exit.training.mode import Pretraining, TrainingMode
+from megatron.early_exit.training.monitor import RunMonitor
 from megatron.early_exit.training.setup import TrainState, setup_training
 
 
@@ -61,6 +62,8 @@ class Trainer:
         self.tokenizer = tokenizer or build_tokenizer(run.data.tokenizer_config())
         self.exit_weights = ExitLossWeights(run.exits)
         self.writer = MetricsWriter(run.logging.metrics_file)
+        # Timers (config.timers), TensorBoard/W&B scalars, memory figures.
+        self.monitor = RunMonitor(run, self.config, self.device)
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.num_microbatches = run.training.num_microbatches(self.dp_size)
@@ -119,7 +122,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _forward_step(self, exit_weights, data_iterator, model):
-        batch = next(data_iterator).to(self.device)
+        with self.monitor.time("batch-generator"):
+            batch = next(data_iterator).to(self.device)
         exits = self.run.exits
         # Exit distillation needs the final logits (the teacher): the loss function then
         # computes the LM loss from them.
@@ -176,17 +180,19 @@ class Trainer:
         state.model.zero_grad_buffer()
         state.optimizer.zero_grad()
         weights = self.exit_weights.at(iteration)
-        per_microbatch = self._train_schedule(iteration)(
-            forward_step_func=partial(self._forward_step, weights),
-            data_iterator=self._microbatches(iteration),
-            model=state.model,
-            num_microbatches=self.num_microbatches,
-            seq_length=self.run.model.seq_length,
-            micro_batch_size=self.run.training.micro_batch_size,
-            config=self.config,
-        )
+        with self.monitor.time("forward-backward"):
+            per_microbatch = self._train_schedule(iteration)(
+                forward_step_func=partial(self._forward_step, weights),
+                data_iterator=self._microbatches(iteration),
+                model=state.model,
+                num_microbatches=self.num_microbatches,
+                seq_length=self.run.model.seq_length,
+                micro_batch_size=self.run.training.micro_batch_size,
+                config=self.config,
+            )
         lr = state.optimizer.param_groups[0]["lr"]
-        success, grad_norm, _ = state.optimizer.step()
+        with self.monitor.time("optimizer"):
+            success, grad_norm, _ = state.optimizer.step()
         if success:
             state.scheduler.step(increment=1)
         lm_loss, exit_losses = reduce_losses(
@@ -227,11 +233,17 @@ class Trainer:
             record = self.train_step(self.iteration)
             self.iteration += 1
             records.append(record)
-            if (
+            log_now = (
                 self.iteration % self.run.logging.log_interval == 0
                 or self.iteration == t.train_iters
-            ):
+            )
+            scalars_now = self.monitor.scalar_step(self.iteration)
+            if log_now or scalars_now:
+                record.update(self.monitor.extras(self.iteration))  # collective
+            if log_now:
                 self.writer.log(record)
+            if scalars_now:
+                self.monitor.log(record)
             if t.eval_interval and self.iteration % t.eval_interval == 0:
                 records.append(self.evaluate())
             if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
@@ -242,6 +254,7 @@ class Trainer:
             records.append(self.evaluate())
         if ck.save and self._last_saved != self.iteration:
             self.save()
+        self.monitor.close()
         return records
 
     def evaluate(self) -> dict:
@@ -253,6 +266,7 @@ class Trainer:
         eval_iters = self.run.training.eval_iters
         first = self._eval_runs * eval_iters  # each validation reads new samples
         self._eval_runs += 1
+        self.monitor.pause_timers()  # validation is not training time
         try:
             for i in range(first, first + eval_iters):
                 per_microbatch += self._schedule()(
@@ -267,6 +281,7 @@ class Trainer:
                 )
         finally:
             self.state.model.train()
+            self.monitor.resume_timers()
         lm_loss, exit_losses = reduce_losses(
             per_microbatch, self.run.exits.exit_layer_nums, self.device
         )
@@ -279,6 +294,7 @@ class Trainer:
             "eval_time_s": time.perf_counter() - start,
         }
         self.writer.log(record)
+        self.monitor.log(record)
         return record
 
     def save(self) -> None:
