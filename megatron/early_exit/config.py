@@ -593,6 +593,41 @@ class FillConfig:
 
 
 @dataclass
+class OverlapConfig:
+    """Data-parallel communication overlapped with compute (megatron-core's DDP buckets)."""
+
+    FLAG_GROUP: ClassVar[str] = "communication overlap"
+
+    overlap_grad_reduce: bool = flag(
+        False, help="reduce each gradient bucket during the step's last backward, once ready"
+    )
+    overlap_param_gather: bool = flag(
+        False,
+        help="all-gather updated parameters during the next forward (needs "
+        "--use-distributed-optimizer and --overlap-grad-reduce)",
+    )
+    ddp_bucket_size: int | None = flag(
+        None, help="parameters per gradient bucket (default: megatron-core's, 40M or more)"
+    )
+
+    def validate(self, run: RunConfig) -> None:
+        if self.overlap_param_gather:
+            _require(
+                run.parallel.use_distributed_optimizer,
+                "--overlap-param-gather needs --use-distributed-optimizer (parameters are "
+                "gathered from optimizer shards)",
+            )
+            _require(
+                self.overlap_grad_reduce,
+                "--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM)",
+            )
+        _require(
+            self.ddp_bucket_size is None or self.ddp_bucket_size > 0,
+            "--ddp-bucket-size must be > 0",
+        )
+
+
+@dataclass
 class RunConfig:
     FLAG_GROUP: ClassVar[str] = "run"
 
@@ -604,6 +639,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     fill: FillConfig = field(default_factory=FillConfig)
+    overlap: OverlapConfig = field(default_factory=OverlapConfig)
     dry_run: bool = flag(
         False,
         help="parse and validate for WORLD_SIZE GPUs, print the parallel layout and parameter "
@@ -624,6 +660,7 @@ class RunConfig:
         self.checkpoint.validate()
         self.logging.validate()
         self.fill.validate(self)
+        self.overlap.validate(self)
         return self
 
     def _validate_exit_tuning(self) -> None:

@@ -111,6 +111,9 @@ class TiedExitWeight(MegatronModule):
         self.weight.shared_embedding = True
         self.weight.is_embedding_or_output_parameter = True
 
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
     def sharded_state_dict(
         self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
     ) -> ShardedStateDict:
@@ -195,7 +198,9 @@ class EarlyExitGPTModel(GPTModel):
         if self.pre_process:
             return self.embedding.word_embeddings.weight
         if self.tied_exit_weight is not None:
-            return self.tied_exit_weight.weight
+            # Called as a module: DDP's forward pre-hook then waits for its parameter
+            # all-gather under --overlap-param-gather (nothing else calls this module).
+            return self.tied_exit_weight()
         if self.post_process and self.share_embeddings_and_output_weights:
             return self.output_layer.weight
         return None

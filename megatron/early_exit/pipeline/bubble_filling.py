@@ -142,6 +142,8 @@ def forward_backward_bubble_filling(
                 keep.append((work, tensor, output))
         pending[:] = keep
 
+    ddp_config = getattr(model, "ddp_config", None)
+    overlap_grad_reduce = bool(getattr(ddp_config, "overlap_grad_reduce", False))
     sync_ctx = base._no_sync(model)
     sync_ctx.__enter__()
     try:
@@ -169,9 +171,10 @@ def forward_backward_bubble_filling(
                 if grad_here:
                     in_flight[mb] = (inp if r > floor else None, output, loss_func)
             else:
-                if i == last_backward:
-                    # DDP may reduce on the last backward. With overlap_grad_reduce (off in
-                    # training/setup.py) a final fill backward would leave buckets unready.
+                if i == last_backward and not overlap_grad_reduce:
+                    # DDP may reduce on the last backward. With --overlap-grad-reduce we stay
+                    # in no_sync: a final fill backward reaches only some parameters, so
+                    # their buckets would never be ready; finalize reduces them instead.
                     sync_ctx.__exit__(None, None, None)
                     sync_ctx = None
                 inp, output, loss_func = in_flight.pop(mb)

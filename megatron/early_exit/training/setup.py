@@ -46,7 +46,9 @@ def setup_training(
         mode.prepare(unwrap(model))
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=run.overlap.overlap_grad_reduce,
+        overlap_param_gather=run.overlap.overlap_param_gather,
+        bucket_size=run.overlap.ddp_bucket_size,
         use_distributed_optimizer=run.parallel.use_distributed_optimizer,
     )
     model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
@@ -69,6 +71,7 @@ def setup_training(
             loss_scale=t.loss_scale,
             initial_loss_scale=t.initial_loss_scale,
             use_distributed_optimizer=run.parallel.use_distributed_optimizer,
+            overlap_param_gather=run.overlap.overlap_param_gather,
         ),
         [model],
     )

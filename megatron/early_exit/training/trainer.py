@@ -298,6 +298,18 @@ class Trainer:
         return record
 
     def save(self) -> None:
+        # --overlap-param-gather leaves the updated parameters to the next forward's
+        # all-gather: finish it (synchronously) before reading them.
+        param_gather = self.run.overlap.overlap_param_gather
+        if param_gather:
+            self.state.model.disable_forward_pre_hook()
+        try:
+            self._save()
+        finally:
+            if param_gather:
+                self.state.model.enable_forward_pre_hook()
+
+    def _save(self) -> None:
         save_checkpoint(
             self.run.checkpoint.save,
             self.iteration,
