@@ -5,7 +5,14 @@ without overlap (gloo on CPU runs megatron-core's asynchronous bucket collective
 import pytest
 
 from megatron.early_exit.tuning.compare import read_model_tensors
-from tests.distributed.launch import TINY, assert_close_records, layout_args, train
+from tests.distributed.launch import (
+    ENTRY,
+    TINY,
+    assert_close_records,
+    layout_args,
+    torchrun,
+    train,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -41,3 +48,36 @@ def test_overlap_dp2_matches_no_overlap(tmp_path):
     base = _run(tmp_path, "base", 2, args)
     over = _run(tmp_path, "over", 2, [*args, *OVERLAP])
     _assert_same(base, over, "DP2 overlap")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fill", [False, True], ids=["1f1b", "bubble-filling"])
+def test_overlap_pp2dp2_exits_on_every_stage(tmp_path, fill):
+    # PP2 x DP2: an exit on each stage; untied LM head, so the last stage's tied exit uses
+    # its own copy of the word embeddings (all-reduced over the embedding group). With
+    # bubble filling the last backward may be a fill that reaches only some parameters.
+    args = [
+        *TINY, *layout_args(1, 2, distopt=True), "--exit-layer-nums", "1", "3",
+        "--untie-embeddings-and-output-weights", "--train-iters", "3", "--eval-interval", "3",
+        "--eval-iters", "1", *BUCKETS, *(["--fill-explicit-bubbles"] if fill else []),
+    ]  # fmt: skip
+    base = _run(tmp_path, "base", 4, args)
+    over = _run(tmp_path, "over", 4, [*args, *OVERLAP])
+    _assert_same(base, over, f"PP2DP2 overlap fill={fill}")
+
+
+@pytest.mark.slow
+def test_overlap_with_exit_tuning(tmp_path):
+    # --tune-exit: frozen backbone, only the exit heads' buckets reduce (its schedule has no
+    # no_sync: a bucket is ready once every microbatch has added its grads).
+    ckpt = tmp_path / "pretrained"
+    exits = ["--exit-layer-nums", "1", "3", "--use-exit-norm", "--use-exit-mlp"]
+    torchrun(1, ENTRY, [*TINY, *exits, "--train-iters", "0", "--save", str(ckpt)])
+    args = [
+        *TINY, *layout_args(1, 1, distopt=True), "--tune-exit", "--load", str(ckpt),
+        "--train-iters", "3", "--lr", "1e-2", "--eval-interval", "3", "--eval-iters", "1",
+        *BUCKETS,
+    ]  # fmt: skip
+    base = _run(tmp_path, "base", 2, args)
+    over = _run(tmp_path, "over", 2, [*args, *OVERLAP])
+    _assert_same(base, over, "tune-exit overlap")
