@@ -198,12 +198,19 @@ class EarlyExitGPTModel(GPTModel):
         if self.pre_process:
             return self.embedding.word_embeddings.weight
         if self.tied_exit_weight is not None:
-            # Called as a module: DDP's forward pre-hook then waits for its parameter
-            # all-gather under --overlap-param-gather (nothing else calls this module).
-            return self.tied_exit_weight()
+            return self.tied_exit_weight.weight
         if self.post_process and self.share_embeddings_and_output_weights:
             return self.output_layer.weight
         return None
+
+    def _tied_exit_weight_in_forward(self) -> torch.Tensor | None:
+        """`tied_exit_output_weight` for an exit head's forward. A stage's copy is read by
+        calling its module, so that DDP's forward pre-hook waits for the copy's parameter
+        all-gather (--overlap-param-gather); outside a forward (grad all-reduce) a call
+        would start a gather of stale parameters."""
+        if self.tied_exit_weight is not None:
+            return self.tied_exit_weight()
+        return self.tied_exit_output_weight()
 
     def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
         # megatron-core all-reduces this weight's grad over the embedding group; middle
@@ -313,7 +320,7 @@ class EarlyExitGPTModel(GPTModel):
             state.hidden,
             attention_mask=state.attention_mask,
             rotary_pos_emb=state.rotary_pos_emb,
-            output_weight=self.tied_exit_output_weight() if head.tied else None,
+            output_weight=self._tied_exit_weight_in_forward() if head.tied else None,
         )
 
     def exit_loss(
