@@ -153,7 +153,8 @@ def forward_backward_bubble_filling(
             depth, floor = schedule.depth(mb), schedule.floor(mb)
             if act.kind == F:
                 grad_here = r >= floor
-                inp = act_in.get(mb) if act_in is not None else None
+                with base._timed(config, "forward-recv"):  # sends are async: time the waits
+                    inp = act_in.get(mb) if act_in is not None else None
                 if inp is not None and r > floor:
                     inp.requires_grad_(True)
                 it = data_iterator if fill is None else fill_data_iterator(fill.index)
@@ -178,7 +179,8 @@ def forward_backward_bubble_filling(
                     sync_ctx.__exit__(None, None, None)
                     sync_ctx = None
                 inp, output, loss_func = in_flight.pop(mb)
-                grad = grad_in.get(mb) if r < depth else None
+                with base._timed(config, "backward-recv"):
+                    grad = grad_in.get(mb) if r < depth else None
                 local_loss, mb_metrics = loss_func(output)  # deferred exit-head forward
                 if fill is None:
                     main_metrics.append(mb_metrics)

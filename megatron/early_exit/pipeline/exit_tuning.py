@@ -22,7 +22,12 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron.early_exit.pipeline.schedules import ForwardStepFunc, _forward, _sent_tensor
+from megatron.early_exit.pipeline.schedules import (
+    ForwardStepFunc,
+    _forward,
+    _sent_tensor,
+    _timed,
+)
 
 
 def forward_backward_exit_tuning(
@@ -62,7 +67,8 @@ def forward_backward_exit_tuning(
             loss = local_loss / num_microbatches
             if config.grad_scale_func is not None:  # fp16 loss scaling
                 loss = config.grad_scale_func(loss)
-            loss.backward()
+            with _timed(config, "backward-compute"):
+                loss.backward()
     if not forward_only and config.finalize_model_grads_func is not None:
         config.finalize_model_grads_func([model])
     return metrics
