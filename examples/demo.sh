@@ -15,8 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-outputs/demo}
-ITERS=${ITERS:-200}
-THRESHOLDS=${THRESHOLDS:-0.9 0.6}
+ITERS=${ITERS:-300}
+THRESHOLDS=${THRESHOLDS:-0.9 0.5}
 rm -rf "$OUT"; mkdir -p "$OUT"
 export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
 START=$SECONDS
@@ -61,7 +61,7 @@ PYEOF
 echo "== 6/6 generating: full model, early exit at thresholds ${THRESHOLDS// /, }, self-speculative"
 "$PY" -m torch.distributed.run --nproc-per-node 1 --master-addr 127.0.0.1 --master-port 29534 \
   tools/demo.py generate --load "$OUT/checkpoint" --output-json "$OUT/generation.json" \
-  --prompt "ROMEO:" --prompt "First Citizen:" --prompt "KING HENRY V:" \
+  --prompt $'Romeo.\n' --prompt $'Juliet.\nO Romeo, Romeo!' --prompt $'King Henry.\n' \
   --max-new-tokens 40 --thresholds $THRESHOLDS --draft-exit-layer 2 --draft-length 4
 "$PY" tools/demo.py report --generation "$OUT/generation.json" --metrics "$OUT/metrics.jsonl" \
   --plots-dir "$OUT"

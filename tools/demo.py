@@ -210,11 +210,13 @@ def report(entries: list[dict], colour: bool, out=None) -> None:
     prompts: dict[tuple, list[dict]] = {}
     for e in entries:
         prompts.setdefault(tuple(e["prompt_token_ids"]), []).append(e)
-    for group in prompts.values():
-        print(f"\n>>> {group[0]['prompt']}", file=out)
+    for n, group in enumerate(prompts.values(), 1):
+        prompt = group[0]["prompt"]
+        print(f"\n>>> prompt {n}: {prompt!r}", file=out)
+        shown = f"\033[2m{prompt}{_RESET}" if colour else prompt  # the prompt dimmed
         for e in group:
             print(f"--- {e['run']}", file=out)
-            print(mark_tokens(e, colour), file=out)
+            print(shown + mark_tokens(e, colour), file=out)
     print("", file=out)
     print(format_table(summarize(entries), num_layers), file=out)
 

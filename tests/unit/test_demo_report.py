@@ -95,7 +95,12 @@ def test_report_command_prints_marks_and_table_and_writes_pngs(demo, tmp_path, c
     argv = ["report", "--generation", str(gen), "--metrics", str(metrics)]
     assert demo.main([*argv, "--plots-dir", str(tmp_path / "png"), "--colour", "never"]) == 0
     out = capsys.readouterr().out
-    assert ">>> ROMEO:" in out and " But[2] soft[2] to[4] be" in out and "\033[" not in out
+    assert (
+        ">>> prompt 1: 'ROMEO:'" in out
+        and "ROMEO: But[2]" in out
+        and " But[2] soft[2] to[4] be" in out
+        and "\033[" not in out
+    )
     for name in ("demo_losses.png", "demo_exit_layers.png"):
         assert (tmp_path / "png" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
