@@ -57,11 +57,12 @@ for k in first["exit_losses"]:
     print(f"{'exit after layer ' + k:22}{first['exit_losses'][k]:16.3f}{last['exit_losses'][k]:16.3f}")
 PYEOF
 
-# shellcheck disable=SC2086  # THRESHOLDS is a list
 echo "== 6/6 generating: full model, early exit at thresholds ${THRESHOLDS// /, }, self-speculative"
+# shellcheck disable=SC2086  # THRESHOLDS is a list of words
 "$PY" -m torch.distributed.run --nproc-per-node 1 --master-addr 127.0.0.1 --master-port 29534 \
   tools/demo.py generate --load "$OUT/checkpoint" --output-json "$OUT/generation.json" \
-  --prompt $'Romeo.\n' --prompt $'Juliet.\nO Romeo, Romeo!' --prompt $'King Henry.\n' \
+  --prompt $'Romeo.\n' --prompt $'Hamlet.\nTo be, or not to be, that is the question:\n' \
+  --prompt $'Juliet.\nO Romeo, Romeo!' \
   --max-new-tokens 40 --thresholds $THRESHOLDS --draft-exit-layer 2 --draft-length 4
 "$PY" tools/demo.py report --generation "$OUT/generation.json" --metrics "$OUT/metrics.jsonl" \
   --plots-dir "$OUT"

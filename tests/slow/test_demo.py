@@ -31,6 +31,7 @@ def demo_run(tmp_path_factory):
         cwd=clone, env=env, capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    (clone / "outputs" / "demo" / "stdout.txt").write_text(proc.stdout)  # for the README excerpt
     return clone / "outputs" / "demo", proc.stdout
 
 
