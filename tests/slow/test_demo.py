@@ -28,7 +28,7 @@ def demo_run(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=str(clone))  # the clone's code, not this checkout's
     proc = subprocess.run(
         ["make", "demo", f"VENV={venv}", "-o", f"{venv}/.installed"],
-        cwd=clone, env=env, capture_output=True, text=True, timeout=1200,
+        cwd=clone, env=env, capture_output=True, text=True, timeout=2400,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     (clone / "outputs" / "demo" / "stdout.txt").write_text(proc.stdout)  # for the README excerpt
