@@ -40,7 +40,7 @@ format: venv
 
 # Main job on an embedded default: tiny early-exit GPT, PP=2 on 2 CPU processes.
 demo: venv
-	bash examples/demo.sh
+	PY=$(PY) bash examples/demo.sh
 
 bench-exit-overhead: venv
 	$(PY) benchmarks/exit_overhead.py
