@@ -143,13 +143,14 @@ class Progress:
         elif self.enabled:
             self._print(message)
 
-    def close(self) -> None:
+    def close(self, summary: bool = True) -> None:
+        """End the job; `summary=False` (it failed) prints no final plain line."""
         if self._closed:
             return
         self._closed = True
         if self._bar is not None:
             self._bar.close()
-        elif self.mode == "plain":
+        elif self.mode == "plain" and summary:
             self._print(self.line(self._clock(), final=True))
 
     # ---- plain lines -------------------------------------------------------------------
@@ -186,18 +187,16 @@ class Progress:
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(summary=exc_type is None)
 
     def __iter__(self) -> Iterator[Any]:
         if self._iterable is None:
             raise TypeError("this Progress wraps no iterable")
-        try:
-            for item in self._iterable:
-                yield item
-                self.update(1)
-        finally:
-            self.close()
+        for item in self._iterable:
+            yield item
+            self.update(1)
+        self.close()
 
 
 def progress(iterable: Iterable[Any] | None = None, **kwargs: Any) -> Progress:

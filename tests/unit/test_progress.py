@@ -66,6 +66,10 @@ def test_wrapping_an_iterable_and_disabled():
         bar.update(5)
         bar.write("hidden")
     assert quiet.getvalue() == ""
+    failed = io.StringIO()
+    with pytest.raises(RuntimeError), progress(total=5, desc="job", stream=failed):
+        raise RuntimeError("boom")
+    assert failed.getvalue() == ""  # no "(done)" line for a job that failed
 
 
 def test_mode_choice():
