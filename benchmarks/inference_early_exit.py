@@ -1,13 +1,15 @@
 """Early-exit inference: speed and agreement vs the full model, both methods, batch 1 and 8.
 
-    python benchmarks/inference_early_exit.py --load CKPT [--hf-dir HF] [--out benchmarks/results]
+    python benchmarks/inference_early_exit.py --load CKPT [--hf-dir HF] [--out DIR]
+        [--write-results]
 
 Two launches of this file under torchrun (`--worker`): PP=1 (full model, kv_recompute,
 self-speculative, and `transformers` generate on the same weights if --hf-dir is given)
 and PP=2 (full model, kv_recompute, pipeline). Every ratio compares runs inside the same
 launch. Prompts: 8 real text snippets (Shakespeare), greedy, `--new-tokens` tokens each
 (EOS ignored, so every configuration generates the same number of tokens).
-Writes inference_early_exit.{json,md,png} to --out.
+Writes inference_early_exit.{json,md,png} to --out (default outputs/benchmarks;
+--write-results: the committed benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--load", required=True, help="checkpoint with exits (ee_args.json)")
     p.add_argument("--hf-dir", default=None, help="the same weights as a HF folder")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    # Committed results are only replaced on request (--write-results); both set args.out.
+    p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "outputs", "benchmarks"),
+                   help="results folder (default: outputs/benchmarks)")  # fmt: skip
+    p.add_argument("--write-results", dest="out", action="store_const",
+                   const=os.path.join(HERE, "results"),
+                   help="write into the committed benchmarks/results/ instead")  # fmt: skip
     p.add_argument("--name", default="inference_early_exit")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=32)
