@@ -6,6 +6,7 @@ What differs between kinds of training (pretraining, EE-Tuning) is a `TrainingMo
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -230,7 +231,7 @@ class Trainer:
             unit="iter",
             enabled=self.writer.enabled and t.train_iters > self.iteration,
         )
-        if bar.mode == "bar":  # on a terminal, log lines go above the bar
+        if bar.mode == "bar" and sys.stdout.isatty():  # log lines go above the bar
             self.writer.echo = bar.write
         try:
             while self.iteration < t.train_iters:
