@@ -42,22 +42,25 @@ format: venv
 demo: venv
 	PY=$(PY) bash examples/demo.sh
 
+# Benchmarks write to outputs/benchmarks/; BENCH_ARGS=--write-results replaces the committed
+# benchmarks/results/ files instead (e.g. `make bench-inference BENCH_ARGS=--write-results`).
+BENCH_ARGS ?=
 bench-exit-overhead: venv
-	$(PY) benchmarks/exit_overhead.py
+	$(PY) benchmarks/exit_overhead.py $(BENCH_ARGS)
 
 bench-bubble-filling: venv
-	$(PY) benchmarks/bubble_filling.py
+	$(PY) benchmarks/bubble_filling.py $(BENCH_ARGS)
 
 # EE-Tuning cost (partial vs full stage loading vs full training) + SmolLM2 tuning curves.
 bench-ee-tuning: venv
-	$(PY) benchmarks/ee_tuning.py --smollm2-metrics outputs/ee_tuning/metrics.jsonl
+	$(PY) benchmarks/ee_tuning.py --smollm2-metrics outputs/ee_tuning/metrics.jsonl $(BENCH_ARGS)
 
 # Bubble fraction, exit overhead and bubble-filling gain of the paper's 1.3B-30B configs (math).
 perf-model: venv
-	$(PY) -W ignore benchmarks/perf_model.py
+	$(PY) -W ignore benchmarks/perf_model.py $(BENCH_ARGS)
 
 bench-server-load: venv
-	$(PY) benchmarks/server_load.py
+	$(PY) benchmarks/server_load.py $(BENCH_ARGS)
 
 # Early-exit inference speed/agreement vs threshold; CKPT: a checkpoint with exits.
 CKPT ?= outputs/demo/checkpoint

@@ -1,6 +1,6 @@
 """Bubble filling: iteration time and exit-loss samples/s with and without fill microbatches.
 
-    python benchmarks/bubble_filling.py [--out benchmarks/results]
+    python benchmarks/bubble_filling.py [--out DIR | --write-results]
 
 The launcher starts `torch.distributed.run --nproc-per-node 2` (PP=2) on this file with
 `--worker`. Every rank builds one `Trainer` with `--fill-explicit-bubbles` and then times
@@ -29,7 +29,12 @@ NPROC = 2
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder")
+    # Committed results are only replaced on request (--write-results); both set args.out.
+    p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "outputs", "benchmarks"),
+                   help="results folder (default: outputs/benchmarks)")  # fmt: skip
+    p.add_argument("--write-results", dest="out", action="store_const",
+                   const=os.path.join(HERE, "results"),
+                   help="write into the committed benchmarks/results/ instead")  # fmt: skip
     p.add_argument("--num-layers", type=int, default=8)
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--num-attention-heads", type=int, default=8)

@@ -1,6 +1,6 @@
 """EE-Tuning cost per iteration: partial stage loading vs full loading vs full training.
 
-    python benchmarks/ee_tuning.py [--out benchmarks/results] [--smollm2-metrics M.jsonl]
+    python benchmarks/ee_tuning.py [--out DIR | --write-results] [--smollm2-metrics M.jsonl]
 
 One small GPT (PP=2, exits only on the first stage) is saved, exits are added with
 tools/checkpoint/add_exits.py, and three variants run from that checkpoint:
@@ -41,7 +41,12 @@ VARIANTS = ("tune_partial", "tune_full", "full_training")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    # Committed results are only replaced on request (--write-results); both set args.out.
+    p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "outputs", "benchmarks"),
+                   help="results folder (default: outputs/benchmarks)")  # fmt: skip
+    p.add_argument("--write-results", dest="out", action="store_const",
+                   const=os.path.join(HERE, "results"),
+                   help="write into the committed benchmarks/results/ instead")  # fmt: skip
     p.add_argument("--num-layers", type=int, default=8)
     p.add_argument("--hidden-size", type=int, default=512)
     p.add_argument("--num-attention-heads", type=int, default=8)

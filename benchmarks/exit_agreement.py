@@ -1,6 +1,6 @@
 """How good are a checkpoint's exits for early exit and self-speculative decoding?
 
-    python benchmarks/exit_agreement.py --load CKPT [--out benchmarks/results] [--name NAME]
+    python benchmarks/exit_agreement.py --load CKPT [--out DIR | --write-results] [--name NAME]
 
 One process. The full model greedily continues real text prompts (Shakespeare); then one
 teacher-forced pass over prompt + continuation gives, at every generated position, each
@@ -35,7 +35,12 @@ DRAFT_LENGTHS = (1, 2, 3, 4, 6, 8)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--load", required=True, help="checkpoint with exits (ee_args.json)")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    # Committed results are only replaced on request (--write-results); both set args.out.
+    p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "outputs", "benchmarks"),
+                   help="results folder (default: outputs/benchmarks)")  # fmt: skip
+    p.add_argument("--write-results", dest="out", action="store_const",
+                   const=os.path.join(HERE, "results"),
+                   help="write into the committed benchmarks/results/ instead")  # fmt: skip
     p.add_argument("--name", default="exit_agreement")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=32)

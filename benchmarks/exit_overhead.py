@@ -1,6 +1,6 @@
 """Training overhead of early exits: the same GPT with and without exits, PP=2, one launch.
 
-    python benchmarks/exit_overhead.py [--out benchmarks/results]
+    python benchmarks/exit_overhead.py [--out DIR | --write-results]
 
 The launcher (this file without `--worker`) starts `torch.distributed.run --nproc-per-node 2`
 on this same file with `--worker`. Every rank builds BOTH variants inside the one process
@@ -34,7 +34,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder")
+    # Committed results are only replaced on request (--write-results); both set args.out.
+    p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "outputs", "benchmarks"),
+                   help="results folder (default: outputs/benchmarks)")  # fmt: skip
+    p.add_argument("--write-results", dest="out", action="store_const",
+                   const=os.path.join(HERE, "results"),
+                   help="write into the committed benchmarks/results/ instead")  # fmt: skip
     p.add_argument("--num-layers", type=int, default=8)
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--num-attention-heads", type=int, default=8)

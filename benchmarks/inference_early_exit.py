@@ -1,13 +1,15 @@
 """Early-exit inference: speed and agreement vs the full model, both methods, batch 1 and 8.
 
-    python benchmarks/inference_early_exit.py --load CKPT [--hf-dir HF] [--out benchmarks/results]
+    python benchmarks/inference_early_exit.py --load CKPT [--hf-dir HF] [--out DIR]
+        [--write-results]
 
 Two launches of this file under torchrun (`--worker`): PP=1 (full model, kv_recompute,
 self-speculative, and `transformers` generate on the same weights if --hf-dir is given)
 and PP=2 (full model, kv_recompute, pipeline). Every ratio compares runs inside the same
 launch. Prompts: 8 real text snippets (Shakespeare), greedy, `--new-tokens` tokens each
 (EOS ignored, so every configuration generates the same number of tokens).
-Writes inference_early_exit.{json,md,png} to --out.
+Writes inference_early_exit.{json,md,png} to --out (default outputs/benchmarks;
+--write-results: the committed benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--load", required=True, help="checkpoint with exits (ee_args.json)")
     p.add_argument("--hf-dir", default=None, help="the same weights as a HF folder")
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    # Committed results are only replaced on request (--write-results); both set args.out.
+    p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "outputs", "benchmarks"),
+                   help="results folder (default: outputs/benchmarks)")  # fmt: skip
+    p.add_argument("--write-results", dest="out", action="store_const",
+                   const=os.path.join(HERE, "results"),
+                   help="write into the committed benchmarks/results/ instead")  # fmt: skip
     p.add_argument("--name", default="inference_early_exit")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=32)
@@ -107,6 +114,7 @@ def worker(args) -> None:
         SamplingParams,
     )
     from megatron.early_exit.inference.loading import engine_from_args
+    from megatron.early_exit.progress import progress
 
     global REPEATS
     REPEATS = args.repeats
@@ -130,12 +138,22 @@ def worker(args) -> None:
         args.thresholds, args.draft_exits, batches = [], [], (1,)
     else:
         batches = (1, len(prompts))
+    draft_layers = args.draft_exits
+    if draft_layers is None:
+        draft_layers = engine.limits.exit_layers
+    drafts = [(k, nv, dl) for k in draft_layers
+              for nv in args.draft_vocab_sizes for dl in args.draft_lengths]  # fmt: skip
+    total = len(batches) * (1 + len(methods) * len(args.thresholds))
+    total += len(drafts) if pp == 1 and 1 in batches else 0
+    bar = progress(total=total, desc=f"inference benchmark PP={pp}", unit="config",
+                   enabled=dist.get_rank() == 0)  # fmt: skip
     for batch in batches:
         full, t_full = _timed(engine, reqs(EarlyExitParams()), batch)
         n_tok = sum(len(r.token_ids) for r in full)
         tps_full = n_tok / t_full
         rows.append(dict(pp=pp, batch=batch, method="full", threshold=None, tokens_per_s=tps_full,
                          speedup=1.0, avg_exit_layer=float(L), match=1.0, prefix=1.0))  # fmt: skip
+        bar.update()
         for method in methods:
             for thr in args.thresholds:
                 ee = EarlyExitParams(
@@ -149,12 +167,8 @@ def worker(args) -> None:
                                  tokens_per_s=n / t, speedup=(n / t) / (n_tok / t_full),
                                  avg_exit_layer=sum(exits) / len(exits), match=match,
                                  prefix=prefix))  # fmt: skip
+                bar.update()
         if pp == 1 and batch == 1:
-            draft_layers = args.draft_exits
-            if draft_layers is None:
-                draft_layers = engine.limits.exit_layers
-            drafts = [(k, nv, dl) for k in draft_layers
-                      for nv in args.draft_vocab_sizes for dl in args.draft_lengths]  # fmt: skip
             for k, nv, dl in drafts:
                 ee = EarlyExitParams(mode="self_speculative", draft_exit_layer=k, draft_length=dl,
                                      draft_vocab_size=nv or None)  # fmt: skip
@@ -169,12 +183,14 @@ def worker(args) -> None:
                                  match=_agreement(full, got)[0],
                                  lossless=all(a.token_ids == b.token_ids
                                               for a, b in zip(full, got))))  # fmt: skip
+                bar.update()
             if args.hf_dir and dist.get_rank() == 0:
 
                 def time_ours():
                     return _timed(engine, reqs(EarlyExitParams()), 1)[1]
 
                 rows.append(_hf_compare(args, prompts, full, time_ours))
+    bar.close()
     if dist.get_rank() == 0:
         meta = dict(num_layers=L, exits=list(engine.limits.exit_layers), load=args.load,
                     early_exit_layers=args.exit_layers or list(engine.limits.exit_layers),

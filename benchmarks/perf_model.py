@@ -1,6 +1,6 @@
 """Performance model of the EE-LLM paper configurations at scale (pure math, no GPU).
 
-    python benchmarks/perf_model.py [--out benchmarks/results] [--rho 2.0]
+    python benchmarks/perf_model.py [--out DIR | --write-results] [--rho 2.0]
 
 For each of examples/ee_training/{1.3B,7B,13B,30B}.sh it reads the script's real flags
 (the script runs with a stand-in interpreter that records its argv; then our own parser and
@@ -470,7 +470,12 @@ def plot(results: list[dict], rho: float, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    # Committed results are only replaced on request (--write-results); both set args.out.
+    p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "outputs", "benchmarks"),
+                   help="results folder (default: outputs/benchmarks)")  # fmt: skip
+    p.add_argument("--write-results", dest="out", action="store_const",
+                   const=os.path.join(HERE, "results"),
+                   help="write into the committed benchmarks/results/ instead")  # fmt: skip
     p.add_argument("--rho", type=float, default=2.0, help="backward/forward time ratio")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)

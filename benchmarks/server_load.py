@@ -4,9 +4,9 @@ concurrent clients, early exit off vs on, in one run against one server (2 proce
     .venv/bin/python benchmarks/server_load.py                # trains a tiny model first
     .venv/bin/python benchmarks/server_load.py --load outputs/demo/checkpoint --threshold 0.5
 
-Results: benchmarks/results/server_load.{json,md,png}. Each client sends greedy
-/v1/completions requests back to back; the server queues and batches concurrent requests
-with the same early-exit settings (--max-batch-size).
+Results: outputs/benchmarks/server_load.{json,md,png} (--write-results: benchmarks/results/).
+Each client sends greedy /v1/completions requests back to back; the server queues and
+batches concurrent requests with the same early-exit settings (--max-batch-size).
 """
 
 from __future__ import annotations
@@ -153,7 +153,12 @@ def main(argv=None) -> int:
     p.add_argument("--per-client", type=int, default=6)
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--out", default=str(RESULTS / "server_load"))
+    # Committed results are only replaced on request (--write-results); both set args.out.
+    p.add_argument("--out", default=str(ROOT / "outputs" / "benchmarks" / "server_load"),
+                   help="output path prefix (default: outputs/benchmarks/server_load)")  # fmt: skip
+    p.add_argument("--write-results", dest="out", action="store_const",
+                   const=str(RESULTS / "server_load"),
+                   help="write benchmarks/results/server_load.* (committed) instead")  # fmt: skip
     args = p.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="ee_server_bench_"))

@@ -4,6 +4,8 @@
     # -> CKPT/iter_N/token_counts.npy (int64 [vocab]); generate/serve with --load CKPT and
     #    --draft-vocab-size 8192 (the draft exit then scores only the 8192 most frequent ids)
 
+The data must be tokenized with the checkpoint's own tokenizer (tools/preprocess_data.py
+with its tokenizer flags; examples/ee_tuning/tune_smollm2.sh runs this step for SmolLM2).
 Without --save, --output FILE.npy writes the counts anywhere. --vocab-size defaults to the
 checkpoint's vocabulary with --save, else to the largest id + 1. Bad input: one `error:`
 line and exit code 2. See megatron/early_exit/inference/draft_vocab.py.

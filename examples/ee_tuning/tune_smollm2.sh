@@ -7,11 +7,14 @@
 #      processes, --pipeline-model-parallel-size P --tune-exit-pipeline-parallel-size k runs
 #      only the stages that hold exits (see benchmarks/ee_tuning.py).
 #   4. check the backbone is bit-identical and summarise each exit's validation loss
+#   5. count token ids of the step-1 data (tools/count_tokens.py) into the tuned checkpoint,
+#      for self-speculative decoding's --draft-vocab-size N. The counts must come from data
+#      tokenized with the checkpoint's own tokenizer: here $OUT/data/shakespeare_text_document.
 # Input: SRC, a converted checkpoint (examples/ee_tuning/convert_smollm2.sh makes one).
 # Knobs: EXIT_HEAD=mlp (norm + MLP, default) or block (norm + a copy of the last layer);
 #   DISTILL=1 trains exits on KL(final layer || exit) (--exit-distillation) instead of the
 #   data's cross entropy; LR (default 1e-3).
-# Output: DEST (the tuned checkpoint), $OUT/metrics.jsonl. Budget on 2 CPU cores: ~25-30 min.
+# Output: DEST (the tuned checkpoint, with iter_N/token_counts.npy), $OUT/metrics.jsonl. Budget on 2 CPU cores: ~25-30 min.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -38,7 +41,7 @@ mkdir -p "$OUT"
 TOK_DIR=$(ls -d "$SRC"/iter_*/tokenizer | tail -1)
 TOKENIZER=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOK_DIR")
 
-echo "== 1/4 Shakespeare tokenized with SmolLM2's tokenizer"
+echo "== 1/5 Shakespeare tokenized with SmolLM2's tokenizer"
 if [ ! -f "$OUT/data/shakespeare_text_document.idx" ]; then
   "$PY" tools/fetch_assets.py shakespeare --json > "$OUT/assets.json"
   TEXTS=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['shakespeare']['path'])" "$OUT/assets.json")
@@ -46,13 +49,13 @@ if [ ! -f "$OUT/data/shakespeare_text_document.idx" ]; then
     "${TOKENIZER[@]}" --append-eod --workers "$THREADS"
 fi
 
-echo "== 2/4 adding $EXIT_HEAD exits after layers $EXITS"
+echo "== 2/5 adding $EXIT_HEAD exits after layers $EXITS"
 rm -rf "$OUT/with-exits"
 # shellcheck disable=SC2086
 "$PY" tools/checkpoint/add_exits.py --load "$SRC" --save "$OUT/with-exits" \
   --exit-layer-nums $EXITS "${HEAD_FLAGS[@]}"
 
-echo "== 3/4 EE-Tuning: frozen backbone, exit heads only ($ITERS iterations)"
+echo "== 3/5 EE-Tuning: frozen backbone, exit heads only ($ITERS iterations)"
 rm -rf "$DEST" "$OUT/metrics.jsonl"
 "$PY" -m torch.distributed.run --nproc-per-node 1 --master-addr 127.0.0.1 \
   --master-port "${PORT:-29541}" pretrain_early_exit_gpt.py \
@@ -64,7 +67,7 @@ rm -rf "$DEST" "$OUT/metrics.jsonl"
   --log-interval 5 --eval-interval 15 --eval-iters 4 \
   --save "$DEST" --metrics-file "$OUT/metrics.jsonl"
 
-echo "== 4/4 backbone check and validation losses"
+echo "== 4/5 backbone check and validation losses"
 # The tuned checkpoint takes the tokenizer along (it pointed into $OUT/with-exits).
 "$PY" -c "import sys; from megatron.early_exit.tuning.add_exits import make_self_contained as m; m(sys.argv[1])" "$DEST"
 "$PY" -m megatron.early_exit.tuning.compare "$SRC" "$DEST"
@@ -80,4 +83,8 @@ if "exit_kl" in last:  # DISTILL=1: the trained objective, KL(final layer || exi
     for k in first["exit_kl"]:
         print(f"{'layer ' + k:12}{first['exit_kl'][k]:16.3f}{last['exit_kl'][k]:16.3f}")
 PYEOF
-echo "tuned checkpoint: $DEST (load it with --load $DEST)"
+
+echo "== 5/5 token counts for --draft-vocab-size (from the step-1 data)"
+"$PY" tools/count_tokens.py --data-path "$OUT/data/shakespeare_text_document" --save "$DEST"
+echo "tuned checkpoint: $DEST (load it with --load $DEST; self-speculative decoding may add"
+echo "  --draft-vocab-size 2048, which reads the token counts written by step 5)"

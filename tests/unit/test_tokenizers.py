@@ -36,8 +36,11 @@ from megatron.early_exit.data.tokenizers import (
     Tokenizer,
     TokenizerConfig,
     TokenizerError,
+    _load_gpt2_encoder,
+    _load_gpt2_merges,
     build_tokenizer,
 )
+from tests.gpt2_reference_bpe import ReferenceBPE
 
 pytestmark = pytest.mark.unit
 
@@ -302,6 +305,88 @@ def test_gpt2_matches_huggingface(gpt2, hf, botchan):
     assert gpt2.eod not in gpt2.tokenize("<|endoftext|>")
 
 
+# ---- same ids and bytes as the reference (pure-Python) GPT-2 algorithm ---------------------
+@pytest.fixture(scope="module")
+def reference(gpt2_dir) -> ReferenceBPE:
+    return ReferenceBPE(
+        _load_gpt2_encoder(str(gpt2_dir / "encoder.json")),
+        _load_gpt2_merges(str(gpt2_dir / "vocab.bpe")),
+    )
+
+
+def _long_words(seed: int) -> list[str]:
+    """Words up to 1,000 characters (the reference is quadratic in word length)."""
+    rng = random.Random(seed)
+    lower = "abcdefghijklmnopqrstuvwxyz"
+    return [
+        "".join(rng.choice(lower) for _ in range(1000)),
+        " " + "".join(rng.choice(lower + lower.upper()) for _ in range(700)),
+        "".join(rng.choice("0123456789") for _ in range(600)),
+        "".join(rng.choice("éàüßøœ") for _ in range(300)),
+        "".join(rng.choice("!?.,;:-_*#") for _ in range(500)),
+        "ab" * 400,
+        "😀" * 100,
+    ]
+
+
+CORPUS = [
+    "don't won't I'd we've they're she'll it's O'Neil 'll 's ' 't 'RE 'Ve",
+    "tabs\t\tand  double  spaces   then\n\n\nnewlines \r\n end   ",
+    "   leading and trailing   ",
+    "numbers 0 00 007 3.14159 1,000,000 -42 +7e10 ١٢٣٤ ５６ 2024-01-01T12:00:00Z",
+    'mixed123abc456 x_y-z foo.bar(baz) {"json": [1, 2.5, null]}',
+    "\u00a0\u2003\u3000 unicode spaces \u2028 line sep \u0085 nel",
+    "Ελληνικά русский עברית العربية हिन्दी ไทย",
+    "def f(x):\n    return x ** 2  # comment\n",
+]
+SURROGATES = ["a\ud800b", "x \udfff\ud800 y", "\ud83d\ude00 split pair", "end\udc80", "\ud800"]
+
+
+def test_gpt2_ids_match_reference(gpt2, reference, botchan):
+    """The library-backed tokenizer gives exactly the reference algorithm's ids."""
+    texts = [*TRICKY, *CORPUS, *SURROGATES, *_long_words(seed=5), *_random_texts(7, 150)]
+    texts.append(botchan[:20_000])
+    for text in texts:
+        assert gpt2.tokenize(text) == reference.encode(text), repr(text[:80])
+
+
+def test_gpt2_decode_matches_reference_on_every_prefix(gpt2, reference):
+    """Decoding, including a prefix that ends inside a multi-byte character (streaming
+    renders it as U+FFFD until the rest arrives), equals the reference bytes + replace."""
+    for text in ["héllo 😀 wörld 中文 👨‍👩‍👧", CORPUS[6], "<|endoftext|> plain", SURROGATES[1]]:
+        ids = gpt2.tokenize(text)
+        for k in range(len(ids) + 1):
+            want = reference.decode_bytes(ids[:k]).decode("utf-8", errors="replace")
+            assert gpt2.detokenize(ids[:k]) == want, (text, k)
+    assert gpt2.detokenize([gpt2.eod, 15496]) == "<|endoftext|>Hello"
+
+
+def test_gpt2_long_word(gpt2, reference):
+    """A 100,000-letter word (tens of seconds in a pure-Python BPE) round-trips and gives
+    the same ids on every call; the reference is too slow for it, so it checks a prefix."""
+    rng = random.Random(3)
+    word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(100_000))
+    ids = gpt2.tokenize(word)
+    assert gpt2.detokenize(ids) == word
+    assert gpt2.tokenize(word) == ids  # no state carried between calls
+    short = word[:900]
+    assert gpt2.tokenize(short) == reference.encode(short)
+
+
+def test_gpt2_tiny_vocab_matches_reference(tmp_path):
+    """Overlapping and chained merges on a small vocabulary agree with the reference."""
+    merges = [("a", "a"), ("b", "a"), ("aa", "a"), ("aa", "aa"), ("Ġ", "a"), ("ba", "aa")]
+    extra = [a + b for a, b in merges]
+    enc = _byte_vocab(extra=(*extra, "<|endoftext|>"))
+    text_merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    tok = GPT2BPETokenizer(*_write_bpe(tmp_path, enc, text_merges))
+    ref = ReferenceBPE(enc, merges)
+    rng = random.Random(11)
+    for _ in range(300):
+        text = "".join(rng.choice("aab ") for _ in range(rng.randint(0, 40)))
+        assert tok.tokenize(text) == ref.encode(text), repr(text)
+
+
 # ---- tiny synthetic GPT-2 style files (error paths; byte-only vocabulary) -------------------
 def _write_bpe(tmp_path: Path, encoder, merges: str) -> tuple[str, str]:
     vocab = tmp_path / "encoder.json"
@@ -340,8 +425,23 @@ def _cfg(vocab, merge):
         (_byte_vocab(extra=()), "", r"--vocab-file .*no '<\|endoftext\|>'"),
         (_byte_vocab(), "#version: 0.2\nh e x\n", r"--merge-file .*line 2"),
         (_byte_vocab(), "h e\n", r"--merge-file .*does not match.*merge #1"),
+        (
+            _byte_vocab(extra=("hex", "<|endoftext|>")),
+            "he x\n",
+            r"--merge-file .*does not match.*symbol 'he' of merge #1",
+        ),
     ],
-    ids=["bad-json", "not-object", "non-int", "gap", "no-bytes", "no-eod", "bad-line", "mismatch"],
+    ids=[
+        "bad-json",
+        "not-object",
+        "non-int",
+        "gap",
+        "no-bytes",
+        "no-eod",
+        "bad-line",
+        "mismatch",
+        "unknown-part",
+    ],
 )
 def test_gpt2_corrupt_files(tmp_path, encoder, merges, match):
     with pytest.raises(TokenizerError, match=match):

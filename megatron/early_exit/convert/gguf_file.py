@@ -16,6 +16,7 @@ import torch
 
 from megatron.early_exit.convert.errors import ConversionError
 from megatron.early_exit.convert.hf_files import atomic_dir, write_json, write_safetensors
+from megatron.early_exit.progress import progress
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -84,7 +85,7 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[
     if _meta(r, p + "rope.scaling.type", "none", required=False) not in ("none", None):
         raise ConversionError("GGUF models with RoPE scaling are not supported")
     tensors: dict[str, torch.Tensor] = {}
-    for t in r.tensors:
+    for t in progress(r.tensors, desc="dequantize GGUF", unit="tensor"):
         name = _hf_name(t.name)
         try:
             data = gguf.quants.dequantize(t.data, t.tensor_type)

@@ -19,6 +19,7 @@ from megatron.early_exit.checkpoint.files import TOKENIZER_PATH_KEYS
 from megatron.early_exit.convert.errors import ConversionError
 from megatron.early_exit.convert.hf_files import VOCAB_PADDING_FILE  # noqa: F401
 from megatron.early_exit.convert.weights import OUTPUT, WORD
+from megatron.early_exit.progress import progress
 
 EXIT_PREFIX = "exit_heads."
 
@@ -146,7 +147,10 @@ class Stage:
         """Greedy decoding by full recomputation (no KV cache); every rank gets the ids."""
         ids = list(prompt)
         last_rank = dist.get_world_size() - 1  # a rank of the last pipeline stage
-        for _ in range(new_tokens):
+        steps = progress(
+            range(new_tokens), desc="greedy check", unit="token", enabled=dist.get_rank() == 0
+        )
+        for _ in steps:
             logits = forward_logits(self.model, torch.tensor([ids]))
             nxt = torch.zeros(1, dtype=torch.long)
             if logits is not None:

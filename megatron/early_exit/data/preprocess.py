@@ -40,6 +40,7 @@ from megatron.early_exit.data.tokenizers import (
     tokenizer_config_from_args,
 )
 from megatron.early_exit.errors import PreprocessError
+from megatron.early_exit.progress import progress
 
 TokenizerFactory = Callable[[], Tokenizer]
 
@@ -299,12 +300,14 @@ def preprocess(
     chunksize: int = 64,
     log_interval: int = 10000,
     log: Callable[[str], None] | None = None,
+    show_progress: bool = False,
 ) -> PreprocessResult:
     """Tokenize `inputs` (paths or globs) into PREFIX_{key}_document.bin/.idx.
 
     `tokenizer_factory` is a picklable zero-argument callable returning a Tokenizer, e.g.
     ``functools.partial(build_tokenizer, TokenizerConfig(...))``; each worker calls it once.
     Raises PreprocessError (and leaves no output files) on any user error.
+    `show_progress`: a progress bar over the input bytes (plain lines when not on a terminal).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     keys = tuple(json_keys)
@@ -336,6 +339,15 @@ def preprocess(
     prefixes = [dataset_prefix(output_prefix, k) for k in keys]
 
     outputs = _Outputs(prefixes, dtype)
+    bar = progress(
+        total=sum(os.path.getsize(f) for f in files),
+        desc="preprocess",
+        unit="B",
+        unit_scale=True,
+        enabled=show_progress,
+    )
+    if show_progress:
+        log = bar.write  # messages must not break the bar
     docs = tokens = nbytes = 0
     skipped = dict.fromkeys(keys, 0)
     start = time.perf_counter()
@@ -361,6 +373,7 @@ def preprocess(
                 tokens += int(arr.size)
             docs += 1
             nbytes += size
+            bar.update(size)
             if log_interval > 0 and docs % log_interval == 0:
                 elapsed = max(time.perf_counter() - start, 1e-9)
                 log(
@@ -377,6 +390,7 @@ def preprocess(
             )
         outputs.commit()
     except BaseException:
+        bar.close(summary=False)
         throttle.abort()
         if pool is not None:
             pool.terminate()
@@ -385,6 +399,7 @@ def preprocess(
         outputs.discard()
         raise
     finally:
+        bar.close()
         if pool is not None:
             pool.close()
             pool.join()
@@ -447,6 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             chunksize=args.chunksize,
             log_interval=args.log_interval,
+            show_progress=True,
         )
     except PreprocessError as exc:
         print(f"error: {exc}", file=sys.stderr)

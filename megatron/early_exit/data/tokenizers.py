@@ -6,8 +6,9 @@ model's padded vocabulary (TP-aware) is computed in one place, `config.pad_vocab
 Types (``--tokenizer-type``) and the files they read:
 
 * ``NullTokenizer`` (``--vocab-size``): text is space-separated ids; EOD is the last id.
-* ``GPT2BPETokenizer`` (``--vocab-file`` encoder.json, ``--merge-file`` vocab.bpe): our own
-  byte-level BPE (`tokenizer_bpe`), no third-party dependency. EOD is ``<|endoftext|>``.
+* ``GPT2BPETokenizer`` (``--vocab-file`` encoder.json, ``--merge-file`` vocab.bpe): GPT-2
+  byte-level BPE run on the `tokenizers` library (`tokenizer_bpe`; same ids as the original
+  GPT-2 encoder, cost about linear in word length). EOD is ``<|endoftext|>``.
   Round-trips any valid ``str``. ``<|endoftext|>`` written in the *text* is encoded as
   ordinary characters, never as the EOD id (append `eod` explicitly).
 * ``SentencePieceTokenizer`` (``--tokenizer-model`` x.model): the `sentencepiece` package.
@@ -227,7 +228,7 @@ def _load_gpt2_merges(path: str) -> list[tuple[str, str]]:
 
 
 class GPT2BPETokenizer(_StoredSpecialIds):
-    """GPT-2 byte-level BPE from encoder.json + vocab.bpe (own implementation)."""
+    """GPT-2 byte-level BPE from encoder.json + vocab.bpe (run on `tokenizers`)."""
 
     EOD_TOKEN = "<|endoftext|>"
 
@@ -244,16 +245,24 @@ class GPT2BPETokenizer(_StoredSpecialIds):
                 f"({len(missing)} of the 256 byte symbols are missing, e.g. {missing[:3]})"
             )
         for number, (a, b) in enumerate(merges, 1):
-            if a + b not in encoder:
+            missing = next((s for s in (a, b, a + b) if s not in encoder), None)
+            if missing is not None:
+                what = "the result of" if missing == a + b else f"symbol {missing!r} of"
                 raise TokenizerError(
                     f"--merge-file {merge_file!r} does not match --vocab-file {vocab_file!r}: "
-                    f"the result of merge #{number} {a!r} + {b!r} is not in the vocabulary"
+                    f"{what} merge #{number} {a!r} + {b!r} is not in the vocabulary"
                 )
         if self.EOD_TOKEN not in encoder:
             raise TokenizerError(f"--vocab-file {vocab_file!r} has no {self.EOD_TOKEN!r} token")
         self._eod = encoder[self.EOD_TOKEN]
         self._vocab_size = len(encoder)
-        self._bpe = ByteLevelBPE(encoder, merges)
+        try:
+            self._bpe = ByteLevelBPE(encoder, merges)
+        except ValueError as e:
+            raise TokenizerError(
+                f"--vocab-file {vocab_file!r} / --merge-file {merge_file!r}: rejected by the "
+                f"`tokenizers` BPE ({e})"
+            ) from None
 
     def __reduce__(self):
         return (type(self), self._files)

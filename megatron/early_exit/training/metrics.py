@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -59,13 +60,19 @@ class MetricsWriter:
     def __init__(self, path: str | None) -> None:
         self.enabled = not dist.is_initialized() or dist.get_rank() == 0
         self.path = path
+        # Where log lines go instead of stdout (a progress bar's `write`, so as not to break it).
+        self.echo: Callable[[str], None] | None = None
         if self.enabled and path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        print(format_log_line(record), flush=True)
+        line = format_log_line(record)
+        if self.echo is not None:
+            self.echo(line)
+        else:
+            print(line, flush=True)
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")

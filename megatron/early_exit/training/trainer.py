@@ -6,6 +6,7 @@ What differs between kinds of training (pretraining, EE-Tuning) is a `TrainingMo
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -27,6 +28,7 @@ from megatron.early_exit.data.tokenizers import Tokenizer, build_tokenizer
 from megatron.early_exit.model import init_model_parallel
 from megatron.early_exit.pipeline import ExitLossWeights, bubble_filling, fill_plan
 from megatron.early_exit.platform import Platform
+from megatron.early_exit.progress import progress
 from megatron.early_exit.training.metrics import MetricsWriter, reduce_exit_kl, reduce_losses
 from megatron.early_exit.training.mode import Pretraining, TrainingMode
 from megatron.early_exit.training.monitor import RunMonitor
@@ -229,27 +231,44 @@ class Trainer:
         ck = self.run.checkpoint
         if t.eval_interval and self.iteration == 0 and t.train_iters > 0:
             records.append(self.evaluate())  # the baseline every later validation improves on
-        while self.iteration < t.train_iters:
-            record = self.train_step(self.iteration)
-            self.iteration += 1
-            records.append(record)
-            log_now = (
-                self.iteration % self.run.logging.log_interval == 0
-                or self.iteration == t.train_iters
-            )
-            scalars_now = self.monitor.scalar_step(self.iteration)
-            if log_now or scalars_now:
-                record.update(self.monitor.extras(self.iteration))  # collective
-            if log_now:
-                self.writer.log(record)
-            if scalars_now:
-                self.monitor.log(record)
-            if t.eval_interval and self.iteration % t.eval_interval == 0:
-                records.append(self.evaluate())
-            if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
-                self.save()
-            if t.exit_interval and self.iteration % t.exit_interval == 0:
-                break
+        bar = progress(
+            total=max(t.train_iters - self.iteration, 0),
+            desc="EE-Tuning" if self.mode.tune_exit else "training",
+            unit="iter",
+            enabled=self.writer.enabled and t.train_iters > self.iteration,
+        )
+        if bar.mode == "bar" and sys.stdout.isatty():  # log lines go above the bar
+            self.writer.echo = bar.write
+        try:
+            while self.iteration < t.train_iters:
+                record = self.train_step(self.iteration)
+                self.iteration += 1
+                records.append(record)
+                bar.set_postfix(_loss_summary(record))
+                bar.update()
+                log_now = (
+                    self.iteration % self.run.logging.log_interval == 0
+                    or self.iteration == t.train_iters
+                )
+                scalars_now = self.monitor.scalar_step(self.iteration)
+                if log_now or scalars_now:
+                    record.update(self.monitor.extras(self.iteration))  # collective
+                if log_now:
+                    self.writer.log(record)
+                if scalars_now:
+                    self.monitor.log(record)
+                if t.eval_interval and self.iteration % t.eval_interval == 0:
+                    records.append(self.evaluate())
+                if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
+                    self.save()
+                if t.exit_interval and self.iteration % t.exit_interval == 0:
+                    break
+        except BaseException:
+            bar.close(summary=False)
+            raise
+        finally:
+            bar.close()
+            self.writer.echo = None
         if t.eval_interval and (not records or records[-1]["split"] != "valid"):
             records.append(self.evaluate())
         if ck.save and self._last_saved != self.iteration:
@@ -323,10 +342,22 @@ class Trainer:
         )
         self._last_saved = self.iteration
         if dist.get_rank() == 0:
-            print(f"saved checkpoint iteration {self.iteration} to {self.run.checkpoint.save}")
+            say = self.writer.echo or (lambda line: print(line, flush=True))
+            say(f"saved checkpoint iteration {self.iteration} to {self.run.checkpoint.save}")
 
 
 def _summary(run: RunConfig) -> dict:
     from dataclasses import asdict
 
     return {k: v for k, v in asdict(run).items() if k in ("model", "exits", "data")}
+
+
+def _loss_summary(record: dict) -> str:
+    """The progress bar's postfix: LM loss and exit losses, short."""
+    parts = []
+    if record.get("lm_loss") is not None:
+        parts.append(f"lm {record['lm_loss']:.3f}")
+    exits = [v for v in (record.get("exit_losses") or {}).values() if v is not None]
+    if exits:
+        parts.append("exits " + " ".join(f"{v:.3f}" for v in exits))
+    return ", ".join(parts)
