@@ -1,6 +1,7 @@
 """Hugging Face folder <-> our dist checkpoint (single process, full tensors).
 
-Export writes the backbone as a standard LlamaForCausalLM / GPT2LMHeadModel folder, plus
+Export writes the backbone as a standard LlamaForCausalLM / Qwen2ForCausalLM /
+Qwen3ForCausalLM / GPT2LMHeadModel folder (see hf_arch for the families), plus
 what HF has no place for, so nothing is lost and import restores it bit for bit:
 * `early_exit_heads.safetensors`: exit-head tensors under our names (`exit_heads.N.*`),
   described by the `early_exit` entry of config.json (our exit flags);
@@ -62,15 +63,21 @@ def hf_to_megatron(
     allow_no_tokenizer: bool = False,
     seq_length: int | None = None,
     make_vocab_size_divisible_by: int | None = None,
+    max_position_embeddings: int | None = None,
 ) -> dict[str, Any]:
     """Convert; returns the recorded flags (ee_args.json)."""
     config = read_hf_config(hf_dir)
-    arch = flags_from_hf(config)
+    arch = flags_from_hf(config, max_position_embeddings)
     flags = dict(arch.flags)
     flags.update(
         {k: v for k, v in (config.get("ee_megatron") or {}).items() if k in _EXTRA_FLAG_KEYS}
     )
     if seq_length:
+        if seq_length > flags["max_position_embeddings"]:
+            raise ConversionError(
+                f"--seq-length {seq_length} exceeds max_position_embeddings "
+                f"{flags['max_position_embeddings']}"
+            )
         flags["seq_length"] = seq_length
     if make_vocab_size_divisible_by:
         flags["make_vocab_size_divisible_by"] = make_vocab_size_divisible_by
