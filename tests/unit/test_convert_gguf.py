@@ -200,3 +200,64 @@ def test_bad_gguf_input(tmp_path):
     with pytest.raises(ConversionError, match="not a readable GGUF"):
         gguf_to_hf(str(tmp_path / "junk.gguf"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_gpt2_gguf_to_hf_restores_the_source_model(tmp_path):
+    """GPT-2 written as llama.cpp writes it: Conv1D weights transposed, fused attn_qkv, the
+    tied embedding copied as `output`; tanh GELU (ggml's gelu)."""
+    import gguf
+    import transformers
+
+    from megatron.early_exit.convert.gguf_file import gguf_to_hf
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        vocab_size=len(_tokens()), n_embd=64, n_layer=2, n_head=4, n_positions=64,
+        activation_function="gelu_new", initializer_range=0.1,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    tokens = _tokens()
+    w = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gpt2")
+    w.add_block_count(2)
+    w.add_context_length(64)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(256)
+    w.add_head_count(4)
+    w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    w.add_token_merges(MERGES)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+    top = {"transformer.wte": "token_embd", "transformer.wpe": "position_embd",
+           "transformer.ln_f": "output_norm"}  # fmt: skip
+    layer = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+             "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}  # fmt: skip
+    for name, t in model.state_dict().items():
+        a = t.numpy().astype(np.float32)
+        base, suffix = name.rsplit(".", 1)
+        if name == "lm_head.weight":
+            w.add_tensor("output.weight", a)
+        elif base in top:
+            w.add_tensor(f"{top[base]}.{suffix}", a)
+        elif ".attn.bias" not in name and ".attn.masked_bias" not in name:
+            _, _, i, *mid = base.split(".")
+            kind = layer[".".join(mid)]
+            if suffix == "weight" and not kind.endswith("norm"):
+                a = a.T
+            w.add_tensor(f"blk.{i}.{kind}.{suffix}", np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    config = gguf_to_hf(str(tmp_path / "g.gguf"), str(tmp_path / "hf"))
+    assert config["activation_function"] == "gelu_new" and config["tie_word_embeddings"]
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    src = model.state_dict()
+    for name, t in ours.state_dict().items():
+        assert torch.equal(t, src[name]), name
+    x = torch.randint(0, len(tokens), (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ours(x).logits, model(x).logits)

@@ -1,8 +1,9 @@
 """GGUF (llama.cpp) -> Hugging Face folder: dequantized float32 weights, config.json,
 and a tokenizer.json rebuilt from the file's tokenizer metadata.
 
-Supported: general.architecture "llama" (e.g. SmolLM2), "qwen2" (Qwen2/2.5: q/k/v biases)
-and "qwen3" (q/k norms, head_dim from attention.key_length), with a byte-level BPE
+Supported: general.architecture "llama" (e.g. SmolLM2), "qwen2" (Qwen2/2.5: q/k/v biases),
+"qwen3" (q/k norms, head_dim from attention.key_length) and "gpt2" (tanh GELU, Conv1D
+weights transposed back), with a byte-level BPE
 tokenizer (tokenizer.ggml.model "gpt2"; pre-tokenizers GPT-2, SmolLM, Qwen2, Llama 3).
 llama.cpp's converter permutes the rows of Llama's attn_q/attn_k from HF's rotate-half
 RoPE layout to its interleaved one; we invert that (Qwen tensors are not permuted).
@@ -39,6 +40,23 @@ _ARCHS = {
     "llama": ("llama", "LlamaForCausalLM", True),
     "qwen2": ("qwen2", "Qwen2ForCausalLM", False),
     "qwen3": ("qwen3", "Qwen3ForCausalLM", False),
+    "gpt2": ("gpt2", "GPT2LMHeadModel", False),
+}
+# GPT-2: llama.cpp stores the Conv1D weights transposed ([out, in], as nn.Linear) and a
+# copy of the tied embedding as `output`.
+_GPT2_LAYER = {
+    "attn_norm": "ln_1",
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
+}
+_GPT2_TOP = {
+    "token_embd": "transformer.wte",
+    "position_embd": "transformer.wpe",
+    "output_norm": "transformer.ln_f",
+    "output": "lm_head",
 }
 _TOP_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -113,7 +131,7 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[
                 "GGUF models with RoPE frequency factors (rope_freqs, Llama 3.1 scaling) are "
                 "not supported; convert the Hugging Face folder instead"
             )
-        name = _hf_name(t.name)
+        name = _gpt2_name(t.name) if arch == "gpt2" else _hf_name(t.name)
         try:
             data = gguf.quants.dequantize(t.data, t.tensor_type)
         except (NotImplementedError, ValueError) as exc:
@@ -123,13 +141,15 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[
         w = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).reshape(
             [int(n) for n in reversed(t.shape)]
         )
+        if arch == "gpt2" and name.startswith("transformer.h.") and w.dim() == 2:
+            w = w.t().contiguous()  # back to Conv1D's [in, out] (norms and biases are 1-D)
         if permuted and ".self_attn.q_proj." in name:
             w = unpermute_rows(w, heads)
         elif permuted and ".self_attn.k_proj." in name:
             w = unpermute_rows(w, kv_heads)
         tensors[name] = w
     tokens = list(_meta(r, "tokenizer.ggml.tokens"))
-    embed = tensors.get("model.embed_tokens.weight")
+    embed = tensors.get("model.embed_tokens.weight", tensors.get("transformer.wte.weight"))
     if embed is None:
         raise ConversionError("the GGUF file has no token_embd.weight")
     if embed.shape[0] != len(tokens):
@@ -153,6 +173,8 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[
         value = _meta(r, f"tokenizer.ggml.{key}_token_id", -1, required=False)
         tok[f"{key}_id"] = int(value) if value is not None and int(value) >= 0 else None
     num_layers = int(_meta(r, p + "block_count"))
+    if arch == "gpt2":
+        return _gpt2_config(r, p, tensors, tok), tensors, tok
     config = {
         "architectures": [architecture],
         "model_type": model_type,
@@ -183,6 +205,45 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[
     elif arch == "qwen3":
         config["attention_bias"] = False
     return config, tensors, tok
+
+
+def _gpt2_config(r, p: str, tensors: dict, tok: dict) -> dict[str, Any]:
+    wte, out = tensors["transformer.wte.weight"], tensors.get("lm_head.weight")
+    tied = out is None or torch.equal(out, wte)
+    if tied:
+        tensors.pop("lm_head.weight", None)
+    n_pos = int(_meta(r, p + "context_length"))
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": len(tok["tokens"]),
+        "n_embd": int(_meta(r, p + "embedding_length")),
+        "n_inner": int(_meta(r, p + "feed_forward_length")),
+        "n_layer": int(_meta(r, p + "block_count")),
+        "n_head": int(_meta(r, p + "attention.head_count")),
+        "n_positions": n_pos,
+        "n_ctx": n_pos,
+        "activation_function": "gelu_new",  # ggml_gelu is the tanh approximation
+        "layer_norm_epsilon": float(_meta(r, p + "attention.layer_norm_epsilon")),
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "tie_word_embeddings": tied,
+        "bos_token_id": tok["bos_id"],
+        "eos_token_id": tok["eos_id"],
+        "pad_token_id": tok["padding_id"],
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+
+
+def _gpt2_name(gguf_name: str) -> str:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GPT2_LAYER:
+        return f"transformer.h.{parts[1]}.{_GPT2_LAYER[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in _GPT2_TOP:
+        return f"{_GPT2_TOP[parts[0]]}.{parts[1]}"
+    raise ConversionError(f"GGUF tensor {gguf_name!r} has no GPT-2 equivalent")
 
 
 def _hf_name(gguf_name: str) -> str:
@@ -272,7 +333,8 @@ def gguf_to_hf(path: str, out: str, overwrite: bool = False) -> dict[str, Any]:
     """Write an HF folder for the GGUF model; returns its config.json."""
     config, tensors, tok = read_gguf(path)
     tokenizer = build_tokenizer_json(tok)
-    tok_cfg = tokenizer_config(tok, config["max_position_embeddings"])
+    max_length = config.get("max_position_embeddings") or config["n_positions"]
+    tok_cfg = tokenizer_config(tok, max_length)
     with atomic_dir(out, overwrite) as staging:
         write_safetensors(tensors, os.path.join(staging, "model.safetensors"), {"format": "pt"})
         write_json(os.path.join(staging, "config.json"), config)
