@@ -105,3 +105,30 @@ def test_transformers_decodes_what_our_engine_decodes(world, tmp_path, kind, exi
     tokens, layers = model.generate_early_exit(x, NEW, threshold)
     assert tokens[0].tolist() == ours.token_ids
     assert layers == ours.exit_layers
+
+
+@pytest.mark.slow  # four tool processes
+def test_ee_tuning_exits_on_an_imported_qwen3_run_in_transformers(tmp_path):
+    """HF Qwen3 -> ours -> add_exits (the exit copies the final norm and the LM head) -> HF:
+    the recorded flags survive EE-Tuning's tool, and in transformers the exit's logits are
+    exactly the LM head applied to layer 2's hidden state."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from tests.conversion import checked, make_tiny_hf, run_tool
+
+    hf = make_tiny_hf("qwen3", tmp_path / "hf")
+    ours, exits, back = tmp_path / "ours", tmp_path / "exits", tmp_path / "export"
+    checked(run_tool("hf_to_megatron", "--hf-dir", hf, "--out", ours, "--allow-no-tokenizer"))
+    checked(run_tool("add_exits", "--load", ours, "--save", exits, "--exit-layer-nums", "2",
+                     "--use-exit-norm", "--untie-exit-output-weights"))  # fmt: skip
+    args = json.loads((exits / "iter_0000000" / "ee_args.json").read_text())
+    assert args["qk_layernorm"] and args["kv_channels"] == 32 and args["exit_layer_nums"] == [2]
+    checked(run_tool("megatron_to_hf", "--load", exits, "--out", back))
+    model = AutoModelForCausalLM.from_pretrained(back, trust_remote_code=True).eval()
+    x = torch.tensor([PROMPT])
+    with torch.no_grad():
+        out = model(input_ids=x, output_exit_logits=True, output_hidden_states=True)
+        expected = model.lm_head(model.model.norm(out.hidden_states[2]))
+    assert torch.allclose(out.exit_logits[2], expected, atol=1e-6, rtol=0)
