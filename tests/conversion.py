@@ -13,8 +13,58 @@ TOOLS = ROOT / "tools" / "checkpoint"
 _QUIET = {"PYTHONWARNINGS": "ignore::UserWarning,ignore::FutureWarning", "OMP_NUM_THREADS": "1"}
 
 
+# Tiny random models of every supported family, made with transformers' own config classes.
+FAMILIES = ("llama", "llama_tied", "llama3", "qwen2", "qwen3", "mistral", "gpt2", "gpt2_new")
+
+
+def tiny_hf_config(kind: str):
+    """The transformers config of `make_tiny_hf(kind)`."""
+    import transformers
+
+    rope = dict(
+        vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, max_position_embeddings=64, rms_norm_eps=1e-6,
+        initializer_range=0.1, bos_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    if kind in ("llama", "llama_tied"):
+        tied = kind == "llama_tied"
+        return transformers.LlamaConfig(
+            **rope, num_key_value_heads=4 if tied else 2, rope_theta=5000.0,
+            tie_word_embeddings=tied,
+        )  # fmt: skip
+    if kind == "llama3":  # Llama 3.x: llama3 RoPE scaling (theta and factor of 3.2)
+        scaling = dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                       high_freq_factor=4.0, original_max_position_embeddings=8192)  # fmt: skip
+        return transformers.LlamaConfig(
+            **rope, num_key_value_heads=2, rope_theta=500000.0, rope_scaling=scaling,
+            tie_word_embeddings=True,
+        )  # fmt: skip
+    if kind == "qwen2":
+        return transformers.Qwen2Config(
+            **rope, num_key_value_heads=2, rope_theta=1000000.0, tie_word_embeddings=True
+        )
+    if kind == "qwen3":  # head_dim 32 != 64 / 4
+        return transformers.Qwen3Config(
+            **rope, num_key_value_heads=2, head_dim=32, rope_theta=1000000.0,
+            tie_word_embeddings=False,
+        )  # fmt: skip
+    if kind == "mistral":  # window == max positions: it never cuts anything
+        return transformers.MistralConfig(
+            **rope, num_key_value_heads=2, sliding_window=64, tie_word_embeddings=False
+        )
+    if kind in ("gpt2", "gpt2_new"):
+        return transformers.GPT2Config(
+            vocab_size=200, n_embd=64, n_layer=4, n_head=4, n_positions=64,
+            activation_function="gelu" if kind == "gpt2" else "gelu_new", resid_pdrop=0.0,
+            embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.1, bos_token_id=0,
+            eos_token_id=1, tie_word_embeddings=kind == "gpt2",
+        )  # fmt: skip
+    raise ValueError(kind)
+
+
 def make_tiny_hf(kind: str, out: str | os.PathLike, seed: int = 0) -> str:
-    """Save a random tiny HF model: "llama" (GQA, untied), "llama_tied" (MHA, tied), "gpt2".
+    """Save a random tiny HF model of one of FAMILIES ("llama": GQA, untied; "llama_tied":
+    MHA, tied; "gpt2_new": published GPT-2's tanh GELU, untied).
 
     Norm weights and biases are perturbed so that a wrong mapping cannot hide behind
     their default values; weights use std 0.1 so logits are not all near zero.
@@ -23,24 +73,7 @@ def make_tiny_hf(kind: str, out: str | os.PathLike, seed: int = 0) -> str:
     import transformers
 
     torch.manual_seed(seed)
-    if kind.startswith("llama"):
-        tied = kind == "llama_tied"
-        cfg = transformers.LlamaConfig(
-            vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=4 if tied else 2,
-            max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=5000.0,
-            tie_word_embeddings=tied, initializer_range=0.1, bos_token_id=0, eos_token_id=1,
-        )  # fmt: skip
-        model = transformers.LlamaForCausalLM(cfg)
-    elif kind == "gpt2":
-        cfg = transformers.GPT2Config(
-            vocab_size=200, n_embd=64, n_layer=4, n_head=4, n_positions=64,
-            activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            initializer_range=0.1, bos_token_id=0, eos_token_id=1,
-        )  # fmt: skip
-        model = transformers.GPT2LMHeadModel(cfg)
-    else:
-        raise ValueError(kind)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_hf_config(kind))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or ".ln_" in name:

@@ -195,6 +195,12 @@ class ModelConfig:
     )
     rotary_base: int = flag(10000, help="RoPE theta")
     rotary_percent: float = flag(1.0, help="share of each head's dimensions that RoPE rotates")
+    use_rope_scaling: bool = flag(
+        False,
+        help="Llama 3.x RoPE frequency scaling (megatron-core's: low/high frequency factors 1 "
+        "and 4, original context 8192)",
+    )
+    rope_scaling_factor: float = flag(8.0, help="factor of --use-rope-scaling")
     swiglu: bool = flag(False, help="SwiGLU MLP (Llama)")
     group_query_attention: bool = flag(False, help="grouped-query attention")
     num_query_groups: int | None = flag(None, help="key/value heads with --group-query-attention")
@@ -202,6 +208,11 @@ class ModelConfig:
         False, help="own LM-head weights (default: tied to the word embeddings)"
     )
     disable_bias_linear: bool = flag(False, help="no biases in linear layers (Llama)")
+    add_qkv_bias: bool = flag(
+        False, help="biases on the QKV projection even with --disable-bias-linear (Qwen2)"
+    )
+    qk_layernorm: bool = flag(False, help="normalise each head's queries and keys (Qwen3)")
+    openai_gelu: bool = flag(False, help="tanh-approximated GELU (GPT-2's gelu_new)")
     hidden_dropout: float = flag(0.0, help="dropout after attention and MLP")
     attention_dropout: float = flag(0.0, help="dropout of attention probabilities")
     init_method_std: float = flag(0.02, help="std of the weight initialisation")
@@ -265,6 +276,15 @@ class ModelConfig:
         _require(self.make_vocab_size_divisible_by > 0, "--make-vocab-size-divisible-by > 0")
         _require(0.0 < self.rotary_percent <= 1.0, "--rotary-percent must be in (0, 1]")
         _require(self.init_method_std > 0, "--init-method-std must be > 0")
+        _require(
+            not self.use_rope_scaling or self.position_embedding_type == "rope",
+            "--use-rope-scaling needs --position-embedding-type rope",
+        )
+        _require(self.rope_scaling_factor >= 1.0, "--rope-scaling-factor must be >= 1")
+        _require(
+            not (self.openai_gelu and self.swiglu),
+            "--openai-gelu selects the GELU of a non-gated MLP; it cannot go with --swiglu",
+        )
         if self.num_query_groups is not None and not self.group_query_attention:
             raise ConfigError("--num-query-groups needs --group-query-attention")
 
@@ -735,6 +755,16 @@ def pad_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+def _activation(m: ModelConfig):
+    if m.swiglu:
+        return torch.nn.functional.silu
+    if m.openai_gelu:  # megatron-core's tanh GELU (as Megatron-LM's --openai-gelu)
+        from megatron.core.transformer.utils import openai_gelu
+
+        return openai_gelu
+    return torch.nn.functional.gelu
+
+
 def build_transformer_config(run: RunConfig, use_te: bool = False) -> EarlyExitTransformerConfig:
     """Translate the run config into the megatron-core config the model is built from."""
     m, p, t = run.model, run.parallel, run.training
@@ -748,8 +778,10 @@ def build_transformer_config(run: RunConfig, use_te: bool = False) -> EarlyExitT
         normalization=m.normalization,
         layernorm_epsilon=m.norm_epsilon,
         gated_linear_unit=m.swiglu,
-        activation_func=torch.nn.functional.silu if m.swiglu else torch.nn.functional.gelu,
+        activation_func=_activation(m),
         add_bias_linear=not m.disable_bias_linear,
+        add_qkv_bias=m.add_qkv_bias,
+        qk_layernorm=m.qk_layernorm,
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
         init_method_std=m.init_method_std,

@@ -1,5 +1,5 @@
 """Converted checkpoints at TP2PP2 (4 gloo processes): logits and greedy tokens match
-transformers. For Llama the TP2PP2 checkpoint is the one change_parallelism re-saved
+transformers, per family. For Llama the TP2PP2 checkpoint is the one change_parallelism re-saved
 from the TP1PP1 conversion (loaded at TP2PP2 to do so), and it is bitwise the original."""
 
 import pytest
@@ -11,7 +11,23 @@ pytestmark = pytest.mark.distributed
 TOL = 1e-5
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+# Qwen3 (QK norm, head_dim != hidden/heads, GQA split over TP) runs in make test; the other
+# new families are `slow`.
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "llama",
+        "gpt2",
+        "qwen3",
+        pytest.param("llama3", marks=_SLOW),
+        pytest.param("qwen2", marks=_SLOW),
+        pytest.param("mistral", marks=_SLOW),
+        pytest.param("gpt2_new", marks=_SLOW),
+    ],
+)
 def test_tp2pp2_parity(tmp_path, kind):
     hf = make_tiny_hf(kind, tmp_path / "hf")
     ckpt = tmp_path / "ours"

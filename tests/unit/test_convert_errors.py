@@ -31,7 +31,32 @@ def _edit_config(src, dst, **changes):
     [
         ({"model_type": "mistral_next"}, "unsupported model_type 'mistral_next'"),
         ({"num_local_experts": 8}, "mixture-of-experts"),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling 'llama3'"),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0}},
+            "RoPE scaling 'llama3' with low_freq_factor=2.0 is not supported: megatron-core",
+        ),
+        (
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 4096,
+                }
+            },
+            "original_max_position_embeddings=4096",
+        ),  # fmt: skip
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn'"),
+        (
+            {"model_type": "mistral", "sliding_window": 32, "max_position_embeddings": 64},
+            "sliding_window 32 < max_position_embeddings 64",
+        ),
+        (
+            {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16},
+            "sliding_window 16 < max_position_embeddings",
+        ),
+        ({"model_type": "qwen3", "attention_bias": True}, "qwen3 with attention_bias=True"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
         ({"attention_bias": True}, "biases on every linear layer or on none"),
     ],
@@ -45,11 +70,28 @@ def test_unsupported_architectures_are_refused(changes, message):
         flags_from_hf({**base, **changes})
 
 
-def test_tanh_gelu_gpt2_is_refused_not_silently_approximated():
+def test_gpt2_variants_that_compute_something_else_are_refused():
     from megatron.early_exit.convert.hf_arch import flags_from_hf
 
-    with pytest.raises(ConversionError, match="tanh-approximated GELU"):
-        flags_from_hf({"model_type": "gpt2", "activation_function": "gelu_new", "n_embd": 8})
+    base = {"model_type": "gpt2", "n_embd": 8, "n_layer": 1, "n_head": 2, "n_positions": 8,
+            "vocab_size": 10}  # fmt: skip
+    assert flags_from_hf({**base, "activation_function": "gelu_new"}).flags["openai_gelu"]
+    with pytest.raises(ConversionError, match="activation_function 'relu' is not supported"):
+        flags_from_hf({**base, "activation_function": "relu"})
+    with pytest.raises(ConversionError, match="attention-scaling variants"):
+        flags_from_hf({**base, "scale_attn_by_inverse_layer_idx": True})
+
+
+def test_sliding_window_capped_to_the_window_is_accepted():
+    from megatron.early_exit.convert.hf_arch import flags_from_hf
+
+    mistral = {"model_type": "mistral", "hidden_size": 64, "num_attention_heads": 4,
+               "num_hidden_layers": 2, "intermediate_size": 96, "vocab_size": 10,
+               "sliding_window": 32, "max_position_embeddings": 64}  # fmt: skip
+    flags = flags_from_hf(mistral, max_positions=32).flags
+    assert flags["max_position_embeddings"] == 32 and flags["seq_length"] == 32
+    with pytest.raises(ConversionError, match="exceeds the model's 64"):
+        flags_from_hf(mistral, max_positions=128)
 
 
 def test_missing_and_mismatched_files(tiny_llama, tmp_path):

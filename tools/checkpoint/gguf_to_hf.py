@@ -5,8 +5,9 @@
 
 Quantized tensors are dequantized with the `gguf` package; llama.cpp's Q/K row
 permutation is undone; tokenizer.json (byte-level BPE, its special tokens), tokenizer
-and generation configs are rebuilt from the file's metadata. Supported: Llama
-architecture with a byte-level BPE tokenizer (e.g. SmolLM2). Feed the folder to
+and generation configs are rebuilt from the file's metadata. Supported: architectures
+llama (e.g. SmolLM2), qwen2, qwen3 and gpt2 with a byte-level BPE tokenizer
+(pre-tokenizers gpt2, smollm, qwen2, llama-bpe). Feed the folder to
 hf_to_megatron.py. Bad input exits with code 2 and leaves no partial output.
 """
 

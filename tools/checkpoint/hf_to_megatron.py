@@ -3,8 +3,9 @@
     python tools/checkpoint/hf_to_megatron.py --hf-dir /path/to/hf --out ckpt/smollm2
     # then: torchrun ... pretrain_early_exit_gpt.py --load ckpt/smollm2 --finetune ...
 
-Supported: model_type "llama" (RMSNorm, RoPE theta, SwiGLU, GQA, tied/untied embeddings)
-and "gpt2" (learned positions, LayerNorm, biases, exact GELU, tied embeddings). The
+Supported model_type: "llama" (Llama 1-3.x, RoPE scaling "llama3" included), "mistral"
+(when no sequence can exceed the sliding window), "qwen2" (Qwen2/2.5), "qwen3", "gpt2"
+(exact or tanh GELU); tied or untied embeddings. Anything else is refused. The
 model/tokenizer flags are recorded in ee_args.json and the tokenizer is copied into the
 checkpoint, so `--load DIR` alone restores both. Exit heads exported by
 megatron_to_hf.py (early_exit_heads.safetensors) are imported back. Bad input exits
@@ -42,6 +43,12 @@ def parse(argv=None):
         default=None,
         help="vocab padding multiple (default 128)",
     )
+    p.add_argument(
+        "--max-position-embeddings",
+        type=int,
+        default=None,
+        help="cap the model's positions (e.g. to a sliding window, which then never applies)",
+    )
     return p.parse_args(argv)
 
 
@@ -63,6 +70,7 @@ def main(argv=None) -> int:
                 allow_no_tokenizer=args.allow_no_tokenizer,
                 seq_length=args.seq_length,
                 make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                max_position_embeddings=args.max_position_embeddings,
             )
         finally:
             destroy_distributed()

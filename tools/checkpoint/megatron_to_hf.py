@@ -1,11 +1,14 @@
 """Our checkpoint -> Hugging Face folder that `AutoModelForCausalLM.from_pretrained(dir)`
-loads and runs unchanged (LlamaForCausalLM or GPT2LMHeadModel), tokenizer included.
+loads and runs unchanged (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM or
+GPT2LMHeadModel), tokenizer included.
 
     python tools/checkpoint/megatron_to_hf.py --load ckpt/smollm2 --out hf/smollm2
 
 Exit heads go to early_exit_heads.safetensors (our tensor names) with an `early_exit`
 entry in config.json; non-zero vocabulary padding rows to
-megatron_vocab_padding.safetensors; hf_to_megatron.py imports all of it back, so
+megatron_vocab_padding.safetensors; with exits, modeling_early_exit.py lets
+`from_pretrained(dir, trust_remote_code=True)` run them in transformers (per-exit logits,
+early exit, self-speculative decoding). hf_to_megatron.py imports all of it back, so
 ours -> HF -> ours is bit-exact. Runs in one process (the checkpoint reshards to TP1PP1).
 """
 

@@ -1,9 +1,14 @@
 """GGUF (llama.cpp) -> Hugging Face folder: dequantized float32 weights, config.json,
 and a tokenizer.json rebuilt from the file's tokenizer metadata.
 
-Supported: general.architecture "llama" with a byte-level BPE tokenizer
-(tokenizer.ggml.model "gpt2"), e.g. SmolLM2. llama.cpp's converter permutes the rows of
-attn_q/attn_k from HF's rotate-half RoPE layout to its interleaved one; we invert that.
+Supported: general.architecture "llama" (e.g. SmolLM2), "qwen2" (Qwen2/2.5: q/k/v biases),
+"qwen3" (q/k norms, head_dim from attention.key_length) and "gpt2" (tanh GELU, Conv1D
+weights transposed back), with a byte-level BPE
+tokenizer (tokenizer.ggml.model "gpt2"; pre-tokenizers GPT-2, SmolLM, Qwen2, Llama 3).
+llama.cpp's converter permutes the rows of Llama's attn_q/attn_k from HF's rotate-half
+RoPE layout to its interleaved one; we invert that (Qwen tensors are not permuted).
+Refused: other architectures, RoPE scaling (llama.cpp stores Llama 3.1's as a
+`rope_freqs` tensor), MoE.
 """
 
 from __future__ import annotations
@@ -28,14 +33,47 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+}
+# general.architecture -> (HF model_type, class, Q/K rows permuted by llama.cpp)
+_ARCHS = {
+    "llama": ("llama", "LlamaForCausalLM", True),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM", False),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM", False),
+    "gpt2": ("gpt2", "GPT2LMHeadModel", False),
+}
+# GPT-2: llama.cpp stores the Conv1D weights transposed ([out, in], as nn.Linear) and a
+# copy of the tied embedding as `output`.
+_GPT2_LAYER = {
+    "attn_norm": "ln_1",
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
+}
+_GPT2_TOP = {
+    "token_embd": "transformer.wte",
+    "position_embd": "transformer.wpe",
+    "output_norm": "transformer.ln_f",
+    "output": "lm_head",
 }
 _TOP_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
     "output": "lm_head",
 }
-# llama.cpp pre-tokenizer names we can rebuild (regex splits of GPT-2 + digits).
-_PRE_TOKENIZERS = ("default", "gpt2", "smollm")
+# llama.cpp pre-tokenizer names we can rebuild: GPT-2's regex (ByteLevel's own), SmolLM's
+# (digits one by one, then GPT-2's), and the regex splits of Qwen2 and Llama 3 (the
+# `pretokenizer` patterns of their tokenizer.json files).
+_QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_REGEX = _QWEN2_REGEX.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+_SPLIT_REGEX = {"qwen2": _QWEN2_REGEX, "llama-bpe": _LLAMA3_REGEX}
+_PRE_TOKENIZERS = ("default", "gpt2", "smollm", *_SPLIT_REGEX)
 _CONTROL, _USER_DEFINED = 3, 4
 
 
@@ -74,9 +112,12 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[
 
     r = _reader(path)
     arch = _meta(r, "general.architecture")
-    if arch != "llama":
-        raise ConversionError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
-    p = "llama."
+    if arch not in _ARCHS:
+        raise ConversionError(
+            f"GGUF architecture {arch!r} is not supported (only {', '.join(_ARCHS)})"
+        )
+    model_type, architecture, permuted = _ARCHS[arch]
+    p = f"{arch}."
     heads = int(_meta(r, p + "attention.head_count"))
     kv_heads = int(_meta(r, p + "attention.head_count_kv", heads))
     hidden = int(_meta(r, p + "embedding_length"))
@@ -86,7 +127,12 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[
         raise ConversionError("GGUF models with RoPE scaling are not supported")
     tensors: dict[str, torch.Tensor] = {}
     for t in progress(r.tensors, desc="dequantize GGUF", unit="tensor"):
-        name = _hf_name(t.name)
+        if t.name == "rope_freqs.weight":
+            raise ConversionError(
+                "GGUF models with RoPE frequency factors (rope_freqs, Llama 3.1 scaling) are "
+                "not supported; convert the Hugging Face folder instead"
+            )
+        name = _gpt2_name(t.name) if arch == "gpt2" else _hf_name(t.name)
         try:
             data = gguf.quants.dequantize(t.data, t.tensor_type)
         except (NotImplementedError, ValueError) as exc:
@@ -96,20 +142,25 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[
         w = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).reshape(
             [int(n) for n in reversed(t.shape)]
         )
-        if ".self_attn.q_proj." in name:
+        if arch == "gpt2" and name.startswith("transformer.h.") and w.dim() == 2:
+            w = w.t().contiguous()  # back to Conv1D's [in, out] (norms and biases are 1-D)
+        if permuted and ".self_attn.q_proj." in name:
             w = unpermute_rows(w, heads)
-        elif ".self_attn.k_proj." in name:
+        elif permuted and ".self_attn.k_proj." in name:
             w = unpermute_rows(w, kv_heads)
         tensors[name] = w
     tokens = list(_meta(r, "tokenizer.ggml.tokens"))
-    embed = tensors.get("model.embed_tokens.weight")
+    embed = tensors.get("model.embed_tokens.weight", tensors.get("transformer.wte.weight"))
     if embed is None:
         raise ConversionError("the GGUF file has no token_embd.weight")
     if embed.shape[0] != len(tokens):
         raise ConversionError(
             f"token_embd has {embed.shape[0]} rows but the tokenizer has {len(tokens)} tokens"
         )
-    head_dim = int(_meta(r, p + "rope.dimension_count", hidden // heads, required=False))
+    head_dim = int(
+        _meta(r, p + "attention.key_length", None, required=False)
+        or _meta(r, p + "rope.dimension_count", hidden // heads, required=False)
+    )
     tok = {
         "model": _meta(r, "tokenizer.ggml.model"),
         "pre": _meta(r, "tokenizer.ggml.pre", "default", required=False),
@@ -123,9 +174,11 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[
         value = _meta(r, f"tokenizer.ggml.{key}_token_id", -1, required=False)
         tok[f"{key}_id"] = int(value) if value is not None and int(value) >= 0 else None
     num_layers = int(_meta(r, p + "block_count"))
+    if arch == "gpt2":
+        return _gpt2_config(r, p, tensors, tok), tensors, tok
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [architecture],
+        "model_type": model_type,
         "vocab_size": len(tokens),
         "hidden_size": hidden,
         "intermediate_size": int(_meta(r, p + "feed_forward_length")),
@@ -141,8 +194,6 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[
             "rope_type": "default",
             "rope_theta": float(_meta(r, p + "rope.freq_base", 10000.0, required=False)),
         },
-        "attention_bias": False,
-        "mlp_bias": False,
         "tie_word_embeddings": "lm_head.weight" not in tensors,
         "bos_token_id": tok["bos_id"],
         "eos_token_id": tok["eos_id"],
@@ -150,7 +201,50 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[
         "torch_dtype": "float32",
         "use_cache": True,
     }
+    if arch == "llama":
+        config.update(attention_bias=False, mlp_bias=False)
+    elif arch == "qwen3":
+        config["attention_bias"] = False
     return config, tensors, tok
+
+
+def _gpt2_config(r, p: str, tensors: dict, tok: dict) -> dict[str, Any]:
+    wte, out = tensors["transformer.wte.weight"], tensors.get("lm_head.weight")
+    tied = out is None or torch.equal(out, wte)
+    if tied:
+        tensors.pop("lm_head.weight", None)
+    n_pos = int(_meta(r, p + "context_length"))
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": len(tok["tokens"]),
+        "n_embd": int(_meta(r, p + "embedding_length")),
+        "n_inner": int(_meta(r, p + "feed_forward_length")),
+        "n_layer": int(_meta(r, p + "block_count")),
+        "n_head": int(_meta(r, p + "attention.head_count")),
+        "n_positions": n_pos,
+        "n_ctx": n_pos,
+        "activation_function": "gelu_new",  # ggml_gelu is the tanh approximation
+        "layer_norm_epsilon": float(_meta(r, p + "attention.layer_norm_epsilon")),
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "tie_word_embeddings": tied,
+        "bos_token_id": tok["bos_id"],
+        "eos_token_id": tok["eos_id"],
+        "pad_token_id": tok["padding_id"],
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+
+
+def _gpt2_name(gguf_name: str) -> str:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GPT2_LAYER:
+        return f"transformer.h.{parts[1]}.{_GPT2_LAYER[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in _GPT2_TOP:
+        return f"{_GPT2_TOP[parts[0]]}.{parts[1]}"
+    raise ConversionError(f"GGUF tensor {gguf_name!r} has no GPT-2 equivalent")
 
 
 def _hf_name(gguf_name: str) -> str:
@@ -160,13 +254,21 @@ def _hf_name(gguf_name: str) -> str:
     if len(parts) == 2 and parts[0] in _TOP_NAMES:
         return f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
     raise ConversionError(
-        f"GGUF tensor {gguf_name!r} has no Llama equivalent (unsupported variant)"
+        f"GGUF tensor {gguf_name!r} has no Hugging Face equivalent (unsupported variant)"
     )
 
 
 def build_tokenizer_json(tok: dict[str, Any]):
     """A `tokenizers.Tokenizer` equivalent to llama.cpp's byte-level BPE tokenizer."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
 
     if tok["model"] != "gpt2":
         raise ConversionError(
@@ -185,6 +287,11 @@ def build_tokenizer_json(tok: dict[str, Any]):
     if tok["pre"] == "smollm":  # llama.cpp: digits split one by one, then the GPT-2 regex
         tk.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
+    elif tok["pre"] in _SPLIT_REGEX:
+        split = pre_tokenizers.Split(Regex(_SPLIT_REGEX[tok["pre"]]), behavior="isolated")
+        tk.pre_tokenizer = pre_tokenizers.Sequence(
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
     else:
         tk.pre_tokenizer = byte_level
@@ -227,7 +334,8 @@ def gguf_to_hf(path: str, out: str, overwrite: bool = False) -> dict[str, Any]:
     """Write an HF folder for the GGUF model; returns its config.json."""
     config, tensors, tok = read_gguf(path)
     tokenizer = build_tokenizer_json(tok)
-    tok_cfg = tokenizer_config(tok, config["max_position_embeddings"])
+    max_length = config.get("max_position_embeddings") or config["n_positions"]
+    tok_cfg = tokenizer_config(tok, max_length)
     with atomic_dir(out, overwrite) as staging:
         write_safetensors(tensors, os.path.join(staging, "model.safetensors"), {"format": "pt"})
         write_json(os.path.join(staging, "config.json"), config)

@@ -1,18 +1,26 @@
 """Hugging Face folder <-> our dist checkpoint (single process, full tensors).
 
-Export writes the backbone as a standard LlamaForCausalLM / GPT2LMHeadModel folder, plus
+Export writes the backbone as a standard LlamaForCausalLM / Qwen2ForCausalLM /
+Qwen3ForCausalLM / GPT2LMHeadModel folder (see hf_arch for the families), plus
 what HF has no place for, so nothing is lost and import restores it bit for bit:
 * `early_exit_heads.safetensors`: exit-head tensors under our names (`exit_heads.N.*`),
   described by the `early_exit` entry of config.json (our exit flags);
 * `megatron_vocab_padding.safetensors`: rows of the padded vocabulary beyond the real
   one, only when they are not all zero;
 * `ee_megatron` in config.json: our flags that HF does not carry (vocab padding
-  multiple, training sequence length).
+  multiple, training sequence length);
+* with exits: `modeling_early_exit.py` (hf_modeling_early_exit.py, copied) and an
+  `auto_map` entry, so `from_pretrained(..., trust_remote_code=True)` gives the family's
+  CausalLM plus the exit heads (per-exit logits, lossy early exit, self-speculative
+  decoding with transformers' assisted generation). Without trust_remote_code the folder
+  is the plain family model. Exit heads with a transformer block (--use-exit-block) get
+  no modeling file (the heads are still exported and import back).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -48,6 +56,8 @@ from megatron.early_exit.convert.megatron_side import (
 from megatron.early_exit.convert.weights import OUTPUT, WORD, hf_to_ours, ours_to_hf
 
 _EXTRA_FLAG_KEYS = ("make_vocab_size_divisible_by", "seq_length", "init_method_std")
+MODELING_FILE = "modeling_early_exit.py"
+_MODELING_SOURCE = os.path.join(os.path.dirname(__file__), "hf_modeling_early_exit.py")
 
 
 def _vocab_rows(name: str) -> bool:
@@ -62,15 +72,21 @@ def hf_to_megatron(
     allow_no_tokenizer: bool = False,
     seq_length: int | None = None,
     make_vocab_size_divisible_by: int | None = None,
+    max_position_embeddings: int | None = None,
 ) -> dict[str, Any]:
     """Convert; returns the recorded flags (ee_args.json)."""
     config = read_hf_config(hf_dir)
-    arch = flags_from_hf(config)
+    arch = flags_from_hf(config, max_position_embeddings)
     flags = dict(arch.flags)
     flags.update(
         {k: v for k, v in (config.get("ee_megatron") or {}).items() if k in _EXTRA_FLAG_KEYS}
     )
     if seq_length:
+        if seq_length > flags["max_position_embeddings"]:
+            raise ConversionError(
+                f"--seq-length {seq_length} exceeds max_position_embeddings "
+                f"{flags['max_position_embeddings']}"
+            )
         flags["seq_length"] = seq_length
     if make_vocab_size_divisible_by:
         flags["make_vocab_size_divisible_by"] = make_vocab_size_divisible_by
@@ -168,9 +184,15 @@ def megatron_to_hf(root: str, out: str, overwrite: bool = False) -> dict[str, An
     hf = ours_to_hf(family, flags, backbone)
     config = hf_config_from_flags(flags, special_ids(flags))
     config["ee_megatron"] = {k: flags[k] for k in _EXTRA_FLAG_KEYS if k in flags}
+    remote_code = False
     if flags.get("exit_layer_nums"):
         config["early_exit"] = {k: flags.get(k) for k in EXIT_ARCH_FIELDS}
         config["early_exit"]["file"] = EXIT_HEADS_FILE
+        config["early_exit"]["head"] = _exit_head_shape(flags)
+        remote_code = not flags.get("use_exit_block")
+        if remote_code:
+            cls = "EarlyExit" + config["architectures"][0]
+            config["auto_map"] = {"AutoModelForCausalLM": f"modeling_early_exit.{cls}"}
     with atomic_dir(out, overwrite) as staging:
         write_safetensors(hf, os.path.join(staging, "model.safetensors"), {"format": "pt"})
         write_json(os.path.join(staging, "config.json"), config)
@@ -183,6 +205,8 @@ def megatron_to_hf(root: str, out: str, overwrite: bool = False) -> dict[str, An
             },
         )
         export_tokenizer(flags, staging)
+        if remote_code:
+            shutil.copy2(_MODELING_SOURCE, os.path.join(staging, MODELING_FILE))
         if exits:
             write_safetensors(
                 exits, os.path.join(staging, EXIT_HEADS_FILE), {"format": "ee-megatron"}
@@ -192,3 +216,19 @@ def megatron_to_hf(root: str, out: str, overwrite: bool = False) -> dict[str, An
                 padding, os.path.join(staging, VOCAB_PADDING_FILE), {"format": "ee-megatron"}
             )
     return config
+
+
+def _exit_head_shape(flags: dict[str, Any]) -> dict[str, Any]:
+    """What the modeling file needs to build an exit head (hf_modeling_early_exit.py)."""
+    activation = "silu" if flags.get("swiglu") else "gelu"
+    if flags.get("openai_gelu"):
+        activation = "gelu_tanh"
+    return {
+        "hidden_size": flags["hidden_size"],
+        "ffn_hidden_size": flags["ffn_hidden_size"],
+        "gated": bool(flags.get("swiglu")),
+        "activation": activation,
+        "bias": not flags.get("disable_bias_linear", False),
+        "normalization": flags.get("normalization", "LayerNorm"),
+        "eps": flags.get("norm_epsilon", 1e-5),
+    }

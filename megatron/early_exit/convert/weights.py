@@ -6,6 +6,8 @@ Layouts that differ:
   [q heads of g, k_g, v_g] rows.
 * SwiGLU: HF gate_proj/up_proj; megatron-core `linear_fc1` = [gate; up] rows.
 * GPT-2 Conv1D weights are [in, out]: transposed.
+* Qwen2's q/k/v-only biases group like the weights; Qwen3's per-head q_norm/k_norm are
+  megatron-core's q_layernorm/k_layernorm as they are.
 RoPE needs no permutation: megatron-core's non-interleaved rotary (rotary_interleaved
 False) is HF Llama's rotate_half layout. The vocabulary is not padded here.
 """
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 
 from megatron.early_exit.convert.errors import ConversionError
-from megatron.early_exit.convert.hf_arch import LLAMA
+from megatron.early_exit.convert.hf_arch import GPT2
 
 WORD = "embedding.word_embeddings.weight"
 POS = "embedding.position_embeddings.weight"
@@ -85,14 +87,14 @@ class _Source:
 
 def hf_to_ours(family: str, flags: dict[str, Any], hf: dict[str, torch.Tensor]) -> dict:
     src = _Source(hf)
-    out = _llama_to_ours(flags, src) if family == LLAMA else _gpt2_to_ours(flags, src)
+    out = _gpt2_to_ours(flags, src) if family == GPT2 else _llama_to_ours(flags, src)
     src.check_all_used()
     return out
 
 
 def ours_to_hf(family: str, flags: dict[str, Any], ours: dict[str, torch.Tensor]) -> dict:
     src = _Source({k: v for k, v in ours.items() if not k.endswith("_extra_state")})
-    out = _ours_to_llama(flags, src) if family == LLAMA else _ours_to_gpt2(flags, src)
+    out = _ours_to_gpt2(flags, src) if family == GPT2 else _ours_to_llama(flags, src)
     src.check_all_used()
     return {k: v.contiguous() for k, v in out.items()}
 
@@ -102,18 +104,31 @@ def _layer(i: int) -> str:
 
 
 # ----------------------------------------------------------------------------- Llama
-def _llama_to_ours(flags: dict, src: _Source) -> dict:
-    heads, groups, d = _dims(flags)
+def _suffixes(flags: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(suffixes of the QKV projection, of the other linear layers)."""
     bias = not flags.get("disable_bias_linear", False)
+    rest = ("weight", "bias") if bias else ("weight",)
+    qkv = ("weight", "bias") if bias or flags.get("add_qkv_bias") else ("weight",)
+    return qkv, rest
+
+
+def _llama_to_ours(flags: dict, src: _Source) -> dict:
+    """Llama, Mistral, Qwen2, Qwen3 (same names; biases and QK norms as the flags say)."""
+    heads, groups, d = _dims(flags)
+    qkv_suffixes, suffixes = _suffixes(flags)
     out = {WORD: src.take("model.embed_tokens.weight")}
     for i in range(flags["num_layers"]):
         h, o = f"model.layers.{i}.", _layer(i)
         out[o + "input_layernorm.weight"] = src.take(h + "input_layernorm.weight")
         out[o + "pre_mlp_layernorm.weight"] = src.take(h + "post_attention_layernorm.weight")
         a, m = h + "self_attn.", h + "mlp."
-        for suffix in ("weight", "bias") if bias else ("weight",):
+        for suffix in qkv_suffixes:
             qkv = [src.take(f"{a}{p}_proj.{suffix}") for p in "qkv"]
             out[o + f"self_attention.linear_qkv.{suffix}"] = group_qkv(*qkv, heads, groups, d)
+        if flags.get("qk_layernorm"):
+            for p in "qk":
+                out[o + f"self_attention.{p}_layernorm.weight"] = src.take(f"{a}{p}_norm.weight")
+        for suffix in suffixes:
             out[o + f"self_attention.linear_proj.{suffix}"] = src.take(f"{a}o_proj.{suffix}")
             gate, up = src.take(f"{m}gate_proj.{suffix}"), src.take(f"{m}up_proj.{suffix}")
             out[o + f"mlp.linear_fc1.{suffix}"] = torch.cat([gate, up], dim=0)
@@ -128,20 +143,24 @@ def _llama_to_ours(flags: dict, src: _Source) -> dict:
 
 def _ours_to_llama(flags: dict, src: _Source) -> dict:
     heads, groups, d = _dims(flags)
-    bias = not flags.get("disable_bias_linear", False)
+    qkv_suffixes, suffixes = _suffixes(flags)
     out = {"model.embed_tokens.weight": src.take(WORD)}
     for i in range(flags["num_layers"]):
         h, o = f"model.layers.{i}.", _layer(i)
         out[h + "input_layernorm.weight"] = src.take(o + "input_layernorm.weight")
         out[h + "post_attention_layernorm.weight"] = src.take(o + "pre_mlp_layernorm.weight")
         a, m = h + "self_attn.", h + "mlp."
-        for suffix in ("weight", "bias") if bias else ("weight",):
+        for suffix in qkv_suffixes:
             q, k, v = split_qkv(
                 src.take(o + f"self_attention.linear_qkv.{suffix}"), heads, groups, d
             )
             out.update(
                 {f"{a}q_proj.{suffix}": q, f"{a}k_proj.{suffix}": k, f"{a}v_proj.{suffix}": v}
             )
+        if flags.get("qk_layernorm"):
+            for p in "qk":
+                out[f"{a}{p}_norm.weight"] = src.take(o + f"self_attention.{p}_layernorm.weight")
+        for suffix in suffixes:
             out[f"{a}o_proj.{suffix}"] = src.take(o + f"self_attention.linear_proj.{suffix}")
             gate, up = src.take(o + f"mlp.linear_fc1.{suffix}").chunk(2, dim=0)
             out[f"{m}gate_proj.{suffix}"], out[f"{m}up_proj.{suffix}"] = gate, up
@@ -179,7 +198,9 @@ def _gpt2_to_ours(flags: dict, src: _Source) -> dict:
         out[o + "mlp.linear_fc2.bias"] = src.take(h + "mlp.c_proj.bias")
     out["decoder.final_layernorm.weight"] = src.take(p + "ln_f.weight")
     out["decoder.final_layernorm.bias"] = src.take(p + "ln_f.bias")
-    if src.has("lm_head.weight"):
+    if flags.get("untie_embeddings_and_output_weights"):
+        out[OUTPUT] = src.take("lm_head.weight")
+    elif src.has("lm_head.weight"):
         src.take("lm_head.weight")  # tied to wte
     return out
 
@@ -205,4 +226,6 @@ def _ours_to_gpt2(flags: dict, src: _Source) -> dict:
         out[h + "mlp.c_proj.bias"] = src.take(o + "mlp.linear_fc2.bias")
     out[p + "ln_f.weight"] = src.take("decoder.final_layernorm.weight")
     out[p + "ln_f.bias"] = src.take("decoder.final_layernorm.bias")
+    if flags.get("untie_embeddings_and_output_weights"):
+        out["lm_head.weight"] = src.take(OUTPUT)
     return out

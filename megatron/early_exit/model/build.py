@@ -54,6 +54,8 @@ def build_stage_model(
         position_embedding_type=run.model.position_embedding_type,
         rotary_base=run.model.rotary_base,
         rotary_percent=run.model.rotary_percent,
+        rope_scaling=run.model.use_rope_scaling,
+        rope_scaling_factor=run.model.rope_scaling_factor,
         use_te=use_te,
     )
     model.to(platform.device())

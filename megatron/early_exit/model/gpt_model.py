@@ -146,6 +146,8 @@ class EarlyExitGPTModel(GPTModel):
         position_embedding_type: str = "learned_absolute",
         rotary_base: int = 10000,
         rotary_percent: float = 1.0,
+        rope_scaling: bool = False,
+        rope_scaling_factor: float = 8.0,
         parallel_output: bool = True,
     ) -> None:
         num_local_layers = config.num_layers // config.pipeline_model_parallel_size
@@ -160,6 +162,8 @@ class EarlyExitGPTModel(GPTModel):
             position_embedding_type=position_embedding_type,
             rotary_base=rotary_base,
             rotary_percent=rotary_percent,
+            rope_scaling=rope_scaling,
+            rope_scaling_factor=rope_scaling_factor,
             parallel_output=parallel_output,
         )
         ee = config.early_exit
@@ -425,6 +429,8 @@ def build_model(
     position_embedding_type: str,
     rotary_base: int = 10000,
     rotary_percent: float = 1.0,
+    rope_scaling: bool = False,
+    rope_scaling_factor: float = 8.0,
     use_te: bool = False,
 ) -> EarlyExitGPTModel:
     """Build this rank's pipeline stage (parallel state must be initialised)."""
@@ -440,4 +446,6 @@ def build_model(
         position_embedding_type=position_embedding_type,
         rotary_base=rotary_base,
         rotary_percent=rotary_percent,
+        rope_scaling=rope_scaling,
+        rope_scaling_factor=rope_scaling_factor,
     )

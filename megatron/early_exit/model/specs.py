@@ -50,7 +50,7 @@ def get_layer_specs(config: TransformerConfig, use_te: bool) -> LayerSpecs:
             TERowParallelLinear,
         )
 
-        layer = get_gpt_layer_with_transformer_engine_spec()
+        layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
         return LayerSpecs(
             layer=layer,
             norm=TENorm,
@@ -59,9 +59,16 @@ def get_layer_specs(config: TransformerConfig, use_te: bool) -> LayerSpecs:
             ),
             uses_te=True,
         )
-    layer = copy.deepcopy(get_gpt_layer_local_spec(normalization=config.normalization))
+    layer = copy.deepcopy(
+        get_gpt_layer_local_spec(
+            normalization=config.normalization, qk_layernorm=config.qk_layernorm
+        )
+    )
     layer.submodules.input_layernorm = SequenceParallelTorchNorm
     layer.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
+    if config.qk_layernorm:  # the local spec's torch norm refuses sequence parallelism
+        attention = layer.submodules.self_attention.submodules
+        attention.q_layernorm = attention.k_layernorm = SequenceParallelTorchNorm
     return LayerSpecs(
         layer=layer,
         norm=SequenceParallelTorchNorm,
