@@ -272,10 +272,8 @@ def test_sigterm_stops_every_rank(env):
     for pid in pids:  # torchrun's workers
         out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
         grandchildren += [int(p) for p in out.split()]
-    t0 = time.time()
     proc.send_signal(signal.SIGTERM)
-    proc.wait(30)
-    elapsed = time.time() - t0
+    proc.wait(30)  # raises TimeoutExpired if the launcher hangs
     alive = []
     for pid in pids + grandchildren:
         try:
@@ -284,4 +282,3 @@ def test_sigterm_stops_every_rank(env):
         except ProcessLookupError:
             pass
     assert not alive, f"still running after SIGTERM: {alive}"
-    assert elapsed < 30
