@@ -35,6 +35,7 @@ from megatron.early_exit.inference.sampling import (
     generator_for,
     processed_logprobs,
 )
+from megatron.early_exit.stage_split import split_of_config
 
 
 def run_self_speculative(decoder: Decoder, st, seqs, ee) -> None:
@@ -51,8 +52,8 @@ def run_self_speculative(decoder: Decoder, st, seqs, ee) -> None:
 
 
 def _owner(decoder, layer: int) -> int:
-    """Pipeline stage holding a layer (uniform split)."""
-    return (layer - 1) // (decoder.num_layers // decoder.pipe.size)
+    """Pipeline stage holding a layer (the model's split, even or uneven)."""
+    return split_of_config(decoder.model.config).stage_of(layer)
 
 
 def _forward(decoder, st, i, s, from_layer: int, upto: int) -> None:
