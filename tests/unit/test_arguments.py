@@ -17,6 +17,8 @@ BASE = ["--mock-data", "--vocab-size", "128"]
 # Every option string of the training CLI. Adding, renaming or removing a flag must
 # update this list on purpose (and the docs), never by accident.
 EXPECTED_FLAGS = [
+    "--account-for-embedding-in-pipeline-split",
+    "--account-for-loss-in-pipeline-split",
     "--adam-beta1",
     "--adam-beta2",
     "--adam-eps",
@@ -26,6 +28,8 @@ EXPECTED_FLAGS = [
     "--clip-grad",
     "--data-cache-path",
     "--data-path",
+    "--decoder-first-pipeline-num-layers",
+    "--decoder-last-pipeline-num-layers",
     "--disable-bias-linear",
     "--dry-run",
     "--eval-interval",
@@ -78,6 +82,9 @@ EXPECTED_FLAGS = [
     "--position-embedding-type",
     "--pre-exit",
     "--print-pipeline-schedule",
+    "--recompute-granularity",
+    "--recompute-method",
+    "--recompute-num-layers",
     "--rotary-base",
     "--rotary-percent",
     "--save",
