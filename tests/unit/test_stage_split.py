@@ -66,9 +66,11 @@ def test_dry_run_layout_and_fill_plan_follow_the_uneven_split():
     from megatron.early_exit.pipeline.fill_plan import exit_stages
     from megatron.early_exit.training.layout import describe_run
 
-    argv = ["--mock-data", "--vocab-size", "128", "--num-layers", "10",
-            "--pipeline-model-parallel-size", "4", "--decoder-first-pipeline-num-layers", "1",
-            "--decoder-last-pipeline-num-layers", "3", "--exit-layer-nums", "1", "2", "5", "7"]  # fmt: skip
+    argv = [
+        "--mock-data", "--vocab-size", "128", "--num-layers", "10",
+        "--pipeline-model-parallel-size", "4", "--decoder-first-pipeline-num-layers", "1",
+        "--decoder-last-pipeline-num-layers", "3", "--exit-layer-nums", "1", "2", "5", "7",
+    ]  # fmt: skip
     run = parse_run_config(argv, world_size=4)
     layout = describe_run(run)
     assert [(s.first_layer, s.last_layer) for s in layout.stages] == [
