@@ -8,8 +8,10 @@ test compares them with `numel()` of built models), so the numbers can be truste
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-from megatron.early_exit.config import RunConfig
+if TYPE_CHECKING:  # torch-free at run time: perf_model.py and --dry-run stay light
+    from megatron.early_exit.config import RunConfig
 
 
 @dataclass
