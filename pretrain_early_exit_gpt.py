@@ -69,6 +69,7 @@ def dry_run_report(run) -> int:
     print("dry run: configuration is valid")
     print(layout.format())
     print(perf_model.format_stage_costs(run))
+    print(perf_model.format_memory_estimate(run))
     report = {**layout.to_dict(), **perf_model.to_dict(run)}
     print("DRY_RUN_JSON " + json.dumps(report, sort_keys=True))
     return 0

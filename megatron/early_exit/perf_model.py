@@ -194,13 +194,135 @@ def format_stage_costs(run: RunConfig) -> str:
     return "\n".join(lines)
 
 
+# ============================================================ memory per GPU
+GPU_BYTES = 80 * 10**9  # the 80 GB class of GPU (H100, A100-80GB) the paper's runs use
+
+
+@dataclass
+class StageMemory:
+    """Estimated bytes on one GPU of a stage (see `memory_estimate`)."""
+
+    stage: int
+    params: float
+    grads: float
+    optimizer: float
+    activations: dict[str, float]  # "none" / "selective" / "full" (full: needs a method)
+
+    def total(self, recompute: str) -> float:
+        return self.params + self.grads + self.optimizer + self.activations[recompute]
+
+
+def _dtype_bytes(run: RunConfig) -> int:
+    return 2 if (run.training.bf16 or run.training.fp16) else 4
+
+
+def memory_estimate(run: RunConfig) -> list[StageMemory]:
+    """Per-GPU memory of each pipeline stage (an estimate, not a measurement).
+
+    Parameters in the training dtype; gradients in fp32 (grad_reduce_in_fp32); Adam's two
+    moments in fp32 plus an fp32 master copy with bf16/fp16, divided by DP with the
+    distributed optimizer. Activations per layer and microbatch after Korthikanti et al.
+    (2022) for 2-byte activations, s b h (34 + 5 a s / h) / t with sequence parallelism
+    (s b h (10 + 24 / t + 5 a s / (h t)) without), scaled by the dtype; the 5 a s / h term
+    (attention scores) is what selective recomputation drops, and what fused/flash
+    attention never stores. Full recomputation keeps each recomputed chunk's input
+    (2-byte s b h, / t with SP) plus one chunk's activations while it is recomputed.
+    Stage i of 1F1B holds min(P - i, M) microbatches. Exit heads and the LM head add their
+    logits and fp32 softmax (s b V / t) for the microbatch in backward: every local exit at
+    once without recomputation, one at a time with it (model/recompute.py).
+    """
+    from megatron.early_exit.training.layout import describe_run
+
+    layout = describe_run(run)
+    m, p, t = run.model, run.parallel, run.training
+    tp, pp, dp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.data_parallel_size
+    nbytes = _dtype_bytes(run)
+    scale = nbytes / 2
+    s, b, h, a = m.seq_length, t.micro_batch_size, m.hidden_size, m.num_attention_heads
+    sp = p.sequence_parallel and tp > 1
+    if sp:
+        base, scores = s * b * h * 34 / tp, s * b * h * 5 * a * s / (h * tp)
+    else:
+        base, scores = s * b * h * (10 + 24 / tp), s * b * h * 5 * a * s / (h * tp)
+    layer_full = (base + scores) * scale
+    layer_selective = base * scale
+    layer_input = 2 * s * b * h * scale / (tp if sp else 1)
+    logits = s * b * run.padded_vocab_size() / tp * (nbytes + 4)
+    micro = t.num_microbatches(dp)
+    rc = run.recompute
+    opt_per_param = (8 + (4 if nbytes == 2 else 0)) / (dp if p.use_distributed_optimizer else 1)
+    out = []
+    for st in layout.stages:
+        n_layers = st.last_layer - st.first_layer + 1
+        inflight = min(pp - st.stage, micro)
+        heads = len(st.exit_layers) + (1 if st.lm_head else 0)
+        params = st.params / tp
+        acts = {
+            "none": inflight * n_layers * layer_full + heads * logits,
+            "selective": inflight * n_layers * layer_selective + min(heads, 1) * logits,
+        }
+        if rc.recompute_method is not None:
+            n = min(rc.recompute_num_layers, n_layers)
+            if rc.recompute_method == "uniform":
+                chunks = -(-n_layers // n)
+                kept = inflight * chunks * layer_input + n * layer_full
+            else:  # block: the first n layers recomputed, the rest stored
+                kept = inflight * (n * layer_input + (n_layers - n) * layer_full) + layer_full
+            acts["full"] = kept + min(heads, 1) * logits
+        out.append(
+            StageMemory(
+                st.stage,
+                params=params * nbytes,
+                grads=params * 4,
+                optimizer=params * opt_per_param,
+                activations=acts,
+            )
+        )
+    return out
+
+
+def format_memory_estimate(run: RunConfig) -> str:
+    est = memory_estimate(run)
+    rc = run.recompute
+    mine = rc.recompute_granularity or "none"
+    cols = [c for c in ("none", "selective", "full") if c in est[0].activations]
+
+    def gib(x: float) -> str:
+        return f"{x / 2**30:.1f}"
+
+    lines = [
+        "memory per GPU estimate, GiB (params + grads + optimizer + activations; activations "
+        f"(unfused attention) by recomputation: {', '.join(cols)}; this run: {mine}):"
+    ]
+    for e in est:
+        acts = " / ".join(gib(e.activations[c]) for c in cols)
+        total = e.total(mine)
+        fits = "fits" if total <= GPU_BYTES else "does NOT fit"
+        lines.append(
+            f"  stage {e.stage}: {gib(e.params)} + {gib(e.grads)} + {gib(e.optimizer)} + "
+            f"[{acts}] = {gib(total)} with {mine}: {fits} an 80 GB GPU"
+        )
+    return "\n".join(lines)
+
+
 def to_dict(run: RunConfig) -> dict:
     costs = stage_costs(run)
     out = {
         "stage_forward_flops": [
             {"layers": c.layers, "exits": c.exits, "lm_head": c.lm_head, "total": c.total}
             for c in costs
-        ]
+        ],
+        "memory_per_gpu_bytes": [
+            {
+                "stage": e.stage,
+                "params": e.params,
+                "grads": e.grads,
+                "optimizer": e.optimizer,
+                "activations": e.activations,
+                "total": e.total(run.recompute.recompute_granularity or "none"),
+            }
+            for e in memory_estimate(run)
+        ],
     }
     if len(costs) > 1:
         s = suggest_split(run)
@@ -219,7 +341,10 @@ __all__ = [
     "UnitCosts",
     "candidate_splits",
     "costs_for_split",
+    "StageMemory",
+    "format_memory_estimate",
     "format_stage_costs",
+    "memory_estimate",
     "split_flags",
     "stage_costs",
     "suggest_split",
