@@ -74,3 +74,23 @@ def test_dry_run_prints_stage_costs_and_the_suggestion(capsys, monkeypatch):
     report = json.loads(out.split("DRY_RUN_JSON ", 1)[1])
     assert len(report["stage_forward_flops"]) == 4
     assert report["suggested_split"]["gain"] > 0.1
+
+
+def test_memory_estimate_orders_recomputation_and_counts_state():
+    from megatron.early_exit.perf_model import format_memory_estimate, memory_estimate
+    from megatron.early_exit.training.layout import describe_run
+
+    full = ["--recompute-granularity", "full", "--recompute-method", "uniform",
+            "--recompute-num-layers", "1"]  # fmt: skip
+    run = _run([*HEAVY_TAIL, *full])
+    est = memory_estimate(run)
+    layout = describe_run(run)
+    for e, st in zip(est, layout.stages):
+        assert e.params == st.params * 4 and e.grads == st.params * 4  # fp32
+        assert e.optimizer == st.params * 8  # Adam moments, no master copy in fp32
+        acts = e.activations
+        assert acts["full"] < acts["selective"] < acts["none"]
+    distopt = memory_estimate(_run([*HEAVY_TAIL, "--use-distributed-optimizer"], world_size=8))
+    assert distopt[0].optimizer == pytest.approx(est[0].optimizer / 2)  # DP 2
+    text = format_memory_estimate(run)
+    assert "this run: full" in text and "fits an 80 GB GPU" in text
