@@ -30,7 +30,7 @@ def _run(recompute: tuple, layers: int = 4, **exit_kwargs):
     return run.validate()
 
 
-def _losses_and_grads(run):
+def _losses_and_grads(run, distill: bool = False):
     from megatron.early_exit.config import build_transformer_config
     from megatron.early_exit.model import build_model
 
@@ -43,8 +43,14 @@ def _losses_and_grads(run):
     positions = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
     out = model(tokens, positions, None, labels=labels)
     losses = {"lm": out.output.mean()}
+    teacher = torch.log_softmax(torch.randn(SEQ, BATCH, VOCAB, generator=g), dim=-1)
     for layer, state in sorted(out.exit_states.items()):
-        per_token, max_prob = model.exit_loss(layer, state, labels, with_max_prob=True)
+        if distill:  # the distillation head: KL to a fixed teacher, recomputed the same way
+            per_token, _, max_prob = model.exit_distillation_loss(
+                layer, state, labels, teacher, with_max_prob=True
+            )
+        else:
+            per_token, max_prob = model.exit_loss(layer, state, labels, with_max_prob=True)
         losses[layer] = (per_token * max_prob).mean()
     sum(losses.values()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -59,11 +65,12 @@ def _losses_and_grads(run):
         (("full", "block", 2), dict(exit_layer_nums=[1, 4], untie_exit_output_weights=True)),
         (("selective", None, None), dict(exit_layer_nums=[2], use_exit_block=True)),
     ],
-    ids=["full-uniform", "full-uniform-pre", "full-block", "selective"],
+    ids=["full-uniform", "full-uniform-pre", "full-block", "selective-distillation"],
 )
 def test_recompute_gives_identical_losses_and_grads(dist_world, recompute, exits):
-    base_losses, base_grads = _losses_and_grads(_run((None, None, None), **exits))
-    losses, grads = _losses_and_grads(_run(recompute, **exits))
+    distill = recompute[0] == "selective"
+    base_losses, base_grads = _losses_and_grads(_run((None, None, None), **exits), distill)
+    losses, grads = _losses_and_grads(_run(recompute, **exits), distill)
     assert losses.keys() == base_losses.keys() and len(losses) == 1 + len(exits["exit_layer_nums"])
     for k in base_losses:
         torch.testing.assert_close(losses[k], base_losses[k], rtol=0, atol=0)
