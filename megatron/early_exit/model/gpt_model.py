@@ -5,7 +5,9 @@ or forward pre-hooks (pre-exit), so the transformer layer itself is megatron-cor
 unmodified. `forward` returns the usual GPTModel output together with the captured
 exit states; exit logits are computed later by `exit_loss` (the schedule calls it just
 before that microbatch's backward, so s*b*V exit logits are never held across
-microbatches in flight).
+microbatches in flight). With full activation recomputation the decoder's chunks are cut
+at the exits and the block records exit states itself (model/recompute.py); with any
+recomputation the exit heads' logits are recomputed in backward.
 
 Tied exit heads reuse the word embeddings. A pipeline stage without the embedding keeps
 a copy that megatron-core treats like the last stage's tied LM head: it is part of the
