@@ -190,7 +190,9 @@ class EarlyExitGPTModel(GPTModel):
         self._capture: dict[int, ExitState] | None = None
         self._hooks_muted = False
         self._register_exit_hooks(ee.pre_exit)
-        if config.recompute_granularity == "full" and self.local_exit_layers:
+        if config.recompute_granularity == "full":
+            # Every stage: also those without exits, where an uneven split can leave fewer
+            # layers than --recompute-num-layers (megatron-core's uniform chunks overrun).
             install_exit_aware_recompute(self)
 
     # ----------------------------------------------------------------- tied weights

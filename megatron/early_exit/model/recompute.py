@@ -3,13 +3,15 @@
 Full recomputation (megatron-core's `recompute_granularity="full"`) runs each checkpointed
 chunk of layers under `torch.no_grad()` in forward and again in backward. An exit hook
 inside such a chunk would see a hidden state without a graph (the exit's loss would not
-reach the layers below it) and fire a second time in backward. So on a stage with exits
-the decoder's chunking (`TransformerBlock._checkpointed_forward`, replaced on that block
-instance only; the layers stay megatron-core's) cuts chunks at the exits: an exit's hidden
-state is then a chunk's output (post-exit) or input (pre-exit), which has a graph, and it
-is captured once, by the block, in forward. Hooks stay muted while a chunk runs, also in
-its backward rerun. Chunk sizes otherwise follow megatron-core's `uniform` / `block`
-methods; a cut only adds the checkpoint of a hidden state the exit head keeps anyway.
+reach the layers below it) and fire a second time in backward. So the decoder's chunking
+(`TransformerBlock._checkpointed_forward`, replaced on the block instance only; the layers
+stay megatron-core's) cuts chunks at the exits: an exit's hidden state is then a chunk's
+output (post-exit) or input (pre-exit), which has a graph, and it is captured once, by
+the block, in forward. Hooks stay muted while a chunk runs, also in its backward rerun.
+Chunk sizes otherwise follow megatron-core's `uniform` / `block` methods, except that the
+last uniform chunk ends at the stage's last layer (a stage of an uneven split may hold
+fewer layers than --recompute-num-layers, where megatron-core's chunks would overrun);
+a cut only adds the checkpoint of a hidden state the exit head keeps anyway.
 
 Exit heads: each exit's projection and loss run under a non-reentrant checkpoint
 (`checkpoint_exit_head`), so only the exit's input hidden state [s, b, h] is kept between
