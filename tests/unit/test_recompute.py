@@ -112,6 +112,8 @@ def test_chunk_plans_cut_at_exits():
     assert chunk_plan(4, "uniform", 4, {0}) == [(0, 1, True), (1, 4, True)]
     assert chunk_plan(5, "uniform", 2, {3}) == [(0, 2, True), (2, 4, True), (4, 5, True)]
     assert chunk_plan(3, "block", 2, {0}) == [(0, 1, True), (1, 2, True), (2, 3, False)]
+    # An uneven split's short stage: the chunk ends at its last layer.
+    assert chunk_plan(1, "uniform", 2, set()) == [(0, 1, True)]
 
 
 @pytest.mark.parametrize(
