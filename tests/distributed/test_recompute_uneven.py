@@ -88,5 +88,5 @@ def test_bigger_layouts_match_pp1(untied_ref, tmp_path, nproc, tp, pp, extra):
 def test_tied_exits_on_an_accounted_middle_stage_match_pp1(tmp_path_factory, tmp_path):
     ref = _reference(tmp_path_factory, "tied", GPT2_TIED)
     extra = ["--account-for-embedding-in-pipeline-split", "--account-for-loss-in-pipeline-split",
-             *FULL_UNIFORM[:4], "1"]  # fmt: skip
+             *FULL_UNIFORM[:5], "1"]  # fmt: skip
     _check(ref, GPT2_TIED, 3, 1, 3, extra, tmp_path, "PP3 accounted split, tied exits")
