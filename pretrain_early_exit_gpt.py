@@ -62,12 +62,16 @@ def main(argv=None, on_checkpoint_staged=None) -> int:
 def dry_run_report(run) -> int:
     import json
 
+    from megatron.early_exit import perf_model
     from megatron.early_exit.training.layout import describe_run
 
     layout = describe_run(run)
     print("dry run: configuration is valid")
     print(layout.format())
-    print("DRY_RUN_JSON " + json.dumps(layout.to_dict(), sort_keys=True))
+    print(perf_model.format_stage_costs(run))
+    print(perf_model.format_memory_estimate(run))
+    report = {**layout.to_dict(), **perf_model.to_dict(run)}
+    print("DRY_RUN_JSON " + json.dumps(report, sort_keys=True))
     return 0
 
 

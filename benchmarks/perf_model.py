@@ -75,50 +75,9 @@ def paper_run(model: str, nnodes: int):
 
 
 # ============================================================ FLOPs
-@dataclass
-class StageCost:
-    """Forward FLOPs of one microbatch on one stage (per GPU: divided by TP)."""
-
-    layers: float
-    exits: float  # exit heads on this stage
-    lm_head: float  # final norm + LM head projection (last stage)
-
-    @property
-    def total(self) -> float:
-        return self.layers + self.exits + self.lm_head
-
-
-def stage_costs(run, with_exits: bool = True) -> list[StageCost]:
-    from megatron.early_exit.training.layout import (
-        describe_run,
-        layer_params,
-        mlp_params,
-        norm_params,
-    )
-
-    m, e = run.model, run.exits
-    tokens = run.training.micro_batch_size * m.seq_length
-    h, s, tp = m.hidden_size, m.seq_length, run.parallel.tensor_model_parallel_size
-    vocab = run.padded_vocab_size()
-    matmul = layer_params(run) - 2 * norm_params(run)  # no biases in these models
-    # 2 FLOPs per weight per token; attention scores QK^T and AV: 2 x 2 s h per token
-    # (the full square, as dense kernels compute it).
-    layer = tokens * (2 * matmul + 4 * s * h)
-    head = tokens * 2 * h * vocab
-    exit_extra = tokens * (
-        (layer / tokens if e.use_exit_block else 0) + (2 * mlp_params(run) if e.use_exit_mlp else 0)
-    )
-    out = []
-    for st in describe_run(run).stages:
-        n_exits = len(st.exit_layers) if with_exits else 0
-        out.append(
-            StageCost(
-                layers=(st.last_layer - st.first_layer + 1) * layer / tp,
-                exits=n_exits * (head + exit_extra) / tp,
-                lm_head=head / tp if st.lm_head else 0.0,
-            )
-        )
-    return out
+# The per-stage FLOP model lives in the package (megatron/early_exit/perf_model.py), where
+# --dry-run uses it too.
+from megatron.early_exit.perf_model import StageCost, stage_costs  # noqa: E402
 
 
 # ============================================================ 1F1B simulation

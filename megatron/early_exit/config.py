@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.early_exit.data.tokenizers import TokenizerConfig
 from megatron.early_exit.errors import ConfigError
 from megatron.early_exit.flags import flag, tagged
+from megatron.early_exit.stage_split import StageSplit
 
 
 def _require(condition: bool, message: str) -> None:
@@ -295,6 +296,20 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = flag(1, help="TP size")
     pipeline_model_parallel_size: int = flag(1, help="PP size (stages)")
+    # Uneven stages (megatron-core's num_layers_in_first/last_pipeline_stage and its
+    # account-for-embedding/loss split); stage_split.py does the arithmetic.
+    decoder_first_pipeline_num_layers: int | None = flag(
+        None, help="layers on the first pipeline stage (the rest split evenly)"
+    )
+    decoder_last_pipeline_num_layers: int | None = flag(
+        None, help="layers on the last pipeline stage (the rest split evenly)"
+    )
+    account_for_embedding_in_pipeline_split: bool = flag(
+        False, help="count the embedding as one layer of the first stage in the even split"
+    )
+    account_for_loss_in_pipeline_split: bool = flag(
+        False, help="count the LM head and loss as one layer of the last stage in the even split"
+    )
     num_layers_per_virtual_pipeline_stage: int | None = flag(
         None, help="interleaved schedule (refused: not supported with exit losses)"
     )
@@ -316,6 +331,16 @@ class ParallelConfig:
     @property
     def runtime_pipeline_parallel_size(self) -> int:
         return self.tune_exit_pipeline_parallel_size or self.pipeline_model_parallel_size
+
+    def stage_split(self, num_layers: int) -> StageSplit:
+        return StageSplit(
+            num_layers=num_layers,
+            pipeline_size=self.pipeline_model_parallel_size,
+            first=self.decoder_first_pipeline_num_layers,
+            last=self.decoder_last_pipeline_num_layers,
+            account_for_embedding=self.account_for_embedding_in_pipeline_split,
+            account_for_loss=self.account_for_loss_in_pipeline_split,
+        )
 
     @property
     def data_parallel_size(self) -> int:
@@ -341,11 +366,14 @@ class ParallelConfig:
             f"world size {self.world_size} is not divisible by tensor-parallel size {tp} x "
             f"pipeline-parallel size {stages} = {tp * stages}",
         )
-        _require(
-            num_layers % pp == 0,
-            f"--num-layers {num_layers} is not divisible by --pipeline-model-parallel-size {pp}",
-        )
+        split = self.stage_split(num_layers)
+        split.counts()  # raises ConfigError naming the split flags
         vpp = self.virtual_pipeline_model_parallel_size
+        _require(
+            vpp is None or not split.uneven,
+            "--decoder-first/last-pipeline-num-layers and --account-for-*-in-pipeline-split "
+            "are not supported with --num-layers-per-virtual-pipeline-stage",
+        )
         if vpp is not None:
             # Upstream megatron-core gives silently wrong losses for PP=2 + interleaving with
             # batched p2p; refuse it rather than train on wrong gradients.
@@ -578,6 +606,81 @@ class LoggingConfig:
 
 
 @dataclass
+class RecomputeConfig:
+    """Activation recomputation (megatron-core's recompute_granularity/method/num_layers).
+
+    With `full`, the stages with exits checkpoint their layers in chunks that end at each
+    exit (model/recompute.py), so an exit's hidden state is a chunk output with a graph;
+    with either granularity each exit head's projection and loss are recomputed in backward,
+    so no stage holds s x b x V exit logits between its forward and backward."""
+
+    FLAG_GROUP: ClassVar[str] = "activation recomputation"
+
+    recompute_granularity: str | None = flag(
+        None,
+        choices=["full", "selective"],
+        help="full: recompute whole layers in backward (with --recompute-method); selective: "
+        "only the attention core",
+    )
+    recompute_method: str | None = flag(
+        None,
+        choices=["uniform", "block"],
+        help="with full: uniform recomputes chunks of --recompute-num-layers layers; block "
+        "recomputes the first --recompute-num-layers layers of each stage",
+    )
+    recompute_num_layers: int | None = flag(
+        None, help="with --recompute-method: layers per chunk (uniform) or per stage (block)"
+    )
+
+    def validate(self, stage_layer_counts: list[int]) -> None:
+        g, m, n = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        _require(
+            g in (None, "full", "selective"),
+            f"--recompute-granularity must be full or selective, got {g!r}",
+        )
+        _require(
+            m in (None, "uniform", "block"),
+            f"--recompute-method must be uniform or block, got {m!r}",
+        )
+        if g is None:
+            _require(
+                m is None and n is None,
+                "--recompute-method and --recompute-num-layers need --recompute-granularity full",
+            )
+            return
+        if g == "selective":
+            _require(
+                m is None and n is None,
+                "--recompute-granularity selective recomputes the attention core of every layer; "
+                "--recompute-method and --recompute-num-layers are for --recompute-granularity "
+                "full",
+            )
+            return
+        _require(
+            m is not None and n is not None,
+            "--recompute-granularity full needs --recompute-method uniform|block and "
+            "--recompute-num-layers N",
+        )
+        most = max(stage_layer_counts)
+        _require(
+            1 <= n <= most,
+            f"--recompute-num-layers {n} must be in 1..{most} (the most layers a pipeline stage "
+            "holds)",
+        )
+
+    @property
+    def recompute_exit_heads(self) -> bool:
+        return self.recompute_granularity is not None
+
+    def megatron_kwargs(self) -> dict:
+        return {
+            "recompute_granularity": self.recompute_granularity,
+            "recompute_method": self.recompute_method,
+            "recompute_num_layers": self.recompute_num_layers,
+        }
+
+
+@dataclass
 class FillConfig:
     """Bubble filling of the 1F1B schedule (pipeline/fill_plan.py, bubble_filling.py)."""
 
@@ -660,6 +763,7 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     fill: FillConfig = field(default_factory=FillConfig)
     overlap: OverlapConfig = field(default_factory=OverlapConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     dry_run: bool = flag(
         False,
         help="parse and validate for WORLD_SIZE GPUs, print the parallel layout and parameter "
@@ -671,6 +775,7 @@ class RunConfig:
 
         `needs_data=False` for inference: no training data flags are required."""
         self.parallel.validate(self.model.num_layers)
+        self.recompute.validate(self.parallel.stage_split(self.model.num_layers).counts())
         self.model.validate(self.parallel.tensor_model_parallel_size)
         self.exits.validate(self.model.num_layers)
         self._validate_exit_tuning()
@@ -699,7 +804,15 @@ class RunConfig:
             "(made with tools/checkpoint/add_exits.py)",
         )
         if k is not None:
-            depth = self.model.num_layers * k // self.parallel.pipeline_model_parallel_size
+            split = self.parallel.stage_split(self.model.num_layers)
+            # The partial-stage checkpoint hook (tuning/partial.py) maps dropped stages'
+            # layers by a uniform stride.
+            _require(
+                not split.uneven,
+                "--tune-exit-pipeline-parallel-size needs the even layer split; drop "
+                "--decoder-first/last-pipeline-num-layers and --account-for-*-in-pipeline-split",
+            )
+            depth = sum(split.counts()[:k])
             deepest = max(self.exits.exit_layer_nums)
             _require(
                 deepest <= depth,
@@ -799,6 +912,8 @@ def build_transformer_config(run: RunConfig, use_te: bool = False) -> EarlyExitT
         use_cpu_initialization=True,
         perform_initialization=True,
         early_exit=run.exits,
+        **p.stage_split(m.num_layers).megatron_kwargs(),
+        **run.recompute.megatron_kwargs(),
     )
     if not use_te:
         # Fused kernels need apex/TE/CUDA; the local path uses plain torch ops.

@@ -104,3 +104,23 @@ def test_self_speculative_pp_matches_full_model(ckpt, tmp_path, tp, pp):
     for a, b in zip(full, got):
         want, reason = _truncate(a["token_ids"], eos, "\0")
         assert b["token_ids"] == want and b["finish_reason"] == reason, (tp, pp)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["kv_recompute", "pipeline"])
+def test_uneven_pp2_matches_pp1(ckpt, tmp_path, reference, method):
+    """Stage 0 holds layer 1 only (exit 1), stage 1 layers 2-4: the stages load their layers
+    from the TP1PP1 checkpoint and decode the reference's tokens and exits."""
+    uneven = ("--decoder-first-pipeline-num-layers", "1")
+    got = _generate(ckpt, tmp_path, 1, 2, "--ignore-eos", *EARLY_EXIT, "--method", method, *uneven)
+    for a, b in zip(reference, got):
+        assert b["token_ids"] == a["token_ids"] and b["exit_layers"] == a["exit_layers"], method
+
+
+@pytest.mark.slow
+def test_self_speculative_uneven_pp2_matches_full_model(ckpt, tmp_path):
+    full = _generate(ckpt, tmp_path, 1, 1, "--ignore-eos")
+    spec = ("--mode", "self_speculative", "--draft-exit-layer", "2", "--draft-length", "3")
+    uneven = ("--decoder-last-pipeline-num-layers", "1")  # draft exit 2 on stage 0 of [3, 1]
+    got = _generate(ckpt, tmp_path, 1, 2, "--ignore-eos", *spec, *uneven)
+    assert [r["token_ids"] for r in got] == [r["token_ids"] for r in full]

@@ -104,3 +104,16 @@ def test_validation_losses_match_across_layouts(untied_ref, tmp_path):
         assert abs(a["lm_loss"] - b["lm_loss"]) <= 1e-5 * a["lm_loss"]
         for k, v in a["exit_losses"].items():
             assert abs(v - b["exit_losses"][k]) <= 1e-5 * v
+
+
+def test_parity_uneven_stages_with_full_recompute(untied_ref, tmp_path):
+    """Uneven PP2 (stage 0: layer 1 and exit 1; stage 1: layers 2-4, exit 3 inside a
+    recomputed chunk, LM head) with full recomputation equals the plain PP1 run.
+    More layouts: tests/distributed/test_recompute_uneven.py (slow)."""
+    ckpt, base = untied_ref
+    extra = ["--decoder-first-pipeline-num-layers", "1", "--recompute-granularity", "full",
+             "--recompute-method", "uniform", "--recompute-num-layers", "2"]  # fmt: skip
+    got = train(
+        2, [*UNTIED, *ITERS, "--load", str(ckpt), *layout_args(1, 2), *extra], tmp_path / "m.jsonl"
+    )
+    assert_close_records(base, got, rel=1e-5, label="uneven PP2 + full recompute")

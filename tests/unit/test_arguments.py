@@ -17,6 +17,8 @@ BASE = ["--mock-data", "--vocab-size", "128"]
 # Every option string of the training CLI. Adding, renaming or removing a flag must
 # update this list on purpose (and the docs), never by accident.
 EXPECTED_FLAGS = [
+    "--account-for-embedding-in-pipeline-split",
+    "--account-for-loss-in-pipeline-split",
     "--adam-beta1",
     "--adam-beta2",
     "--adam-eps",
@@ -28,6 +30,8 @@ EXPECTED_FLAGS = [
     "--data-cache-path",
     "--data-path",
     "--ddp-bucket-size",
+    "--decoder-first-pipeline-num-layers",
+    "--decoder-last-pipeline-num-layers",
     "--disable-bias-linear",
     "--dry-run",
     "--eval-interval",
@@ -86,6 +90,9 @@ EXPECTED_FLAGS = [
     "--pre-exit",
     "--print-pipeline-schedule",
     "--qk-layernorm",
+    "--recompute-granularity",
+    "--recompute-method",
+    "--recompute-num-layers",
     "--rope-scaling-factor",
     "--rotary-base",
     "--rotary-percent",

@@ -35,6 +35,7 @@ from megatron.early_exit.inference.sampling import (
     generator_for,
     processed_logprobs,
 )
+from megatron.early_exit.stage_split import split_of_config
 
 
 def run_self_speculative(decoder: Decoder, st, seqs, ee) -> None:
@@ -50,9 +51,9 @@ def run_self_speculative(decoder: Decoder, st, seqs, ee) -> None:
         s.spec_stats["mean_accepted_length"] = a / v if v else 0.0
 
 
-def _owner(decoder, layer: int) -> int:
-    """Pipeline stage holding a layer (uniform split)."""
-    return (layer - 1) // (decoder.num_layers // decoder.pipe.size)
+def _owner(st, layer: int) -> int:
+    """Pipeline stage holding a layer (the model's split, even or uneven)."""
+    return split_of_config(st.model.config).stage_of(layer)
 
 
 def _forward(decoder, st, i, s, from_layer: int, upto: int) -> None:
@@ -84,7 +85,7 @@ def _draft(decoder, st, i, s, k, ee, step: int) -> tuple[int, torch.Tensor, floa
     sp = s.req.sampling
     V = decoder.limits.vocab_size
     box = torch.zeros(V + 2, dtype=torch.float64)
-    owner = _owner(decoder, k)
+    owner = _owner(st, k)
     if decoder.pipe.stage == owner:
         logits = _exit_logits(st, k, i, s, decoder.device)  # [1, V] or [1, N] (draft vocab)
         q = processed_logprobs(logits[0], sp)
@@ -122,7 +123,7 @@ def _round(decoder, st, i, s, k, ee) -> None:
             break
     # verification: the newest token through 1..k, everything pending through k+1..L
     _forward(decoder, st, i, s, 1, k)
-    if decoder.pipe.stage == _owner(decoder, k) and k in st.exit_caches:
+    if decoder.pipe.stage == _owner(st, k) and k in st.exit_caches:
         st.exit_block_fill(k, st.chunk([i], [s.xcache_len], [s.pos]))
     s.xcache_len = s.pos + 1
     _forward(decoder, st, i, s, k + 1, L)

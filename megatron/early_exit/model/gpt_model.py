@@ -5,7 +5,9 @@ or forward pre-hooks (pre-exit), so the transformer layer itself is megatron-cor
 unmodified. `forward` returns the usual GPTModel output together with the captured
 exit states; exit logits are computed later by `exit_loss` (the schedule calls it just
 before that microbatch's backward, so s*b*V exit logits are never held across
-microbatches in flight).
+microbatches in flight). With full activation recomputation the decoder's chunks are cut
+at the exits and the block records exit states itself (model/recompute.py); with any
+recomputation the exit heads' logits are recomputed in backward.
 
 Tied exit heads reuse the word embeddings. A pipeline stage without the embedding keeps
 a copy that megatron-core treats like the last stage's tied LM head: it is part of the
@@ -15,7 +17,8 @@ weights, and has its gradient all-reduced with the embedding's every step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import contextlib
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -24,12 +27,15 @@ from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.transformer.utils import make_tp_sharded_tensor_for_checkpoint
 
 from megatron.early_exit.config import EarlyExitTransformerConfig
 from megatron.early_exit.model.exit_head import ExitHead
+from megatron.early_exit.model.recompute import checkpoint_exit_head, install_exit_aware_recompute
 from megatron.early_exit.model.specs import LayerSpecs, get_layer_specs
+from megatron.early_exit.stage_split import split_of_config
 
 WORD_EMBEDDING_KEY = "embedding.word_embeddings.weight"
 
@@ -51,17 +57,16 @@ class ExitForwardOutput:
     exit_states: dict[int, ExitState] = field(default_factory=dict)
 
 
-def exit_stage(layer_number: int, num_layers: int, pipeline_size: int) -> int:
-    """Pipeline stage owning a (1-based) layer with a uniform layer split."""
-    return (layer_number - 1) // (num_layers // pipeline_size)
+def exit_stage(layer_number: int, config: EarlyExitTransformerConfig) -> int:
+    """Pipeline stage owning a (1-based) layer, with the config's (possibly uneven) split."""
+    return split_of_config(config).stage_of(layer_number)
 
 
 def tied_exit_stages(config: EarlyExitTransformerConfig) -> list[int]:
     ee = config.early_exit
     if ee.untie_exit_output_weights:
         return []
-    pp = config.pipeline_model_parallel_size
-    return sorted({exit_stage(n, config.num_layers, pp) for n in ee.exit_layer_nums})
+    return sorted({exit_stage(n, config) for n in ee.exit_layer_nums})
 
 
 def tied_embedding_ranks(config: EarlyExitTransformerConfig, share_embeddings: bool):
@@ -150,7 +155,8 @@ class EarlyExitGPTModel(GPTModel):
         rope_scaling_factor: float = 8.0,
         parallel_output: bool = True,
     ) -> None:
-        num_local_layers = config.num_layers // config.pipeline_model_parallel_size
+        # megatron-core's own count for this stage (uneven first/last stages included).
+        num_local_layers = get_num_layers_to_build(config)
         super().__init__(
             config=config,
             transformer_layer_spec=specs.block(num_local_layers),
@@ -189,7 +195,12 @@ class EarlyExitGPTModel(GPTModel):
         self.exit_heads = ExitHeads(config, heads)
         self._sync_tied_exit_weight_init(share_embeddings_and_output_weights)
         self._capture: dict[int, ExitState] | None = None
+        self._hooks_muted = False
         self._register_exit_hooks(ee.pre_exit)
+        if config.recompute_granularity == "full":
+            # Every stage: also those without exits, where an uneven split can leave fewer
+            # layers than --recompute-num-layers (megatron-core's uniform chunks overrun).
+            install_exit_aware_recompute(self)
 
     # ----------------------------------------------------------------- tied weights
     def _needs_tied_copy(self) -> bool:
@@ -281,23 +292,41 @@ class EarlyExitGPTModel(GPTModel):
 
     def _make_pre_hook(self, layer_number: int):
         def hook(module, args, kwargs):
-            if self._capture is not None:
+            if self._capture is not None and not self._hooks_muted:
                 hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-                self._capture[layer_number] = self._state(hidden, kwargs)
+                self.record_exit_state(
+                    layer_number, hidden, kwargs.get("attention_mask"), kwargs.get("rotary_pos_emb")
+                )
 
         return hook
 
     def _make_post_hook(self, layer_number: int):
         def hook(module, args, kwargs, output):
-            if self._capture is not None:
+            if self._capture is not None and not self._hooks_muted:
                 hidden = output[0] if isinstance(output, tuple) else output
-                self._capture[layer_number] = self._state(hidden, kwargs)
+                self.record_exit_state(
+                    layer_number, hidden, kwargs.get("attention_mask"), kwargs.get("rotary_pos_emb")
+                )
 
         return hook
 
-    @staticmethod
-    def _state(hidden: torch.Tensor, kwargs: dict) -> ExitState:
-        return ExitState(hidden, kwargs.get("attention_mask"), kwargs.get("rotary_pos_emb"))
+    def record_exit_state(self, layer_number, hidden, attention_mask, rotary_pos_emb) -> None:
+        """Capture an exit's input during `forward` (hooks, or the recomputing block)."""
+        if self._capture is None:
+            return  # a recomputation in backward, or a bare decoder call
+        if layer_number in self._capture:
+            # Would silently train the exit on the wrong tensor (e.g. one without a graph).
+            raise RuntimeError(f"exit state of layer {layer_number} captured twice")
+        self._capture[layer_number] = ExitState(hidden, attention_mask, rotary_pos_emb)
+
+    @contextlib.contextmanager
+    def exit_hooks_muted(self):
+        """Layers run inside a checkpointed chunk: their hidden states have no graph."""
+        self._hooks_muted = True
+        try:
+            yield
+        finally:
+            self._hooks_muted = False
 
     def forward(
         self,
@@ -331,13 +360,24 @@ class EarlyExitGPTModel(GPTModel):
         self, layer_number: int, state: ExitState, labels: torch.Tensor, with_max_prob: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-token cross entropy [b, s] and, if asked, the exit's detached max probability."""
-        logits = self.exit_logits(layer_number, state)
-        max_prob = None
-        if with_max_prob:
-            with torch.no_grad():  # before the loss: megatron's vocab-parallel CE is in place
-                max_prob = vocab_parallel_max_prob(logits.float()).transpose(0, 1)
-        loss = self.compute_language_model_loss(labels, logits)
-        return loss, max_prob
+
+        def head_and_loss(hidden):
+            logits = self.exit_logits(layer_number, replace(state, hidden=hidden))
+            max_prob = None
+            if with_max_prob:
+                with torch.no_grad():  # before the loss: megatron's vocab-parallel CE is in place
+                    max_prob = vocab_parallel_max_prob(logits.float()).transpose(0, 1)
+            return self.compute_language_model_loss(labels, logits), max_prob
+
+        return self._exit_head_call(head_and_loss, state.hidden)
+
+    def _exit_head_call(self, fn, hidden: torch.Tensor):
+        """`fn(hidden)`, recomputed in backward when the run recomputes activations (see
+        model/recompute.py: no s x b x V exit logits kept between forward and backward)."""
+        recompute = self.config.recompute_granularity is not None and self.training
+        if recompute and torch.is_grad_enabled():
+            return checkpoint_exit_head(fn, hidden)
+        return fn(hidden)
 
     def exit_distillation_loss(
         self,
@@ -352,17 +392,21 @@ class EarlyExitGPTModel(GPTModel):
 
         `teacher_log_probs`: the final layer's detached log-probabilities [s, b, V/tp].
         """
-        logits = self.exit_logits(layer_number, state)
-        max_prob = None
-        with torch.no_grad():
-            if with_max_prob:
-                max_prob = vocab_parallel_max_prob(logits.float()).transpose(0, 1)
-        kl = vocab_parallel_kl_divergence(logits, teacher_log_probs).transpose(0, 1)
-        with torch.no_grad():
-            # Last: megatron's CE works in place on the logits. The KL saved its own
-            # log-softmax, not the logits (autograd's version check would catch it).
-            ce = self.compute_language_model_loss(labels, logits.detach())
-        return kl, ce, max_prob
+
+        def head_and_loss(hidden):
+            logits = self.exit_logits(layer_number, replace(state, hidden=hidden))
+            max_prob = None
+            with torch.no_grad():
+                if with_max_prob:
+                    max_prob = vocab_parallel_max_prob(logits.float()).transpose(0, 1)
+            kl = vocab_parallel_kl_divergence(logits, teacher_log_probs).transpose(0, 1)
+            with torch.no_grad():
+                # Last: megatron's CE works in place on the logits. The KL saved its own
+                # log-softmax, not the logits (autograd's version check would catch it).
+                ce = self.compute_language_model_loss(labels, logits.detach())
+            return kl, ce, max_prob
+
+        return self._exit_head_call(head_and_loss, state.hidden)
 
 
 def _tp_all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from megatron.early_exit.errors import ConfigError
+from megatron.early_exit.stage_split import StageSplit
 
 F, B = "F", "B"
 WARMUP, COOLDOWN = "warmup", "cooldown"
@@ -189,23 +190,23 @@ def _build(P: int, M: int, fills: list[FillMicrobatch], ratio: float, base_time:
     )
 
 
-def exit_stages(exit_layers: Sequence[int], num_layers: int, num_stages: int) -> list[int]:
+def exit_stages(
+    exit_layers: Sequence[int],
+    num_layers: int,
+    num_stages: int,
+    split: StageSplit | None = None,
+) -> list[int]:
     """Pipeline stages (0-based) owning the given 1-based exit layers.
 
-    Matches EarlyExitGPTModel's split (num_layers // P layers per stage, offset
-    stage * per_stage), which holds only when the layers divide evenly and there are no
-    virtual stages; anything else is refused rather than mapped wrongly.
+    Follows the model's layer split (stage_split.py): even by default, or the given uneven
+    `split`; a split megatron-core would refuse is refused rather than mapped wrongly.
     """
-    if num_stages < 1 or num_layers < 1 or num_layers % num_stages:
-        raise ConfigError(
-            f"--num-layers {num_layers} is not divisible by --pipeline-model-parallel-size "
-            f"{num_stages}; exits cannot be mapped to pipeline stages"
-        )
+    split = split or StageSplit(num_layers, num_stages)
+    split.counts()  # ConfigError naming the flags
     bad = [n for n in exit_layers if not 1 <= n <= num_layers]
     if bad:
         raise ConfigError(f"--exit-layer-nums {bad} outside 1..{num_layers}")
-    per_stage = num_layers // num_stages
-    return sorted({(n - 1) // per_stage for n in exit_layers})
+    return sorted({split.stage_of(n) for n in exit_layers})
 
 
 def plan_schedule(
@@ -367,6 +368,7 @@ def plan_for_run(run) -> PipelineSchedule | None:
             run.exits.exit_layer_nums,
             run.model.num_layers,
             run.parallel.pipeline_model_parallel_size,
+            run.parallel.stage_split(run.model.num_layers),
         ),
         fill.backward_forward_ratio,
         fill.num_fill_warmup_microbatches,

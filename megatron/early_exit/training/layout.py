@@ -8,8 +8,10 @@ test compares them with `numel()` of built models), so the numbers can be truste
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-from megatron.early_exit.config import RunConfig
+if TYPE_CHECKING:  # torch-free at run time: perf_model.py and --dry-run stay light
+    from megatron.early_exit.config import RunConfig
 
 
 @dataclass
@@ -35,7 +37,7 @@ class RunLayout:
     num_microbatches: int
     params_dtype: str
     padded_vocab_size: int
-    layers_per_stage: int
+    layers_per_stage: int  # the most layers a stage holds (uneven splits differ per stage)
     params_backbone: int  # embeddings + decoder + final norm + LM head (unique weights)
     params_exits: int  # extra unique weights of the exit heads
     stages: list[StageLayout] = field(default_factory=list)
@@ -124,7 +126,8 @@ def describe_run(run: RunConfig) -> RunLayout:
     """The layout of a validated run config (its vocabulary resolved)."""
     m, p, t = run.model, run.parallel, run.training
     pp, dp = p.pipeline_model_parallel_size, p.data_parallel_size
-    per_stage = m.num_layers // pp
+    split = p.stage_split(m.num_layers)
+    ranges = split.ranges()
     vocab = run.padded_vocab_size()
     word = vocab * m.hidden_size
     positions = (
@@ -136,10 +139,10 @@ def describe_run(run: RunConfig) -> RunLayout:
     tied_exits = not run.exits.untie_exit_output_weights
     stages = []
     for s in range(pp):
-        first, last = s * per_stage + 1, (s + 1) * per_stage
+        first, last = ranges[s]
         exits = [n for n in run.exits.exit_layer_nums if first <= n <= last]
         embedding, lm_head = s == 0, s == pp - 1
-        n = per_stage * layer_params(run) + len(exits) * exit_head_params(run)
+        n = (last - first + 1) * layer_params(run) + len(exits) * exit_head_params(run)
         if embedding:
             n += word + positions
         if lm_head:  # tied LM head off the first stage: megatron-core keeps a copy
@@ -165,7 +168,7 @@ def describe_run(run: RunConfig) -> RunLayout:
         num_microbatches=t.num_microbatches(dp),
         params_dtype=str(t.params_dtype).removeprefix("torch."),
         padded_vocab_size=vocab,
-        layers_per_stage=per_stage,
+        layers_per_stage=max(split.counts()),
         params_backbone=backbone,
         params_exits=run.exits.num_exits * exit_head_params(run),
         stages=stages,
