@@ -40,7 +40,7 @@ from megatron.early_exit.errors import InferenceError
 Mode = Literal["none", "early_exit", "self_speculative"]
 Method = Literal["kv_recompute", "pipeline"]
 Metric = Literal["max_prob", "margin", "entropy"]
-FinishReason = Literal["length", "eos", "stop"]
+FinishReason = Literal["length", "eos", "stop", "cancelled"]
 
 MODES = ("none", "early_exit", "self_speculative")
 METHODS = ("kv_recompute", "pipeline")
@@ -252,7 +252,10 @@ class EngineProtocol(Protocol):
     limits: ModelLimits
 
     def generate(
-        self, requests: list[GenerationRequest], on_token: OnToken | None = None
+        self,
+        requests: list[GenerationRequest],
+        on_token: OnToken | None = None,
+        cancelled: Callable[[int], bool] | None = None,
     ) -> list[GenerationResult]:
         """Collective over the model-parallel group; same requests on every rank.
 
@@ -260,7 +263,8 @@ class EngineProtocol(Protocol):
         Requests are decoded together as one batch (mixed prompt lengths allowed).
         `on_token` (rank 0 only; other ranks pass None) gets a `TokenEvent` per generated
         token as soon as rank 0 knows it; an exception it raises disables it (logged) and
-        never breaks the collective.
+        never breaks the collective. `cancelled(i)` True stops request i at its next decode
+        step (finish_reason "cancelled"); only where every rank answers alike.
         """
         ...
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
@@ -118,8 +119,14 @@ class InferenceEngine:
         return self.tokenizer.detokenize(ids)
 
     def generate(
-        self, requests: list[GenerationRequest], on_token: OnToken | None = None
+        self,
+        requests: list[GenerationRequest],
+        on_token: OnToken | None = None,
+        cancelled: Callable[[int], bool] | None = None,
     ) -> list[GenerationResult]:
+        """`cancelled(i)` True stops request i at its next decode step (finish_reason
+        "cancelled"). It is asked on each rank separately, so pass it only where every rank
+        gives the same answer (one rank: the server passes it at world size 1)."""
         validate_batch(requests, self.limits)
         for r in requests:
             if r.sampling.stop_sequences and self.tokenizer is None:
@@ -129,7 +136,7 @@ class InferenceEngine:
             groups.setdefault(repr(self._effective(r.early_exit, len(requests))), []).append(i)
         results: list[GenerationResult | None] = [None] * len(requests)
         for idx in groups.values():
-            group_results, on_token = self._generate_group(requests, idx, on_token)
+            group_results, on_token = self._generate_group(requests, idx, on_token, cancelled)
             for i, res in zip(idx, group_results):
                 results[i] = res
         return results  # type: ignore[return-value]
@@ -158,7 +165,11 @@ class InferenceEngine:
         )
 
     def _generate_group(
-        self, requests: list[GenerationRequest], idx: list[int], on_token: OnToken | None
+        self,
+        requests: list[GenerationRequest],
+        idx: list[int],
+        on_token: OnToken | None,
+        cancelled: Callable[[int], bool] | None = None,
     ) -> tuple[list[GenerationResult], OnToken | None]:
         """The group's results, and the listener for the next group (None once it failed)."""
         reqs = [requests[i] for i in idx]
@@ -176,12 +187,15 @@ class InferenceEngine:
         with torch.no_grad():
             if ee.mode == "self_speculative":
                 decoder = self.decoder(Decoder, on_token)
+                decoder.cancelled = cancelled
                 run_self_speculative(decoder, st, seqs, ee)
             elif ee.method == "pipeline":
                 decoder = self.decoder(Decoder, on_token)
+                decoder.cancelled = cancelled
                 run_pipeline(decoder, st, seqs, ee)
             else:
                 decoder = self.decoder(KVRecompute, on_token)
+                decoder.cancelled = cancelled
                 decoder.run(st, seqs, ee)
         elapsed = time.perf_counter() - t0
         self.last_state = st

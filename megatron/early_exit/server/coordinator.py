@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +30,8 @@ from typing import Any
 import torch.distributed as dist
 
 from megatron.early_exit.inference.api import InferenceError
+
+log = logging.getLogger("ee.server")
 
 GENERATE = "generate"
 PING = "ping"
@@ -124,10 +126,12 @@ class Coordinator:
                 result = self.execute(command)
                 _maybe_inject_fault(self.rank, command)
             except Exception as exc:  # every failure is reported, none kills the server
+                if not isinstance(exc, InferenceError):
+                    log.error("rank %d: command %s failed", self.rank, command.kind, exc_info=exc)
                 error = RankError(
                     rank=self.rank,
                     type=type(exc).__name__,
-                    message=str(exc) or traceback.format_exc(limit=1),
+                    message=str(exc) or "(no message)",  # never a traceback: it reaches clients
                     client_error=isinstance(exc, InferenceError),
                 )
         outcomes: list[Any] = [error]

@@ -2,11 +2,12 @@
 
 Threads: on every rank the main thread only waits for a stop signal, so SIGTERM/SIGINT
 are handled promptly even while a rank is blocked inside a collective. Rank 0 runs the
-HTTP server (thread per request) and the single model worker; other ranks run
-`Coordinator.follow` in a thread. Shutdown: rank 0 stops accepting, lets the running
-batch finish, broadcasts SHUTDOWN; followers leave their loop; everyone exits. A rank
-that is not released within the grace period exits anyway, so a signal always ends the
-job within a few seconds.
+HTTP server (uvicorn's event loop in a thread) and the single model worker; other ranks
+run `Coordinator.follow` in a thread. Shutdown (SIGTERM): rank 0 stops accepting (new
+requests and /ready get 503), answers the running and queued requests within
+`--shutdown-grace` seconds (what is left then gets 503), closes HTTP, broadcasts SHUTDOWN;
+followers leave their loop; everyone exits. A rank that is not released within GRACE_S
+exits anyway, so a signal always ends the job.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def _install_stop_handlers(stop: threading.Event) -> None:
 
 
 def serve(run, args, platform) -> int:
+    """`args`: the validated server/config.py ServerConfig."""
     from megatron.early_exit.errors import CheckpointError
     from megatron.early_exit.inference.loading import build_engine
 
@@ -44,15 +46,16 @@ def serve(run, args, platform) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
-    # rank 0's streaming listener for the command being run (set by its model worker; a
-    # callable cannot travel in the broadcast command, and followers never stream)
-    listener: list = [None]
+    # rank 0's streaming listener and cancel hook for the command being run (set by its
+    # model worker; a callable cannot travel in the broadcast command, and followers never
+    # stream). The cancel hook is rank 0's alone, so it is used only at world size 1.
+    listener: list = [None, None]
 
     def execute(command: Command):
         if command.kind != GENERATE:
             return None
         reqs = [GenerationRequest.from_dict(d) for d in command.payload]
-        return engine.generate(reqs, on_token=listener[0])
+        return engine.generate(reqs, on_token=listener[0], cancelled=listener[1])
 
     coordinator = Coordinator(execute, timeout_s=args.dist_timeout)
     if coordinator.is_leader:
@@ -92,12 +95,13 @@ def _lead(
     from megatron.early_exit.server.protocol import TextCodec
     from megatron.early_exit.server.service import GenerationService
 
-    def run_batch(requests, on_token=None):
+    def run_batch(requests, on_token=None, cancelled=None):
         listener[0] = on_token
+        listener[1] = cancelled if coordinator.world_size == 1 else None
         try:
             return coordinator.run(Command(GENERATE, [r.to_dict() for r in requests]))
         finally:
-            listener[0] = None
+            listener[0] = listener[1] = None
 
     metrics = ServerMetrics()
     service = GenerationService(
@@ -124,9 +128,19 @@ def _lead(
         metrics,
         world_size=coordinator.world_size,
         request_timeout_s=args.request_timeout,
+        api_key=args.api_key,
+        allowed_hosts=args.hosts(),
+        max_body_bytes=args.max_body_bytes,
     )
     try:
-        server = make_server(ctx, args.host, args.port)
+        server = make_server(
+            ctx,
+            args.host,
+            args.port,
+            limit_concurrency=args.limit_concurrency,
+            timeout_keep_alive=args.timeout_keep_alive,
+            timeout_request_read=args.timeout_request_read,
+        )
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         coordinator.shutdown()
@@ -140,8 +154,9 @@ def _lead(
         flush=True,
     )
     stop.wait()
-    print("shutting down", flush=True)
-    server.shutdown()
+    print(f"shutting down (answering open requests, {args.shutdown_grace} s at most)", flush=True)
+    service.drain(args.shutdown_grace)  # every open request gets its answer or a 503
+    server.shutdown(timeout_s=GRACE_S)  # uvicorn sends what is left and closes
     server.server_close()
-    service.stop(timeout_s=GRACE_S)
+    service.stop(timeout_s=GRACE_S)  # the worker's on_stop broadcasts SHUTDOWN
     return 0

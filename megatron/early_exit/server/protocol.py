@@ -28,6 +28,11 @@ from megatron.early_exit.server.schemas import (
     MegatronRequest,
 )
 
+# Characters one token can cover at most, as a cheap bound applied before tokenizing: a
+# prompt longer than context * this cannot fit (GPT-2/SmolLM2-style BPE tokens are at most a
+# few dozen characters; the real length check on token ids follows tokenizing).
+CHARS_PER_TOKEN_BOUND = 64
+
 
 @dataclass
 class TextCodec:
@@ -40,7 +45,17 @@ class TextCodec:
     model_name: str = "early-exit-gpt"
     eos: int | None = None  # the engine's EOS: a streamed EOS token is held back, never shown
 
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.limits.max_sequence_length * CHARS_PER_TOKEN_BOUND
+
     def encode_prompt(self, text: str, add_bos: bool) -> list[int]:
+        if len(text) > self.max_prompt_chars:  # O(1): refused before any tokenizer work
+            raise InferenceError(
+                f"prompt has {len(text)} characters; the model's context of "
+                f"{self.limits.max_sequence_length} tokens holds at most "
+                f"{self.max_prompt_chars} ({CHARS_PER_TOKEN_BOUND} per token)"
+            )
         try:
             ids = list(self.tokenize(text))
         except ValueError as exc:  # TokenizerError and friends: the text is the problem
