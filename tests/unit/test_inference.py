@@ -520,3 +520,22 @@ def test_draft_vocab_full_size_and_counts_checks(counted):
     assert spec.token_ids == ref.token_ids
     with pytest.raises(TokenCountError, match="another tokenizer"):
         counted.token_counts = torch.ones(VOCAB + 5, dtype=torch.long)
+
+
+@pytest.mark.parametrize(
+    "ee",
+    [{}, {"mode": "early_exit", "threshold": 0.2}, {"mode": "self_speculative"}],
+    ids=["none", "early_exit", "self_speculative"],
+)
+def test_cancel_stops_a_request_at_the_next_step(engine, ee):
+    """`cancelled(i)` turning True stops request i right there; the batch's others go on
+    and get exactly what they get alone."""
+    seen = []
+    out = engine.generate(
+        [_req(PROMPTS[0], 12, **ee), _req(PROMPTS[1], 12, **ee)],
+        on_token=lambda ev: seen.append(ev.index),
+        cancelled=lambda i: i == 0 and seen.count(0) >= 3,
+    )
+    assert out[0].finish_reason == "cancelled" and len(out[0].token_ids) == 3
+    alone = engine.generate([_req(PROMPTS[1], 12, **ee)])[0]
+    assert out[1].token_ids == alone.token_ids and out[1].finish_reason == "length"

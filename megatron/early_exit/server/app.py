@@ -52,6 +52,8 @@ from megatron.early_exit.server.service import (
 )
 
 MAX_BODY_BYTES = 8 << 20
+MAX_TARGET_BYTES = 8 << 10  # request line target (path + query): longer is 414
+MAX_HEADER_BYTES = 16 << 10  # all header lines together: more is 431 (also h11's buffer cap)
 log = logging.getLogger("ee.server")
 
 
@@ -64,6 +66,8 @@ class HTTPError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param}}
 
     def response(self, headers: dict | None = None) -> JSONResponse:
+        if self.status in (413, 414, 431):  # a request not read to its end: drop the connection
+            headers = {**(headers or {}), "Connection": "close"}
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
@@ -144,7 +148,13 @@ def _prepare(fn, req, codec):
 
 # ---------------------------------------------------------------------------- guards
 def _guard(request: Request, ctx: ServerContext) -> None:
-    """Host allow-list, API key, Content-Type: before any body is read."""
+    """Sizes, Host allow-list, API key, Content-Type: before any body is read. (h11 caps
+    what it buffers of an incomplete head; a head that arrived whole is measured here.)"""
+    scope = request.scope
+    if len(scope.get("raw_path", b"")) + len(scope.get("query_string", b"")) > MAX_TARGET_BYTES:
+        raise HTTPError(414, "request line too long", "invalid_request_error")
+    if sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+        raise HTTPError(431, "request headers too large", "invalid_request_error")
     if ctx.allowed_hosts is not None:
         host = request.headers.get("host", "")
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
@@ -405,9 +415,17 @@ async def _send_quietly(response: Response, scope, receive, send) -> None:
         await response(scope, receive, send)
 
 
-async def _starlette_http_error(_request: Request, exc: StarletteHTTPException) -> Response:
-    kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
-    return HTTPError(exc.status_code, str(exc.detail), kind).response(headers=exc.headers)
+async def _starlette_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    path, code = request.url.path[:200], exc.status_code
+    if code == 404:
+        err = HTTPError(404, f"no endpoint {path!r}", "not_found")
+    elif code == 405:
+        allow = (exc.headers or {}).get("Allow", "")
+        err = HTTPError(405, f"{request.method} not allowed on {path}; use {allow}",
+                        "invalid_request_error")  # fmt: skip
+    else:
+        err = HTTPError(code, str(exc.detail), "invalid_request_error")
+    return err.response(headers=exc.headers)
 
 
 async def _our_error(_request: Request, exc: HTTPError) -> Response:
@@ -567,7 +585,7 @@ class HTTPServer:
             limit_concurrency=limit_concurrency,
             timeout_keep_alive=timeout_keep_alive,
             timeout_graceful_shutdown=5,
-            h11_max_incomplete_event_size=16 * 1024,
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         )
         self.uvicorn = uvicorn.Server(config)
         self.thread: threading.Thread | None = None
