@@ -47,7 +47,9 @@ class ServerConfig:
     )
     max_body_bytes: int = flag(8 << 20, help="request bodies larger than this get 413")
     shutdown_grace: float = flag(
-        30.0, help="seconds SIGTERM waits for running and queued requests before 503"
+        20.0,
+        help="seconds SIGTERM waits for running and queued requests before 503 (torchrun "
+        "kills workers 30 s after its SIGTERM)",
     )
 
     def validate(self) -> ServerConfig:

@@ -61,7 +61,7 @@ def serve(run, args, platform) -> int:
     if coordinator.is_leader:
         code = _lead(engine, coordinator, args, run, stop, listener)
     else:
-        code = _follow(coordinator, stop)
+        code = _follow(coordinator, stop, args.shutdown_grace + GRACE_S)
     sys.stdout.flush()
     sys.stderr.flush()
     # No process-group teardown: every rank is leaving, and destroying a gloo group while a
@@ -69,7 +69,7 @@ def serve(run, args, platform) -> int:
     os._exit(code)
 
 
-def _follow(coordinator: Coordinator, stop: threading.Event) -> int:
+def _follow(coordinator: Coordinator, stop: threading.Event, grace_s: float) -> int:
     failed: list[BaseException] = []
 
     def loop():
@@ -83,7 +83,9 @@ def _follow(coordinator: Coordinator, stop: threading.Event) -> int:
     thread = threading.Thread(target=loop, name="follower", daemon=True)
     thread.start()
     stop.wait()  # a signal, or the loop ended (SHUTDOWN / failure)
-    thread.join(GRACE_S)  # on a signal, rank 0 normally sends SHUTDOWN right away
+    # On a signal (torchrun sends it to every rank at once) keep following while rank 0
+    # answers its open requests: it broadcasts SHUTDOWN when done.
+    thread.join(grace_s)
     return 1 if failed else 0
 
 
