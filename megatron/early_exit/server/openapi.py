@@ -30,6 +30,9 @@ def _json_body(name: str) -> dict:
 def _errors(*codes: int) -> dict:
     text = {
         400: "invalid request (malformed JSON, wrong type, out of range, too long, unknown exit)",
+        401: "API key missing or wrong (server started with --api-key)",
+        413: "body larger than --max-body-bytes",
+        415: "body is not application/json",
         500: "generation failed on some rank (message names it); the server keeps serving",
         503: "queue full or shutting down",
         504: "generation timed out",
@@ -73,7 +76,7 @@ def openapi_spec() -> dict:
                     "requestBody": {"required": True, **_json_body("MegatronRequest")},
                     "responses": {
                         "200": {"description": "generated text", **_json_body("MegatronResponse")},
-                        **_errors(400, 500, 503, 504),
+                        **_errors(400, 401, 413, 415, 500, 503, 504),
                     },
                 }
             },
@@ -84,7 +87,7 @@ def openapi_spec() -> dict:
                     "requestBody": {"required": True, **_json_body("CompletionRequest")},
                     "responses": {
                         "200": {"description": "completion", **completion_ok},
-                        **_errors(400, 500, 503, 504),
+                        **_errors(400, 401, 413, 415, 500, 503, 504),
                     },
                 }
             },
@@ -95,6 +98,29 @@ def openapi_spec() -> dict:
                     "responses": {
                         "200": {"description": "healthy", **_json_body("HealthResponse")},
                         "503": {"description": "degraded", **_json_body("HealthResponse")},
+                    },
+                }
+            },
+            "/ready": {
+                "get": {
+                    "summary": "readiness: live and accepting (503 while shutting down)",
+                    "operationId": "ready",
+                    "responses": {
+                        "200": {"description": "ready", **_json_body("HealthResponse")},
+                        "503": {"description": "not ready", **_json_body("HealthResponse")},
+                    },
+                }
+            },
+            "/v1/models": {
+                "get": {
+                    "summary": "the served model",
+                    "operationId": "listModels",
+                    "responses": {
+                        "200": {
+                            "description": "OpenAI model list",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        },
+                        **_errors(401),
                     },
                 }
             },
@@ -111,7 +137,11 @@ def openapi_spec() -> dict:
                 }
             },
         },
-        "components": {"schemas": schemas},
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{}, {"bearer": []}],  # optional: only with --api-key
     }
 
 

@@ -213,6 +213,6 @@ class ErrorResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok", "degraded"]
+    status: Literal["ok", "degraded", "stopping"]
     world_size: int
     queue_depth: int
