@@ -109,8 +109,9 @@ EXPECTED_FLAGS = [
 # Every generation flag of tools/generate.py (inference.generate_config.GenerateConfig), pinned
 # the same way.
 EXPECTED_SERVER_FLAGS = [
-    "--allowed-hosts", "--api-key", "--dist-timeout", "--host", "--limit-concurrency",
-    "--max-batch-size", "--max-body-bytes", "--max-queue", "--model-name", "--port",
+    "--allowed-hosts", "--api-key", "--chat-template", "--dist-timeout", "--host",
+    "--limit-concurrency", "--max-batch-size", "--max-body-bytes", "--max-queue",
+    "--model-name", "--port",
     "--request-timeout", "--shutdown-grace", "--timeout-keep-alive", "--timeout-request-read",
 ]  # fmt: skip
 

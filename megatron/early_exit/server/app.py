@@ -39,11 +39,15 @@ from starlette.routing import Route
 from uvicorn.protocols.http import h11_impl
 
 from megatron.early_exit.inference.api import InferenceError, TokenEvent
-from megatron.early_exit.server import protocol
+from megatron.early_exit.server import chat, protocol
 from megatron.early_exit.server.coordinator import CommandError
 from megatron.early_exit.server.metrics import ServerMetrics
 from megatron.early_exit.server.openapi import openapi_spec
-from megatron.early_exit.server.schemas import CompletionRequest, MegatronRequest
+from megatron.early_exit.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    MegatronRequest,
+)
 from megatron.early_exit.server.service import (
     Cancelled,
     GenerationService,
@@ -85,6 +89,7 @@ class ServerContext:
     api_key: str | None = None
     allowed_hosts: list[str] | None = None  # None: any Host header
     max_body_bytes: int = MAX_BODY_BYTES
+    chat_template: chat.ChatTemplate | None = None  # None: /v1/chat/completions answers 400
 
 
 def _validation_error(exc: ValidationError) -> HTTPError:
@@ -293,7 +298,24 @@ async def completions(request: Request) -> Response:
     return JSONResponse(protocol.completion_response(req, gen, results, ctx.codec))
 
 
-async def _stream_completions(ctx: ServerContext, req, gen) -> Response:
+async def chat_completions(request: Request) -> Response:
+    ctx = _ctx(request)
+    req = _parse(ChatCompletionRequest, await _read_body(request, ctx.max_body_bytes))
+    if ctx.chat_template is None:
+        raise HTTPError(400, "this model has no chat template (the tokenizer's "
+                        "tokenizer_config.json has none; start the server with --chat-template "
+                        "FILE) - use /v1/completions", "invalid_request_error")  # fmt: skip
+    creq = _prepare(chat.completion_request, req, ctx.chat_template)
+    gen = _prepare(protocol.completion_requests, creq, ctx.codec)
+    if creq.stream:
+        return await _stream_completions(ctx, creq, gen, chat.ChatChunks().convert)
+    results = await _generate(request, ctx, gen)
+    return JSONResponse(
+        chat.chat_response(protocol.completion_response(creq, gen, results, ctx.codec))
+    )
+
+
+async def _stream_completions(ctx: ServerContext, req, gen, convert=None) -> Response:
     """SSE written while the model worker generates: it pushes each token into this
     request's asyncio queue. The status line goes out with the first token, so failures
     before it are plain JSON errors; later ones become a final `data: {"error": ...}` event.
@@ -332,6 +354,10 @@ async def _stream_completions(ctx: ServerContext, req, gen) -> Response:
         if isinstance(done, HTTPError):
             raise done
 
+    async def events_out():
+        async for chunk in body():
+            yield convert(chunk) if convert is not None else chunk
+
     async def body():
         completed = False
         try:
@@ -360,7 +386,7 @@ async def _stream_completions(ctx: ServerContext, req, gen) -> Response:
                 ctx.service.cancel(future)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+    return StreamingResponse(events_out(), media_type="text/event-stream", headers=headers)
 
 
 ROUTES = {
@@ -371,6 +397,7 @@ ROUTES = {
     "/v1/models": ("GET", models),
     "/api": ("PUT", megatron_api),
     "/v1/completions": ("POST", completions),
+    "/v1/chat/completions": ("POST", chat_completions),
 }
 
 

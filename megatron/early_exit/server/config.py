@@ -32,6 +32,9 @@ class ServerConfig:
         300.0, help="seconds any rank waits on the command channel before failing"
     )
     model_name: str | None = flag(None, help="`model` in OpenAI responses")
+    chat_template: str | None = flag(
+        None, help="jinja2 chat template file (default: the tokenizer config's chat_template)"
+    )
     api_key: str | None = flag(
         None, help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV} if set)"
     )

@@ -124,6 +124,23 @@ def _lead(
         eos=engine.eos,
         model_name=args.model_name or os.path.basename(os.path.normpath(run.checkpoint.load)),
     )
+    from megatron.early_exit.errors import ConfigError
+    from megatron.early_exit.server.chat import ChatTemplate, load_chat_template
+
+    def special(token_id):
+        try:
+            return None if token_id is None else engine.detokenize([token_id])
+        except Exception:  # a tokenizer that cannot show it: the template gets ""
+            return None
+
+    try:
+        source = load_chat_template(run.data.tokenizer_model, args.chat_template)
+        template = source and ChatTemplate(source, special(getattr(tok, "bos", None)),
+                                           special(engine.eos))  # fmt: skip
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        coordinator.shutdown()
+        return 1
     ctx = ServerContext(
         service,
         codec,
@@ -133,6 +150,7 @@ def _lead(
         api_key=args.api_key,
         allowed_hosts=args.hosts(),
         max_body_bytes=args.max_body_bytes,
+        chat_template=template or None,
     )
     try:
         server = make_server(

@@ -12,6 +12,7 @@ from functools import lru_cache
 from pydantic.json_schema import models_json_schema
 
 from megatron.early_exit.server.schemas import (
+    ChatCompletionRequest,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
@@ -45,6 +46,7 @@ def openapi_spec() -> dict:
     models = [
         (MegatronRequest, "validation"),
         (CompletionRequest, "validation"),
+        (ChatCompletionRequest, "validation"),
         (MegatronResponse, "serialization"),
         (CompletionResponse, "serialization"),
         (ErrorResponse, "serialization"),
@@ -87,6 +89,22 @@ def openapi_spec() -> dict:
                     "requestBody": {"required": True, **_json_body("CompletionRequest")},
                     "responses": {
                         "200": {"description": "completion", **completion_ok},
+                        **_errors(400, 401, 413, 415, 500, 503, 504),
+                    },
+                }
+            },
+            "/v1/chat/completions": {
+                "post": {
+                    "summary": "OpenAI-compatible chat completions (the tokenizer's chat "
+                    "template; + early_exit extension)",
+                    "operationId": "createChatCompletion",
+                    "requestBody": {"required": True, **_json_body("ChatCompletionRequest")},
+                    "responses": {
+                        "200": {
+                            "description": "chat.completion, or chat.completion.chunk SSE "
+                            "events with stream=true",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        },
                         **_errors(400, 401, 413, 415, 500, 503, 504),
                     },
                 }

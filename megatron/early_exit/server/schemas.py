@@ -147,6 +147,53 @@ class StreamOptions(BaseModel):
 CompletionRequest.model_rebuild()
 
 
+class TextPart(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+    text: str = Field(..., max_length=MAX_PROMPT_CHARS)
+
+
+class ChatMessage(BaseModel):
+    model_config = _STRICT
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | list[TextPart]
+    name: str | None = Field(None, max_length=256)
+
+    def plain(self) -> dict:
+        """The message as the chat template sees it (text parts joined)."""
+        content = self.content
+        if not isinstance(content, str):
+            content = "".join(p.text for p in content)
+        out = {"role": self.role, "content": content}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class ChatCompletionRequest(BaseModel):
+    """POST /v1/chat/completions: the OpenAI chat request plus `early_exit`."""
+
+    model_config = _STRICT
+
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=1024)
+    model: str | None = Field(None, max_length=256, description="informational")
+    max_tokens: int | None = Field(None, ge=0, le=1_000_000)
+    max_completion_tokens: int | None = Field(None, ge=0, le=1_000_000)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: Literal[1] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=0, description="only 0 is supported")
+    stop: StopSeq | list[StopSeq] | None = Field(None)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="only 0 is supported")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="only 0 is supported")
+    user: str | None = Field(None, max_length=256)
+    early_exit: EarlyExitOptions | None = None
+
+
 # ---- responses (documentation: the server builds plain dicts of these shapes) ----
 
 
