@@ -586,7 +586,7 @@ class HTTPServer:
         ctx: ServerContext,
         host: str = "127.0.0.1",
         port: int = 5000,
-        limit_concurrency: int = 64,
+        limit_concurrency: int = 256,
         timeout_keep_alive: float = 5.0,
         timeout_request_read: float = 30.0,
     ) -> None:

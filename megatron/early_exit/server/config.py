@@ -43,7 +43,7 @@ class ServerConfig:
         help="Host header values accepted (default: local names when bound to loopback, "
         "any otherwise; '*' accepts any)",
     )
-    limit_concurrency: int = flag(64, help="open connections before new ones get 503")
+    limit_concurrency: int = flag(256, help="open connections before new ones get 503")
     timeout_keep_alive: float = flag(5.0, help="seconds an idle keep-alive connection stays")
     timeout_request_read: float = flag(
         30.0, help="seconds a client has to send its headers and body"
