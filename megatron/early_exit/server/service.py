@@ -26,11 +26,12 @@ queued and running jobs, and answers what is left after the grace period with 50
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field
 
@@ -136,12 +137,12 @@ class GenerationService:
         if job is None or future.done():
             return
         job.cancelled.set()
-        self.metrics.cancelled += 1
         with self._cv:
+            self.metrics.cancelled += 1
             if job in self._queue:
                 self._queue.remove(job)
                 self.metrics.queue_depth = len(self._queue)
-                job.future.set_exception(Cancelled("request cancelled"))
+                _fail(job, Cancelled("request cancelled"))
 
     def drain(self, grace_s: float) -> None:
         """Stop accepting; wait up to `grace_s` for queued and running jobs; answer the
@@ -157,8 +158,7 @@ class GenerationService:
             self._cv.notify_all()
         for job in left:
             job.cancelled.set()
-            if not job.future.done():
-                job.future.set_exception(ServiceStopped("server is shutting down"))
+            _fail(job, ServiceStopped("server is shutting down"))
 
     def submit(
         self,
@@ -337,11 +337,11 @@ class GenerationService:
         pos = 0
         for job in jobs:
             n = len(job.requests)
-            if not job.future.done():
+            with contextlib.suppress(InvalidStateError):  # drain may have answered it already
                 job.future.set_result(results[pos : pos + n])
             pos += n
 
 
 def _fail(job: _Job, exc: BaseException) -> None:
-    if not job.future.done():  # drain may have answered it already
+    with contextlib.suppress(InvalidStateError):  # drain or cancel may have answered it already
         job.future.set_exception(exc)
