@@ -30,7 +30,9 @@ def check_server_args(args):
     return from_args(ServerConfig, args).validate()
 
 
-def main(argv=None) -> int:
+def main(argv=None, after_execute=None) -> int:
+    """`after_execute(rank, command)`: a hook every rank runs after each command (tests inject
+    rank faults through it, tests/distributed/worker_server_fault.py)."""
     from megatron.early_exit.cli import quiet_startup
 
     quiet_startup()
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
 
     from megatron.early_exit.server.launch import serve
 
-    return serve(run, server_config, platform)
+    return serve(run, server_config, platform, after_execute=after_execute)
 
 
 if __name__ == "__main__":  # dist_checkpointing starts spawn-based helpers: keep this guard

@@ -22,10 +22,11 @@ from tests.distributed.launch import ENTRY, ROOT, TINY, free_port, torchrun
 
 pytestmark = pytest.mark.distributed
 
-SERVER = ROOT / "tools" / "run_text_generation_server.py"
 GENERATE = ROOT / "tools" / "generate.py"
 PP2 = ["--pipeline-model-parallel-size", "2"]
-FAULT_TOKEN = 123  # a prompt holding this id makes rank 1 raise (coordinator test hook)
+# The real entry point with a coordinator hook: a prompt holding this id makes rank 1 raise.
+FAULT_WORKER = ROOT / "tests" / "distributed" / "worker_server_fault.py"
+FAULT_TOKEN = 123
 PROMPTS = ["5 6 7", "10 20 30 40 50"]
 # On this barely trained 200-token model, max-prob confidences sit near 1/200; this
 # threshold makes tokens exit at layers 1, 3 and the full model (4) in the same request.
@@ -58,11 +59,11 @@ def env(tmp_path_factory):
                         "--train-iters", "4", "--save", str(ckpt)])  # fmt: skip
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(SERVER),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(FAULT_WORKER),
+           str(FAULT_TOKEN),
            "--load", str(ckpt), *PP2, "--port", str(port), "--dist-timeout", "60"]  # fmt: skip
     log = open(tmp / "server.log", "w")  # noqa: SIM115 (lives as long as the server)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               EE_SERVER_FAULT_TOKEN=str(FAULT_TOKEN), EE_SERVER_FAULT_RANK="1")  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     # The CLI references run while the server starts (both are small).
     prompt_args = [a for p in PROMPTS for a in ("--prompt", p)]

@@ -32,8 +32,9 @@ def _install_stop_handlers(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def serve(run, args, platform) -> int:
-    """`args`: the validated server/config.py ServerConfig."""
+def serve(run, args, platform, after_execute=None) -> int:
+    """`args`: the validated server/config.py ServerConfig. `after_execute(rank, command)`:
+    the coordinator's per-rank hook (tests inject faults through it; None in production)."""
     from megatron.early_exit.errors import CheckpointError
     from megatron.early_exit.inference.loading import build_engine
 
@@ -57,7 +58,7 @@ def serve(run, args, platform) -> int:
         reqs = [GenerationRequest.from_dict(d) for d in command.payload]
         return engine.generate(reqs, on_token=listener[0], cancelled=listener[1])
 
-    coordinator = Coordinator(execute, timeout_s=args.dist_timeout)
+    coordinator = Coordinator(execute, timeout_s=args.dist_timeout, after_execute=after_execute)
     if coordinator.is_leader:
         code = _lead(engine, coordinator, args, run, stop, listener)
     else:
