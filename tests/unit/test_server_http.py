@@ -361,7 +361,7 @@ def test_streamer_holds_back_partial_characters_stops_and_eos():
         {"prompt": "a", "early_exit": {"mode": "fast"}},
         {"prompt": "a", "early_exit": {"threshold": 1.5}},
         {"prompt": "a", "early_exit": {"exit_layers": [9]}},
-        {"prompt": "a", "logprobs": 6},
+        {"prompt": "a", "logprobs": 21},
         {"prompt": "a", "stop": ""},
         {"prompt": "a", "presence_penalty": 0.5},
     ],

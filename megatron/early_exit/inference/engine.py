@@ -48,6 +48,7 @@ from megatron.early_exit.inference.comm import Pipe
 from megatron.early_exit.inference.decode_state import Decoder, SeqState
 from megatron.early_exit.inference.kv_recompute import KVRecompute
 from megatron.early_exit.inference.pipeline_decode import run_pipeline
+from megatron.early_exit.inference.scoring import score
 from megatron.early_exit.inference.speculative import run_self_speculative
 from megatron.early_exit.inference.stage import StageState
 
@@ -139,7 +140,35 @@ class InferenceEngine:
             group_results, on_token = self._generate_group(requests, idx, on_token, cancelled)
             for i, res in zip(idx, group_results):
                 results[i] = res
+        self._score(requests, results)  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
+
+    def _score(self, requests: list[GenerationRequest], results: list[GenerationResult]) -> None:
+        """Fill the scoring fields (SamplingParams.top_logprobs / prompt_logprobs) with one
+        full-model pass over prompt + completion (scoring.py; no early exit)."""
+        want = [
+            i
+            for i, r in enumerate(requests)
+            if r.sampling.top_logprobs or r.sampling.prompt_logprobs is not None
+        ]
+        if not want:
+            return
+        k = max(max(requests[i].sampling.top_logprobs, requests[i].sampling.prompt_logprobs or 0)
+                for i in want)  # fmt: skip
+        seqs = [list(requests[i].prompt_token_ids) + list(results[i].token_ids) for i in want]
+        with torch.no_grad():
+            scored = score(self.model, self.pipe, self.limits.vocab_size, seqs, k)
+        for i, (chosen, tops) in zip(want, scored):
+            sp, res, n = requests[i].sampling, results[i], len(requests[i].prompt_token_ids)
+
+            def cut(d, kk):
+                return None if d is None else dict(list(d.items())[:kk])
+
+            if sp.top_logprobs:
+                res.top_logprobs = [cut(d, sp.top_logprobs) for d in tops[n:]]
+            if sp.prompt_logprobs is not None:
+                res.prompt_logprobs = chosen[:n]
+                res.prompt_top_logprobs = [cut(d, sp.prompt_logprobs) for d in tops[:n]]
 
     # ------------------------------------------------------------------ grouping
     def _effective(self, e: EarlyExitParams, batch: int) -> EarlyExitParams:

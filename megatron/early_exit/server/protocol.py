@@ -181,6 +181,10 @@ def completion_requests(req: CompletionRequest, codec: TextCodec) -> list[Genera
                 seed=seed,
                 stop_sequences=req.stops(),
                 logprobs=req.logprobs is not None,
+                # real alternatives and prompt scores come from a full-model scoring pass
+                # after decoding (inference/scoring.py); a stream does not send them
+                top_logprobs=0 if req.stream else (req.logprobs or 0),
+                prompt_logprobs=req.logprobs if req.echo and not req.stream else None,
             ),
             early_exit=_early_exit_params(req.early_exit),
         )
@@ -210,21 +214,34 @@ def _visible(req: CompletionRequest, prompt: str, r: GenerationResult, codec) ->
     return _Choice(text=prefix + text, prefix=prefix, token_ids=ids, result=r)
 
 
-def _logprobs_block(choice: _Choice, codec: TextCodec) -> dict:
+def _logprobs_block(choice: _Choice, codec: TextCodec, prompt_ids: list[int]) -> dict:
+    """OpenAI's legacy block. With echo: the prompt tokens first (the first one's logprob is
+    null). top_logprobs: the k most likely tokens of the full model at each position, or,
+    where none were computed (logprobs 0, streams), the chosen token alone."""
     r = choice.result
     tokens = [codec.decode([t]) for t in choice.token_ids]
-    lps = list(r.logprobs or [])[: len(tokens)]
+    lps: list[float | None] = list(r.logprobs or [])[: len(tokens)]
     lps += [None] * (len(tokens) - len(lps))
-    offsets, pos = [], len(choice.prefix)
+    tops: list[dict | None] = [{t: lp} if lp is not None else None for t, lp in zip(tokens, lps)]
+    if r.top_logprobs:
+        tops = [_named(d, codec) for d in r.top_logprobs[: len(tokens)]]
+    pos = 0
+    if r.prompt_logprobs is not None:
+        ptoks = [codec.decode([t]) for t in prompt_ids]
+        tokens, lps = ptoks + tokens, list(r.prompt_logprobs) + lps
+        ptops = r.prompt_top_logprobs or [None] * len(ptoks)
+        tops = [_named(d, codec) if d else None for d in ptops] + tops
+    else:
+        pos = len(choice.prefix)
+    offsets = []
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
-    return {
-        "tokens": tokens,
-        "token_logprobs": lps,
-        "top_logprobs": [{t: lp} if lp is not None else None for t, lp in zip(tokens, lps)],
-        "text_offset": offsets,
-    }
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _named(d: dict[int, float] | None, codec: TextCodec) -> dict[str, float] | None:
+    return None if d is None else {codec.decode([t]): lp for t, lp in d.items()}
 
 
 def _finish(r: GenerationResult) -> str:
@@ -245,7 +262,9 @@ def completion_response(
             {
                 "text": c.text,
                 "index": i,
-                "logprobs": _logprobs_block(c, codec) if req.logprobs is not None else None,
+                "logprobs": _logprobs_block(c, codec, gen[i].prompt_token_ids)
+                if req.logprobs is not None
+                else None,
                 "finish_reason": _finish(r),
                 "exit_layers": list(r.exit_layers),
                 "token_ids": list(r.token_ids),

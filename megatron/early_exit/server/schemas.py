@@ -112,7 +112,13 @@ class CompletionRequest(BaseModel):
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(None, ge=0, le=5, description="log-probability of each token")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="log-probability of each token and its k most likely alternatives "
+        "(full model); with echo, also of the prompt tokens (the first: null)",
+    )
     echo: bool = False
     stop: StopSeq | list[StopSeq] | None = Field(None)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
