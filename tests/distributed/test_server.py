@@ -181,6 +181,22 @@ def test_bad_input_is_4xx_and_server_keeps_serving(env, method, path, raw):
     assert _post(env["port"], "GET", "/health", raw=b"")[0] == 200
 
 
+def test_echo_scores_prompt_through_the_pipeline(env):
+    """PP=2: the prompt scores of prompt + greedy completion are the CLI's greedy logprobs
+    (full model), and each position's most likely token is the one greedy chose."""
+    ref = env["greedy"][1]
+    ids = [int(t) for t in PROMPTS[1].split()] + ref["token_ids"]
+    body = {"prompt": " ".join(map(str, ids)), "max_tokens": 0, "echo": True, "logprobs": 2}
+    status, out = _post(env["port"], "POST", "/v1/completions", body)
+    assert status == 200, out
+    lp = out["choices"][0]["logprobs"]
+    n = len(ids) - len(ref["token_ids"])
+    assert lp["tokens"] == [str(t) for t in ids] and lp["token_logprobs"][0] is None
+    assert lp["token_logprobs"][n:] == pytest.approx(ref["logprobs"], abs=1e-5)
+    assert [next(iter(top)) for top in lp["top_logprobs"][n:]] == [str(t) for t in ids[n:]]
+    assert all(len(top) == 2 for top in lp["top_logprobs"][1:])
+
+
 def test_rank_error_is_reported_and_server_recovers(env):
     status, out = _post(env["port"], "PUT", "/api", {"prompts": [f"1 {FAULT_TOKEN}"],
                         "tokens_to_generate": 2, "temperature": 0.0})  # fmt: skip

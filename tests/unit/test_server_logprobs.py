@@ -83,6 +83,28 @@ def test_top_logprobs_of_generated_tokens(served):
     assert all(next(iter(top)) == str(t) for top, t in zip(lp["top_logprobs"], gen))
 
 
+def test_token_id_prompts_like_lm_eval(served):
+    """lm-eval's local-completions loglikelihood payload: token-id prompts, max_tokens 1, echo,
+    logprobs 1; it sums token_logprobs over the continuation and drops the generated token."""
+    port, engine = served
+    body = {"prompt": PROMPTS[:2], "max_tokens": 1, "echo": True, "logprobs": 1,
+            "temperature": 0, "seed": 1234}  # fmt: skip
+    status, out = call(port, "POST", "/v1/completions", body)
+    assert status == 200, out
+    for ids, choice in zip(PROMPTS, out["choices"]):
+        lp, ref = choice["logprobs"], _ref(engine, ids)
+        assert choice["text"].startswith(" ".join(map(str, ids)))
+        assert len(lp["tokens"]) == len(ids) + 1
+        want = [float(ref[t - 1, ids[t]]) for t in range(1, len(ids))]
+        assert lp["token_logprobs"][1 : len(ids)] == pytest.approx(want, abs=1e-5)
+    one = {**body, "prompt": PROMPTS[0]}
+    status, single = call(port, "POST", "/v1/completions", one)
+    assert status == 200, single
+    a, b = single["choices"][0]["logprobs"], out["choices"][0]["logprobs"]
+    assert a["tokens"] == b["tokens"] and a["text_offset"] == b["text_offset"]
+    assert a["token_logprobs"][1:] == pytest.approx(b["token_logprobs"][1:], abs=1e-5)
+
+
 @pytest.mark.parametrize(
     "body, match",
     [
@@ -91,6 +113,11 @@ def test_top_logprobs_of_generated_tokens(served):
         ({"logprobs": 2.5}, "logprobs"),
         ({"logprobs": "3"}, "logprobs"),
         ({"echo": "yes"}, "echo"),
+        ({"prompt": [VOCAB]}, "not an id"),
+        ({"prompt": [[1, 2], [VOCAB]]}, "not an id"),
+        ({"prompt": [1, "a"]}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [[]]}, "prompt"),
     ],
 )
 def test_bad_logprobs_values(served, body, match):

@@ -173,7 +173,7 @@ def completion_requests(req: CompletionRequest, codec: TextCodec) -> list[Genera
     seed = req.seed if req.seed is not None else _random_seed()
     out = [
         GenerationRequest(
-            prompt_token_ids=codec.encode_prompt(p, add_bos=False),
+            prompt_token_ids=codec.encode_prompt(p, add_bos=False) if isinstance(p, str) else p,
             sampling=SamplingParams(
                 max_new_tokens=req.max_tokens,
                 temperature=req.temperature,
@@ -191,6 +191,11 @@ def completion_requests(req: CompletionRequest, codec: TextCodec) -> list[Genera
         for p in req.prompts()
     ]
     return _checked(out, codec.limits)
+
+
+def prompt_texts(req: CompletionRequest, codec: TextCodec) -> list[str]:
+    """The prompts as text (token-id prompts decoded), for echo."""
+    return [p if isinstance(p, str) else codec.decode(p) for p in req.prompts()]
 
 
 @dataclass
@@ -256,7 +261,7 @@ def completion_response(
     request_id: str | None = None,
 ) -> dict:
     choices = []
-    for i, (p, r) in enumerate(zip(req.prompts(), results)):
+    for i, (p, r) in enumerate(zip(prompt_texts(req, codec), results)):
         c = _visible(req, p, r, codec)
         choices.append(
             {
@@ -302,7 +307,7 @@ class CompletionStreamer:
         self.req, self.gen, self.codec = req, gen, codec
         self.rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
-        self.prompts = req.prompts()
+        self.prompts = prompt_texts(req, codec)
         self.stops = req.stops()
         n = len(self.prompts)
         self.prefix = [p if req.echo else "" for p in self.prompts]

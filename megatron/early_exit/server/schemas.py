@@ -19,6 +19,11 @@ MAX_PROMPT_CHARS = 200_000  # a cheap bound before tokenizing; the token bound i
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+# OpenAI also takes prompts as token ids (lm-evaluation-harness sends them); ids are checked
+# against the vocabulary and the context by the engine's validation
+TokenIds = Annotated[
+    list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+]
 StopSeq = Annotated[str, Field(min_length=1, max_length=1000)]
 ExitLayer = Annotated[int, Field(ge=1, le=100_000)]
 
@@ -102,8 +107,8 @@ class CompletionRequest(BaseModel):
 
     model_config = _STRICT
 
-    prompt: Prompt | list[Prompt] = Field(
-        ..., description="a prompt or a list of 1-128 prompts (text only)"
+    prompt: Prompt | list[Prompt] | TokenIds | list[TokenIds] = Field(
+        ..., description="a prompt or a list of 1-128 prompts (text, or token ids)"
     )
     model: str | None = Field(None, max_length=256, description="informational")
     max_tokens: int = Field(16, ge=0, le=1_000_000)
@@ -130,14 +135,18 @@ class CompletionRequest(BaseModel):
 
     @model_validator(mode="after")
     def _limits(self):
-        if isinstance(self.prompt, list) and not 1 <= len(self.prompt) <= MAX_PROMPTS:
+        if isinstance(self.prompt, list) and not 1 <= len(self.prompts()) <= MAX_PROMPTS:
             raise ValueError(f"prompt list must hold 1 to {MAX_PROMPTS} prompts")
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         return self
 
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]  # type: ignore[list-item]
+        return list(p)
 
     def stops(self) -> list[str]:
         if self.stop is None:
