@@ -6,7 +6,8 @@
 (ee_args.json); give the parallel layout with --tensor/--pipeline-model-parallel-size.
 Rank 0 serves HTTP (default 127.0.0.1); every other rank follows rank 0's broadcast
 commands (megatron/early_exit/server/coordinator.py). SIGTERM/SIGINT stop every rank.
-Endpoints: PUT /api, POST /v1/completions, GET /health, GET /metrics, GET /openapi.json.
+Endpoints: PUT /api, POST /v1/completions, GET /v1/models, GET /health, GET /ready,
+GET /metrics, GET /openapi.json (docs/server.md). Server flags: server/config.py.
 """
 
 from __future__ import annotations
@@ -15,38 +16,23 @@ import sys
 
 
 def add_server_arguments(parser) -> None:
-    g = parser.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 exposes it)")
-    g.add_argument("--port", type=int, default=5000, help="0 picks a free port")
-    g.add_argument("--max-batch-size", type=int, default=8, help="prompts decoded together at most")
-    g.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
-    g.add_argument("--request-timeout", type=float, default=600.0, help="seconds before 504")
-    g.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=300.0,
-        help="seconds any rank waits on the command channel before failing",
-    )
-    g.add_argument("--model-name", default=None, help="`model` in OpenAI responses")
+    from megatron.early_exit.flags import add_flags
+    from megatron.early_exit.server.config import ServerConfig
+
+    add_flags(parser, ServerConfig)
 
 
-def check_server_args(args) -> None:
-    """Reject bad server flags before anything starts (ValueError naming the flag)."""
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    if args.max_batch_size < 1:
-        raise ValueError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
-    if args.max_queue < 1:
-        raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
-    for flag, value in (
-        ("--request-timeout", args.request_timeout),
-        ("--dist-timeout", args.dist_timeout),
-    ):
-        if not value > 0 or value == float("inf"):  # also NaN and inf
-            raise ValueError(f"{flag} must be a finite number of seconds > 0, got {value}")
+def check_server_args(args):
+    """The validated ServerConfig of parsed flags (ConfigError, a ValueError, naming the flag)."""
+    from megatron.early_exit.flags import from_args
+    from megatron.early_exit.server.config import ServerConfig
+
+    return from_args(ServerConfig, args).validate()
 
 
-def main(argv=None) -> int:
+def main(argv=None, after_execute=None) -> int:
+    """`after_execute(rank, command)`: a hook every rank runs after each command (tests inject
+    rank faults through it, tests/distributed/worker_server_fault.py)."""
     from megatron.early_exit.cli import quiet_startup
 
     quiet_startup()
@@ -64,7 +50,7 @@ def main(argv=None) -> int:
         args = parse_args(argv, parser)
         if not args.load:
             raise ConfigError("--load CKPT is required: the server serves a trained checkpoint")
-        check_server_args(args)
+        server_config = check_server_args(args)
         run = inference_run_config(None, platform.is_cuda, args=args)
     except (UserError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -72,7 +58,7 @@ def main(argv=None) -> int:
 
     from megatron.early_exit.server.launch import serve
 
-    return serve(run, args, platform)
+    return serve(run, server_config, platform, after_execute=after_execute)
 
 
 if __name__ == "__main__":  # dist_checkpointing starts spawn-based helpers: keep this guard

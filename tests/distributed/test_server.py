@@ -22,10 +22,11 @@ from tests.distributed.launch import ENTRY, ROOT, TINY, free_port, torchrun
 
 pytestmark = pytest.mark.distributed
 
-SERVER = ROOT / "tools" / "run_text_generation_server.py"
 GENERATE = ROOT / "tools" / "generate.py"
 PP2 = ["--pipeline-model-parallel-size", "2"]
-FAULT_TOKEN = 123  # a prompt holding this id makes rank 1 raise (coordinator test hook)
+# The real entry point with a coordinator hook: a prompt holding this id makes rank 1 raise.
+FAULT_WORKER = ROOT / "tests" / "distributed" / "worker_server_fault.py"
+FAULT_TOKEN = 123
 PROMPTS = ["5 6 7", "10 20 30 40 50"]
 # On this barely trained 200-token model, max-prob confidences sit near 1/200; this
 # threshold makes tokens exit at layers 1, 3 and the full model (4) in the same request.
@@ -58,11 +59,11 @@ def env(tmp_path_factory):
                         "--train-iters", "4", "--save", str(ckpt)])  # fmt: skip
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(SERVER),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(FAULT_WORKER),
+           str(FAULT_TOKEN),
            "--load", str(ckpt), *PP2, "--port", str(port), "--dist-timeout", "60"]  # fmt: skip
     log = open(tmp / "server.log", "w")  # noqa: SIM115 (lives as long as the server)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               EE_SERVER_FAULT_TOKEN=str(FAULT_TOKEN), EE_SERVER_FAULT_RANK="1")  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     # The CLI references run while the server starts (both are small).
     prompt_args = [a for p in PROMPTS for a in ("--prompt", p)]
@@ -180,6 +181,22 @@ def test_bad_input_is_4xx_and_server_keeps_serving(env, method, path, raw):
     assert _post(env["port"], "GET", "/health", raw=b"")[0] == 200
 
 
+def test_echo_scores_prompt_through_the_pipeline(env):
+    """PP=2: the prompt scores of prompt + greedy completion are the CLI's greedy logprobs
+    (full model), and each position's most likely token is the one greedy chose."""
+    ref = env["greedy"][1]
+    ids = [int(t) for t in PROMPTS[1].split()] + ref["token_ids"]
+    body = {"prompt": " ".join(map(str, ids)), "max_tokens": 0, "echo": True, "logprobs": 2}
+    status, out = _post(env["port"], "POST", "/v1/completions", body)
+    assert status == 200, out
+    lp = out["choices"][0]["logprobs"]
+    n = len(ids) - len(ref["token_ids"])
+    assert lp["tokens"] == [str(t) for t in ids] and lp["token_logprobs"][0] is None
+    assert lp["token_logprobs"][n:] == pytest.approx(ref["logprobs"], abs=1e-5)
+    assert [next(iter(top)) for top in lp["top_logprobs"][n:]] == [str(t) for t in ids[n:]]
+    assert all(len(top) == 2 for top in lp["top_logprobs"][1:])
+
+
 def test_rank_error_is_reported_and_server_recovers(env):
     status, out = _post(env["port"], "PUT", "/api", {"prompts": [f"1 {FAULT_TOKEN}"],
                         "tokens_to_generate": 2, "temperature": 0.0})  # fmt: skip
@@ -264,8 +281,16 @@ def test_concurrent_load_200(env):
 
 
 def test_sigterm_stops_every_rank(env):
-    """Last test: SIGTERM to the launcher ends the launcher and both ranks within seconds."""
+    """Last test: SIGTERM under load answers every open request (200, or 503 past the
+    grace period: never a dropped connection), then ends the launcher and both ranks."""
     proc = env["proc"]
+    body = {"prompt": PROMPTS[1], "max_tokens": MAX_NEW, "temperature": 0}
+    pool = ThreadPoolExecutor(4)
+    futures = [pool.submit(_post, env["port"], "POST", "/v1/completions", body) for _ in range(4)]
+    deadline = time.time() + 30
+    while "\nee_running_batch_size 0\n" in _post(env["port"], "GET", "/metrics", raw=b"")[1]:
+        assert time.time() < deadline, "the load never reached the model"
+        time.sleep(0.05)
     children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
     pids = [int(p) for p in children.stdout.split()]
     grandchildren = []
@@ -273,7 +298,10 @@ def test_sigterm_stops_every_rank(env):
         out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
         grandchildren += [int(p) for p in out.split()]
     proc.send_signal(signal.SIGTERM)
-    proc.wait(30)  # raises TimeoutExpired if the launcher hangs
+    statuses = sorted(f.result(timeout=60)[0] for f in futures)
+    pool.shutdown()
+    assert set(statuses) <= {200, 503} and 200 in statuses, statuses
+    proc.wait(40)  # raises TimeoutExpired if the launcher hangs
     alive = []
     for pid in pids + grandchildren:
         try:

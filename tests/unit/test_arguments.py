@@ -131,6 +131,13 @@ EXPECTED_FLAGS = [
 
 # Every generation flag of tools/generate.py (inference.generate_config.GenerateConfig), pinned
 # the same way.
+EXPECTED_SERVER_FLAGS = [
+    "--allowed-hosts", "--api-key", "--chat-template", "--dist-timeout", "--host",
+    "--limit-concurrency", "--max-batch-size", "--max-body-bytes", "--max-queue",
+    "--model-name", "--port",
+    "--request-timeout", "--shutdown-grace", "--timeout-keep-alive", "--timeout-request-read",
+]  # fmt: skip
+
 EXPECTED_GENERATE_FLAGS = [
     "--add-bos",
     "--batch-size",
@@ -197,6 +204,18 @@ def test_generate_flag_registry_is_pinned():
     removed = sorted(set(EXPECTED_GENERATE_FLAGS) - set(flags))
     assert not added and not removed, f"flags added: {added}; flags removed: {removed}"
     assert flags == EXPECTED_GENERATE_FLAGS
+
+
+def test_server_flag_registry_is_pinned():
+    import argparse
+
+    from megatron.early_exit.flags import add_flags, from_args, option_strings
+    from megatron.early_exit.server.config import ServerConfig
+
+    assert option_strings(ServerConfig) == EXPECTED_SERVER_FLAGS
+    p = argparse.ArgumentParser(allow_abbrev=False)
+    add_flags(p, ServerConfig)
+    assert from_args(ServerConfig, p.parse_args([])) == ServerConfig()
 
 
 def test_parser_defaults_are_the_config_defaults():

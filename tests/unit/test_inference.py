@@ -204,6 +204,8 @@ def test_stops(engine):
         ({"temperature": -1.0}, "temperature"),
         ({"method": "pipeline"}, "needs pipeline parallelism"),
         ({"prompt_token_ids": [VOCAB]}, "not an id"),
+        ({"top_logprobs": 21}, "top_logprobs must be"),
+        ({"prompt_logprobs": -1}, "prompt_logprobs must be"),
     ],
 )
 def test_bad_input(engine, change, match):
@@ -520,3 +522,53 @@ def test_draft_vocab_full_size_and_counts_checks(counted):
     assert spec.token_ids == ref.token_ids
     with pytest.raises(TokenCountError, match="another tokenizer"):
         counted.token_counts = torch.ones(VOCAB + 5, dtype=torch.long)
+
+
+@pytest.mark.parametrize(
+    "ee",
+    [{}, {"mode": "early_exit", "threshold": 0.2}, {"mode": "self_speculative"}],
+    ids=["none", "early_exit", "self_speculative"],
+)
+def test_cancel_stops_a_request_at_the_next_step(engine, ee):
+    """`cancelled(i)` turning True stops request i right there; the batch's others go on
+    and get exactly what they get alone."""
+    seen = []
+    out = engine.generate(
+        [_req(PROMPTS[0], 12, **ee), _req(PROMPTS[1], 12, **ee)],
+        on_token=lambda ev: seen.append(ev.index),
+        cancelled=lambda i: i == 0 and seen.count(0) >= 3,
+    )
+    assert out[0].finish_reason == "cancelled" and len(out[0].token_ids) == 3
+    alone = engine.generate([_req(PROMPTS[1], 12, **ee)])[0]
+    assert out[1].token_ids == alone.token_ids and out[1].finish_reason == "length"
+
+
+@pytest.mark.parametrize("ee", [{}, {"mode": "early_exit", "threshold": 0.3}])
+def test_scoring_equals_full_model_log_softmax(engine, ee):
+    """Prompt and completion log-probs (and the k alternatives) are the full model's own
+    log_softmax, whatever mode decoded the completion."""
+    reqs = [_req(p, n, **ee) for p, n in ((PROMPTS[0], 5), (PROMPTS[1], 0), (PROMPTS[2], 3))]
+    for r, k in zip(reqs, (3, 20, 0)):
+        r.sampling.prompt_logprobs, r.sampling.top_logprobs = k, k
+    results = engine.generate(reqs)
+    for r, res in zip(reqs, results):
+        ids = list(r.prompt_token_ids) + res.token_ids
+        n, k = len(r.prompt_token_ids), r.sampling.top_logprobs
+        with torch.no_grad():
+            out = engine.model(torch.tensor([ids]), torch.arange(len(ids)).unsqueeze(0), None)
+        ref = torch.log_softmax(out.output[0, :, :VOCAB].float(), dim=-1)
+        want = [None] + [float(ref[t - 1, ids[t]]) for t in range(1, len(ids))]
+        assert res.prompt_logprobs[0] is None and res.prompt_top_logprobs[0] is None
+        assert res.prompt_logprobs[1:] == pytest.approx(want[1:n], rel=1e-5, abs=1e-5)
+        tops = res.prompt_top_logprobs[1:] + (res.top_logprobs or [])
+        assert len(tops) == (len(ids) if k else n) - 1
+        for t, top in enumerate(tops, start=1):
+            vals, idx = ref[t - 1].topk(k) if k else (torch.empty(0), torch.empty(0))
+            assert list(top) == idx.tolist()
+            assert list(top.values()) == pytest.approx(vals.tolist(), rel=1e-5, abs=1e-5)
+        if k == 0:
+            assert res.top_logprobs is None
+        if not ee:  # the full model decoded greedily: its chosen tokens are the top-1
+            assert all(
+                next(iter(d)) == tok for d, tok in zip(res.top_logprobs or [], res.token_ids)
+            )

@@ -40,8 +40,9 @@ from megatron.early_exit.errors import InferenceError
 Mode = Literal["none", "early_exit", "self_speculative"]
 Method = Literal["kv_recompute", "pipeline"]
 Metric = Literal["max_prob", "margin", "entropy"]
-FinishReason = Literal["length", "eos", "stop"]
+FinishReason = Literal["length", "eos", "stop", "cancelled"]
 
+MAX_TOP_LOGPROBS = 20  # alternatives per position (as vLLM's default bound)
 MODES = ("none", "early_exit", "self_speculative")
 METHODS = ("kv_recompute", "pipeline")
 METRICS = ("max_prob", "margin", "entropy")
@@ -59,6 +60,11 @@ class SamplingParams:
     eos_token_id: int | None = None  # None: the engine uses the tokenizer's EOS if any
     ignore_eos: bool = False
     logprobs: bool = False  # log p(chosen token) under the distribution it was drawn from
+    # Scoring (one full-model forward over prompt + completion after decoding; no early exit,
+    # temperature 1): the k most likely tokens at each generated position, and, when not None,
+    # every prompt token's log-probability with its k alternatives (the first token: None).
+    top_logprobs: int = 0
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -119,6 +125,10 @@ class GenerationResult:
     exit_layers: list[int]  # per generated token: the layer whose head chose it (L = full)
     finish_reason: FinishReason
     logprobs: list[float] | None = None
+    # Scoring (SamplingParams.top_logprobs / prompt_logprobs): {token id: full-model logprob}
+    top_logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
     text: str | None = None  # filled by front ends that hold a tokenizer
     stats: GenerationStats = field(default_factory=GenerationStats)
 
@@ -195,6 +205,11 @@ def validate_request(req: GenerationRequest, limits: ModelLimits) -> None:
     for seq in s.stop_token_ids:
         if not isinstance(seq, list) or not seq or not all(_is_int(t) for t in seq):
             _fail(f"stop_token_ids entries must be non-empty lists of ints, got {seq!r}")
+    if not _is_int(s.top_logprobs) or not 0 <= s.top_logprobs <= MAX_TOP_LOGPROBS:
+        _fail(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {s.top_logprobs!r}")
+    k = s.prompt_logprobs
+    if k is not None and (not _is_int(k) or not 0 <= k <= MAX_TOP_LOGPROBS):
+        _fail(f"prompt_logprobs must be null or an integer in [0, {MAX_TOP_LOGPROBS}], got {k!r}")
     if s.eos_token_id is not None and not _is_int(s.eos_token_id):
         _fail(f"eos_token_id must be an integer, got {s.eos_token_id!r}")
 
@@ -252,7 +267,10 @@ class EngineProtocol(Protocol):
     limits: ModelLimits
 
     def generate(
-        self, requests: list[GenerationRequest], on_token: OnToken | None = None
+        self,
+        requests: list[GenerationRequest],
+        on_token: OnToken | None = None,
+        cancelled: Callable[[int], bool] | None = None,
     ) -> list[GenerationResult]:
         """Collective over the model-parallel group; same requests on every rank.
 
@@ -260,7 +278,8 @@ class EngineProtocol(Protocol):
         Requests are decoded together as one batch (mixed prompt lengths allowed).
         `on_token` (rank 0 only; other ranks pass None) gets a `TokenEvent` per generated
         token as soon as rank 0 knows it; an exception it raises disables it (logged) and
-        never breaks the collective.
+        never breaks the collective. `cancelled(i)` True stops request i at its next decode
+        step (finish_reason "cancelled"); only where every rank answers alike.
         """
         ...
 

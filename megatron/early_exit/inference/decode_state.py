@@ -112,6 +112,7 @@ class Decoder:
         self.tokenizer = tokenizer
         self.on_token = on_token
         self.draft_ids = draft_ids
+        self.cancelled: Callable[[int], bool] | None = None  # see InferenceEngine.generate
 
     def apply(self, s: SeqState, d: Decision) -> None:
         """Record a decided token; update per-layer cache lengths; check stop conditions."""
@@ -140,7 +141,9 @@ class Decoder:
     def check_stop(self, s: SeqState) -> None:
         sp = s.req.sampling
         tok = s.gen[-1]
-        if s.eos is not None and tok == s.eos:
+        if self.cancelled is not None and self.cancelled(s.index):
+            s.finish = "cancelled"
+        elif s.eos is not None and tok == s.eos:
             s.finish = "eos"
         elif (
             any(s.gen[-len(q) :] == q for q in sp.stop_token_ids if len(s.gen) >= len(q))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
@@ -47,6 +48,7 @@ from megatron.early_exit.inference.comm import Pipe
 from megatron.early_exit.inference.decode_state import Decoder, SeqState
 from megatron.early_exit.inference.kv_recompute import KVRecompute
 from megatron.early_exit.inference.pipeline_decode import run_pipeline
+from megatron.early_exit.inference.scoring import score
 from megatron.early_exit.inference.speculative import run_self_speculative
 from megatron.early_exit.inference.stage import StageState
 
@@ -118,8 +120,14 @@ class InferenceEngine:
         return self.tokenizer.detokenize(ids)
 
     def generate(
-        self, requests: list[GenerationRequest], on_token: OnToken | None = None
+        self,
+        requests: list[GenerationRequest],
+        on_token: OnToken | None = None,
+        cancelled: Callable[[int], bool] | None = None,
     ) -> list[GenerationResult]:
+        """`cancelled(i)` True stops request i at its next decode step (finish_reason
+        "cancelled"). It is asked on each rank separately, so pass it only where every rank
+        gives the same answer (one rank: the server passes it at world size 1)."""
         validate_batch(requests, self.limits)
         for r in requests:
             if r.sampling.stop_sequences and self.tokenizer is None:
@@ -129,10 +137,38 @@ class InferenceEngine:
             groups.setdefault(repr(self._effective(r.early_exit, len(requests))), []).append(i)
         results: list[GenerationResult | None] = [None] * len(requests)
         for idx in groups.values():
-            group_results, on_token = self._generate_group(requests, idx, on_token)
+            group_results, on_token = self._generate_group(requests, idx, on_token, cancelled)
             for i, res in zip(idx, group_results):
                 results[i] = res
+        self._score(requests, results)  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
+
+    def _score(self, requests: list[GenerationRequest], results: list[GenerationResult]) -> None:
+        """Fill the scoring fields (SamplingParams.top_logprobs / prompt_logprobs) with one
+        full-model pass over prompt + completion (scoring.py; no early exit)."""
+        want = [
+            i
+            for i, r in enumerate(requests)
+            if r.sampling.top_logprobs or r.sampling.prompt_logprobs is not None
+        ]
+        if not want:
+            return
+        k = max(max(requests[i].sampling.top_logprobs, requests[i].sampling.prompt_logprobs or 0)
+                for i in want)  # fmt: skip
+        seqs = [list(requests[i].prompt_token_ids) + list(results[i].token_ids) for i in want]
+        with torch.no_grad():
+            scored = score(self.model, self.pipe, self.limits.vocab_size, seqs, k)
+        for i, (chosen, tops) in zip(want, scored):
+            sp, res, n = requests[i].sampling, results[i], len(requests[i].prompt_token_ids)
+
+            def cut(d, kk):
+                return None if d is None else dict(list(d.items())[:kk])
+
+            if sp.top_logprobs:
+                res.top_logprobs = [cut(d, sp.top_logprobs) for d in tops[n:]]
+            if sp.prompt_logprobs is not None:
+                res.prompt_logprobs = chosen[:n]
+                res.prompt_top_logprobs = [cut(d, sp.prompt_logprobs) for d in tops[:n]]
 
     # ------------------------------------------------------------------ grouping
     def _effective(self, e: EarlyExitParams, batch: int) -> EarlyExitParams:
@@ -158,7 +194,11 @@ class InferenceEngine:
         )
 
     def _generate_group(
-        self, requests: list[GenerationRequest], idx: list[int], on_token: OnToken | None
+        self,
+        requests: list[GenerationRequest],
+        idx: list[int],
+        on_token: OnToken | None,
+        cancelled: Callable[[int], bool] | None = None,
     ) -> tuple[list[GenerationResult], OnToken | None]:
         """The group's results, and the listener for the next group (None once it failed)."""
         reqs = [requests[i] for i in idx]
@@ -176,12 +216,15 @@ class InferenceEngine:
         with torch.no_grad():
             if ee.mode == "self_speculative":
                 decoder = self.decoder(Decoder, on_token)
+                decoder.cancelled = cancelled
                 run_self_speculative(decoder, st, seqs, ee)
             elif ee.method == "pipeline":
                 decoder = self.decoder(Decoder, on_token)
+                decoder.cancelled = cancelled
                 run_pipeline(decoder, st, seqs, ee)
             else:
                 decoder = self.decoder(KVRecompute, on_token)
+                decoder.cancelled = cancelled
                 decoder.run(st, seqs, ee)
         elapsed = time.perf_counter() - t0
         self.last_state = st

@@ -15,14 +15,18 @@ dies makes the next collective fail with a timeout instead of hanging forever (t
 also tears the job down when any worker exits). Inputs are validated on rank 0 before they
 are broadcast and the engine validates again on every rank before communicating, so bad
 input fails identically everywhere and never strands a rank inside the model.
+
+`after_execute(rank, command)`, when given, runs on every rank right after its own execute
+and before the ranks agree; an exception it raises is that rank's failure. Tests inject rank
+faults through it (tests/distributed/worker_server_fault.py); it runs after the collective
+execute so a raising rank never strands its peers inside the model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import os
-import traceback
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,13 +35,11 @@ import torch.distributed as dist
 
 from megatron.early_exit.inference.api import InferenceError
 
+log = logging.getLogger("ee.server")
+
 GENERATE = "generate"
 PING = "ping"
 SHUTDOWN = "shutdown"
-
-# Test hook: a rank raises after a generate command whose prompt ids contain this id.
-_FAULT_ENV = "EE_SERVER_FAULT_TOKEN"
-_FAULT_RANK_ENV = "EE_SERVER_FAULT_RANK"
 
 
 @dataclass
@@ -74,8 +76,10 @@ class Coordinator:
         execute: Callable[[Command], Any],
         timeout_s: float = 600.0,
         group: Any = None,
+        after_execute: Callable[[int, Command], None] | None = None,
     ) -> None:
         self.execute = execute
+        self.after_execute = after_execute
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
@@ -122,12 +126,15 @@ class Coordinator:
         if command.kind != PING:
             try:
                 result = self.execute(command)
-                _maybe_inject_fault(self.rank, command)
+                if self.after_execute is not None:
+                    self.after_execute(self.rank, command)
             except Exception as exc:  # every failure is reported, none kills the server
+                if not isinstance(exc, InferenceError):
+                    log.error("rank %d: command %s failed", self.rank, command.kind, exc_info=exc)
                 error = RankError(
                     rank=self.rank,
                     type=type(exc).__name__,
-                    message=str(exc) or traceback.format_exc(limit=1),
+                    message=str(exc) or "(no message)",  # never a traceback: it reaches clients
                     client_error=isinstance(exc, InferenceError),
                 )
         outcomes: list[Any] = [error]
@@ -138,13 +145,3 @@ class Coordinator:
         if errors:
             raise CommandError(errors)
         return result
-
-
-def _maybe_inject_fault(rank: int, command: Command) -> None:
-    token = os.environ.get(_FAULT_ENV)
-    if token is None or command.kind != GENERATE:
-        return
-    if str(rank) != os.environ.get(_FAULT_RANK_ENV, "1"):
-        return
-    if any(int(token) in r.get("prompt_token_ids", []) for r in command.payload):
-        raise RuntimeError(f"injected fault on rank {rank} ({_FAULT_ENV}={token})")

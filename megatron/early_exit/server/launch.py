@@ -2,11 +2,12 @@
 
 Threads: on every rank the main thread only waits for a stop signal, so SIGTERM/SIGINT
 are handled promptly even while a rank is blocked inside a collective. Rank 0 runs the
-HTTP server (thread per request) and the single model worker; other ranks run
-`Coordinator.follow` in a thread. Shutdown: rank 0 stops accepting, lets the running
-batch finish, broadcasts SHUTDOWN; followers leave their loop; everyone exits. A rank
-that is not released within the grace period exits anyway, so a signal always ends the
-job within a few seconds.
+HTTP server (uvicorn's event loop in a thread) and the single model worker; other ranks
+run `Coordinator.follow` in a thread. Shutdown (SIGTERM): rank 0 stops accepting (new
+requests and /ready get 503), answers the running and queued requests within
+`--shutdown-grace` seconds (what is left then gets 503), closes HTTP, broadcasts SHUTDOWN;
+followers leave their loop; everyone exits. A rank that is not released within GRACE_S
+exits anyway, so a signal always ends the job.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def _install_stop_handlers(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def serve(run, args, platform) -> int:
+def serve(run, args, platform, after_execute=None) -> int:
+    """`args`: the validated server/config.py ServerConfig. `after_execute(rank, command)`:
+    the coordinator's per-rank hook (tests inject faults through it; None in production)."""
     from megatron.early_exit.errors import CheckpointError
     from megatron.early_exit.inference.loading import build_engine
 
@@ -44,21 +47,22 @@ def serve(run, args, platform) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
-    # rank 0's streaming listener for the command being run (set by its model worker; a
-    # callable cannot travel in the broadcast command, and followers never stream)
-    listener: list = [None]
+    # rank 0's streaming listener and cancel hook for the command being run (set by its
+    # model worker; a callable cannot travel in the broadcast command, and followers never
+    # stream). The cancel hook is rank 0's alone, so it is used only at world size 1.
+    listener: list = [None, None]
 
     def execute(command: Command):
         if command.kind != GENERATE:
             return None
         reqs = [GenerationRequest.from_dict(d) for d in command.payload]
-        return engine.generate(reqs, on_token=listener[0])
+        return engine.generate(reqs, on_token=listener[0], cancelled=listener[1])
 
-    coordinator = Coordinator(execute, timeout_s=args.dist_timeout)
+    coordinator = Coordinator(execute, timeout_s=args.dist_timeout, after_execute=after_execute)
     if coordinator.is_leader:
         code = _lead(engine, coordinator, args, run, stop, listener)
     else:
-        code = _follow(coordinator, stop)
+        code = _follow(coordinator, stop, args.shutdown_grace + GRACE_S)
     sys.stdout.flush()
     sys.stderr.flush()
     # No process-group teardown: every rank is leaving, and destroying a gloo group while a
@@ -66,7 +70,7 @@ def serve(run, args, platform) -> int:
     os._exit(code)
 
 
-def _follow(coordinator: Coordinator, stop: threading.Event) -> int:
+def _follow(coordinator: Coordinator, stop: threading.Event, grace_s: float) -> int:
     failed: list[BaseException] = []
 
     def loop():
@@ -80,7 +84,9 @@ def _follow(coordinator: Coordinator, stop: threading.Event) -> int:
     thread = threading.Thread(target=loop, name="follower", daemon=True)
     thread.start()
     stop.wait()  # a signal, or the loop ended (SHUTDOWN / failure)
-    thread.join(GRACE_S)  # on a signal, rank 0 normally sends SHUTDOWN right away
+    # On a signal (torchrun sends it to every rank at once) keep following while rank 0
+    # answers its open requests: it broadcasts SHUTDOWN when done.
+    thread.join(grace_s)
     return 1 if failed else 0
 
 
@@ -92,12 +98,13 @@ def _lead(
     from megatron.early_exit.server.protocol import TextCodec
     from megatron.early_exit.server.service import GenerationService
 
-    def run_batch(requests, on_token=None):
+    def run_batch(requests, on_token=None, cancelled=None):
         listener[0] = on_token
+        listener[1] = cancelled if coordinator.world_size == 1 else None
         try:
             return coordinator.run(Command(GENERATE, [r.to_dict() for r in requests]))
         finally:
-            listener[0] = None
+            listener[0] = listener[1] = None
 
     metrics = ServerMetrics()
     service = GenerationService(
@@ -118,15 +125,43 @@ def _lead(
         eos=engine.eos,
         model_name=args.model_name or os.path.basename(os.path.normpath(run.checkpoint.load)),
     )
+    from megatron.early_exit.errors import ConfigError
+    from megatron.early_exit.server.chat import ChatTemplate, load_chat_template
+
+    def special(token_id):
+        try:
+            return None if token_id is None else engine.detokenize([token_id])
+        except Exception:  # a tokenizer that cannot show it: the template gets ""
+            return None
+
+    try:
+        source = load_chat_template(run.data.tokenizer_model, args.chat_template)
+        template = source and ChatTemplate(source, special(getattr(tok, "bos", None)),
+                                           special(engine.eos))  # fmt: skip
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        coordinator.shutdown()
+        return 1
     ctx = ServerContext(
         service,
         codec,
         metrics,
         world_size=coordinator.world_size,
         request_timeout_s=args.request_timeout,
+        api_key=args.api_key,
+        allowed_hosts=args.hosts(),
+        max_body_bytes=args.max_body_bytes,
+        chat_template=template or None,
     )
     try:
-        server = make_server(ctx, args.host, args.port)
+        server = make_server(
+            ctx,
+            args.host,
+            args.port,
+            limit_concurrency=args.limit_concurrency,
+            timeout_keep_alive=args.timeout_keep_alive,
+            timeout_request_read=args.timeout_request_read,
+        )
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         coordinator.shutdown()
@@ -140,8 +175,9 @@ def _lead(
         flush=True,
     )
     stop.wait()
-    print("shutting down", flush=True)
-    server.shutdown()
+    print(f"shutting down (answering open requests, {args.shutdown_grace} s at most)", flush=True)
+    service.drain(args.shutdown_grace)  # every open request gets its answer or a 503
+    server.shutdown(timeout_s=GRACE_S)  # uvicorn sends what is left and closes
     server.server_close()
-    service.stop(timeout_s=GRACE_S)
+    service.stop(timeout_s=GRACE_S)  # the worker's on_stop broadcasts SHUTDOWN
     return 0

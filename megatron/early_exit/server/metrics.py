@@ -6,6 +6,34 @@ import threading
 from collections import defaultdict
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+class Histogram:
+    """A Prometheus histogram (cumulative buckets, sum, count); callers hold the lock."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        i = next((k for k, b in enumerate(self.buckets) if value <= b), -1)
+        self.counts[i] += 1
+        self.sum += value
+        self.count += 1
+
+    def render(self, name: str, help_text: str) -> list[str]:
+        out = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        cumulative = 0
+        for bound, n in zip(self.buckets, self.counts):
+            cumulative += n
+            out.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
+        out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
+        out.append(f"{name}_sum {round(self.sum, 6)}")
+        out.append(f"{name}_count {self.count}")
+        return out
 
 
 class ServerMetrics:
@@ -27,6 +55,24 @@ class ServerMetrics:
         self._latency_sum = 0.0
         self._latency_count = 0
         self.queue_depth = 0
+        self.running_batch_size = 0
+        self.cancelled = 0
+        self.drafted_tokens = 0
+        self.accepted_tokens = 0
+        self.ttft = Histogram(TOKEN_BUCKETS)  # submit -> first token, per request
+        self.itl = Histogram(TOKEN_BUCKETS)  # between consecutive tokens of a request
+
+    def observe_token(self, ttft_s: float | None, itl_s: float | None) -> None:
+        with self._lock:
+            if ttft_s is not None:
+                self.ttft.observe(ttft_s)
+            if itl_s is not None:
+                self.itl.observe(itl_s)
+
+    def observe_drafts(self, drafted: int, accepted: int) -> None:
+        with self._lock:
+            self.drafted_tokens += drafted
+            self.accepted_tokens += accepted
 
     def observe_request(self, endpoint: str, status: int, latency_s: float) -> None:
         with self._lock:
@@ -137,6 +183,42 @@ class ServerMetrics:
                 "gauge",
                 "Requests waiting for the model.",
                 [("", self.queue_depth)],
+            )
+            metric(
+                "ee_running_batch_size",
+                "gauge",
+                "Sequences in the batch the model is running now.",
+                [("", self.running_batch_size)],
+            )
+            metric(
+                "ee_cancelled_requests_total",
+                "counter",
+                "Requests cancelled (client gone or timed out).",
+                [("", self.cancelled)],
+            )
+            metric(
+                "ee_draft_tokens_total",
+                "counter",
+                "self_speculative: drafted and accepted tokens.",
+                [('{kind="drafted"}', self.drafted_tokens),
+                 ('{kind="accepted"}', self.accepted_tokens)],
+            )  # fmt: skip
+            rate = self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+            metric(
+                "ee_draft_acceptance_ratio",
+                "gauge",
+                "self_speculative: accepted / drafted tokens (all batches so far).",
+                [("", round(rate, 4))],
+            )
+            out.extend(
+                self.ttft.render(
+                    "ee_time_to_first_token_seconds", "Request submitted to its first token."
+                )
+            )
+            out.extend(
+                self.itl.render(
+                    "ee_inter_token_latency_seconds", "Time between consecutive tokens."
+                )
             )
             out.append("# HELP ee_request_latency_seconds End-to-end request latency.")
             out.append("# TYPE ee_request_latency_seconds histogram")

@@ -12,6 +12,7 @@ from functools import lru_cache
 from pydantic.json_schema import models_json_schema
 
 from megatron.early_exit.server.schemas import (
+    ChatCompletionRequest,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
@@ -30,6 +31,9 @@ def _json_body(name: str) -> dict:
 def _errors(*codes: int) -> dict:
     text = {
         400: "invalid request (malformed JSON, wrong type, out of range, too long, unknown exit)",
+        401: "API key missing or wrong (server started with --api-key)",
+        413: "body larger than --max-body-bytes",
+        415: "body is not application/json",
         500: "generation failed on some rank (message names it); the server keeps serving",
         503: "queue full or shutting down",
         504: "generation timed out",
@@ -42,6 +46,7 @@ def openapi_spec() -> dict:
     models = [
         (MegatronRequest, "validation"),
         (CompletionRequest, "validation"),
+        (ChatCompletionRequest, "validation"),
         (MegatronResponse, "serialization"),
         (CompletionResponse, "serialization"),
         (ErrorResponse, "serialization"),
@@ -73,7 +78,7 @@ def openapi_spec() -> dict:
                     "requestBody": {"required": True, **_json_body("MegatronRequest")},
                     "responses": {
                         "200": {"description": "generated text", **_json_body("MegatronResponse")},
-                        **_errors(400, 500, 503, 504),
+                        **_errors(400, 401, 413, 415, 500, 503, 504),
                     },
                 }
             },
@@ -84,7 +89,23 @@ def openapi_spec() -> dict:
                     "requestBody": {"required": True, **_json_body("CompletionRequest")},
                     "responses": {
                         "200": {"description": "completion", **completion_ok},
-                        **_errors(400, 500, 503, 504),
+                        **_errors(400, 401, 413, 415, 500, 503, 504),
+                    },
+                }
+            },
+            "/v1/chat/completions": {
+                "post": {
+                    "summary": "OpenAI-compatible chat completions (the tokenizer's chat "
+                    "template; + early_exit extension)",
+                    "operationId": "createChatCompletion",
+                    "requestBody": {"required": True, **_json_body("ChatCompletionRequest")},
+                    "responses": {
+                        "200": {
+                            "description": "chat.completion, or chat.completion.chunk SSE "
+                            "events with stream=true",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        },
+                        **_errors(400, 401, 413, 415, 500, 503, 504),
                     },
                 }
             },
@@ -95,6 +116,29 @@ def openapi_spec() -> dict:
                     "responses": {
                         "200": {"description": "healthy", **_json_body("HealthResponse")},
                         "503": {"description": "degraded", **_json_body("HealthResponse")},
+                    },
+                }
+            },
+            "/ready": {
+                "get": {
+                    "summary": "readiness: live and accepting (503 while shutting down)",
+                    "operationId": "ready",
+                    "responses": {
+                        "200": {"description": "ready", **_json_body("HealthResponse")},
+                        "503": {"description": "not ready", **_json_body("HealthResponse")},
+                    },
+                }
+            },
+            "/v1/models": {
+                "get": {
+                    "summary": "the served model",
+                    "operationId": "listModels",
+                    "responses": {
+                        "200": {
+                            "description": "OpenAI model list",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        },
+                        **_errors(401),
                     },
                 }
             },
@@ -111,7 +155,11 @@ def openapi_spec() -> dict:
                 }
             },
         },
-        "components": {"schemas": schemas},
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{}, {"bearer": []}],  # optional: only with --api-key
     }
 
 

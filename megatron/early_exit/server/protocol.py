@@ -28,6 +28,11 @@ from megatron.early_exit.server.schemas import (
     MegatronRequest,
 )
 
+# Characters one token can cover at most, as a cheap bound applied before tokenizing: a
+# prompt longer than context * this cannot fit (GPT-2/SmolLM2-style BPE tokens are at most a
+# few dozen characters; the real length check on token ids follows tokenizing).
+CHARS_PER_TOKEN_BOUND = 64
+
 
 @dataclass
 class TextCodec:
@@ -40,7 +45,17 @@ class TextCodec:
     model_name: str = "early-exit-gpt"
     eos: int | None = None  # the engine's EOS: a streamed EOS token is held back, never shown
 
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.limits.max_sequence_length * CHARS_PER_TOKEN_BOUND
+
     def encode_prompt(self, text: str, add_bos: bool) -> list[int]:
+        if len(text) > self.max_prompt_chars:  # O(1): refused before any tokenizer work
+            raise InferenceError(
+                f"prompt has {len(text)} characters; the model's context of "
+                f"{self.limits.max_sequence_length} tokens holds at most "
+                f"{self.max_prompt_chars} ({CHARS_PER_TOKEN_BOUND} per token)"
+            )
         try:
             ids = list(self.tokenize(text))
         except ValueError as exc:  # TokenizerError and friends: the text is the problem
@@ -158,7 +173,7 @@ def completion_requests(req: CompletionRequest, codec: TextCodec) -> list[Genera
     seed = req.seed if req.seed is not None else _random_seed()
     out = [
         GenerationRequest(
-            prompt_token_ids=codec.encode_prompt(p, add_bos=False),
+            prompt_token_ids=codec.encode_prompt(p, add_bos=False) if isinstance(p, str) else p,
             sampling=SamplingParams(
                 max_new_tokens=req.max_tokens,
                 temperature=req.temperature,
@@ -166,12 +181,21 @@ def completion_requests(req: CompletionRequest, codec: TextCodec) -> list[Genera
                 seed=seed,
                 stop_sequences=req.stops(),
                 logprobs=req.logprobs is not None,
+                # real alternatives and prompt scores come from a full-model scoring pass
+                # after decoding (inference/scoring.py); a stream does not send them
+                top_logprobs=0 if req.stream else (req.logprobs or 0),
+                prompt_logprobs=req.logprobs if req.echo and not req.stream else None,
             ),
             early_exit=_early_exit_params(req.early_exit),
         )
         for p in req.prompts()
     ]
     return _checked(out, codec.limits)
+
+
+def prompt_texts(req: CompletionRequest, codec: TextCodec) -> list[str]:
+    """The prompts as text (token-id prompts decoded), for echo."""
+    return [p if isinstance(p, str) else codec.decode(p) for p in req.prompts()]
 
 
 @dataclass
@@ -195,21 +219,34 @@ def _visible(req: CompletionRequest, prompt: str, r: GenerationResult, codec) ->
     return _Choice(text=prefix + text, prefix=prefix, token_ids=ids, result=r)
 
 
-def _logprobs_block(choice: _Choice, codec: TextCodec) -> dict:
+def _logprobs_block(choice: _Choice, codec: TextCodec, prompt_ids: list[int]) -> dict:
+    """OpenAI's legacy block. With echo: the prompt tokens first (the first one's logprob is
+    null). top_logprobs: the k most likely tokens of the full model at each position, or,
+    where none were computed (logprobs 0, streams), the chosen token alone."""
     r = choice.result
     tokens = [codec.decode([t]) for t in choice.token_ids]
-    lps = list(r.logprobs or [])[: len(tokens)]
+    lps: list[float | None] = list(r.logprobs or [])[: len(tokens)]
     lps += [None] * (len(tokens) - len(lps))
-    offsets, pos = [], len(choice.prefix)
+    tops: list[dict | None] = [{t: lp} if lp is not None else None for t, lp in zip(tokens, lps)]
+    if r.top_logprobs:
+        tops = [_named(d, codec) for d in r.top_logprobs[: len(tokens)]]
+    pos = 0
+    if r.prompt_logprobs is not None:
+        ptoks = [codec.decode([t]) for t in prompt_ids]
+        tokens, lps = ptoks + tokens, list(r.prompt_logprobs) + lps
+        ptops = r.prompt_top_logprobs or [None] * len(ptoks)
+        tops = [_named(d, codec) if d else None for d in ptops] + tops
+    else:
+        pos = len(choice.prefix)
+    offsets = []
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
-    return {
-        "tokens": tokens,
-        "token_logprobs": lps,
-        "top_logprobs": [{t: lp} if lp is not None else None for t, lp in zip(tokens, lps)],
-        "text_offset": offsets,
-    }
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _named(d: dict[int, float] | None, codec: TextCodec) -> dict[str, float] | None:
+    return None if d is None else {codec.decode([t]): lp for t, lp in d.items()}
 
 
 def _finish(r: GenerationResult) -> str:
@@ -224,13 +261,15 @@ def completion_response(
     request_id: str | None = None,
 ) -> dict:
     choices = []
-    for i, (p, r) in enumerate(zip(req.prompts(), results)):
+    for i, (p, r) in enumerate(zip(prompt_texts(req, codec), results)):
         c = _visible(req, p, r, codec)
         choices.append(
             {
                 "text": c.text,
                 "index": i,
-                "logprobs": _logprobs_block(c, codec) if req.logprobs is not None else None,
+                "logprobs": _logprobs_block(c, codec, gen[i].prompt_token_ids)
+                if req.logprobs is not None
+                else None,
                 "finish_reason": _finish(r),
                 "exit_layers": list(r.exit_layers),
                 "token_ids": list(r.token_ids),
@@ -268,7 +307,7 @@ class CompletionStreamer:
         self.req, self.gen, self.codec = req, gen, codec
         self.rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
-        self.prompts = req.prompts()
+        self.prompts = prompt_texts(req, codec)
         self.stops = req.stops()
         n = len(self.prompts)
         self.prefix = [p if req.echo else "" for p in self.prompts]

@@ -19,6 +19,11 @@ MAX_PROMPT_CHARS = 200_000  # a cheap bound before tokenizing; the token bound i
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+# OpenAI also takes prompts as token ids (lm-evaluation-harness sends them); ids are checked
+# against the vocabulary and the context by the engine's validation
+TokenIds = Annotated[
+    list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+]
 StopSeq = Annotated[str, Field(min_length=1, max_length=1000)]
 ExitLayer = Annotated[int, Field(ge=1, le=100_000)]
 
@@ -102,8 +107,8 @@ class CompletionRequest(BaseModel):
 
     model_config = _STRICT
 
-    prompt: Prompt | list[Prompt] = Field(
-        ..., description="a prompt or a list of 1-128 prompts (text only)"
+    prompt: Prompt | list[Prompt] | TokenIds | list[TokenIds] = Field(
+        ..., description="a prompt or a list of 1-128 prompts (text, or token ids)"
     )
     model: str | None = Field(None, max_length=256, description="informational")
     max_tokens: int = Field(16, ge=0, le=1_000_000)
@@ -112,7 +117,13 @@ class CompletionRequest(BaseModel):
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = Field(None, ge=0, le=5, description="log-probability of each token")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="log-probability of each token and its k most likely alternatives "
+        "(full model); with echo, also of the prompt tokens (the first: null)",
+    )
     echo: bool = False
     stop: StopSeq | list[StopSeq] | None = Field(None)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
@@ -124,14 +135,18 @@ class CompletionRequest(BaseModel):
 
     @model_validator(mode="after")
     def _limits(self):
-        if isinstance(self.prompt, list) and not 1 <= len(self.prompt) <= MAX_PROMPTS:
+        if isinstance(self.prompt, list) and not 1 <= len(self.prompts()) <= MAX_PROMPTS:
             raise ValueError(f"prompt list must hold 1 to {MAX_PROMPTS} prompts")
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         return self
 
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]  # type: ignore[list-item]
+        return list(p)
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -145,6 +160,53 @@ class StreamOptions(BaseModel):
 
 
 CompletionRequest.model_rebuild()
+
+
+class TextPart(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+    text: str = Field(..., max_length=MAX_PROMPT_CHARS)
+
+
+class ChatMessage(BaseModel):
+    model_config = _STRICT
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | list[TextPart]
+    name: str | None = Field(None, max_length=256)
+
+    def plain(self) -> dict:
+        """The message as the chat template sees it (text parts joined)."""
+        content = self.content
+        if not isinstance(content, str):
+            content = "".join(p.text for p in content)
+        out = {"role": self.role, "content": content}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class ChatCompletionRequest(BaseModel):
+    """POST /v1/chat/completions: the OpenAI chat request plus `early_exit`."""
+
+    model_config = _STRICT
+
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=1024)
+    model: str | None = Field(None, max_length=256, description="informational")
+    max_tokens: int | None = Field(None, ge=0, le=1_000_000)
+    max_completion_tokens: int | None = Field(None, ge=0, le=1_000_000)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: Literal[1] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=0, description="only 0 is supported")
+    stop: StopSeq | list[StopSeq] | None = Field(None)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="only 0 is supported")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="only 0 is supported")
+    user: str | None = Field(None, max_length=256)
+    early_exit: EarlyExitOptions | None = None
 
 
 # ---- responses (documentation: the server builds plain dicts of these shapes) ----
@@ -213,6 +275,6 @@ class ErrorResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok", "degraded"]
+    status: Literal["ok", "degraded", "stopping"]
     world_size: int
     queue_depth: int

@@ -12,28 +12,41 @@ Streaming: a job may carry `on_token`; the worker then passes the engine a liste
 routes each `TokenEvent` to its job (index renumbered within the job) while the batch runs.
 If a failed batch is retried job by job, tokens a job already got are not sent again (the
 retry is deterministic: every request carries its seed).
+
+Cancellation (`cancel(future)`: the client went away or timed out): a queued job is dropped
+before it runs; in a running batch its sequences stop at the next decode step when the
+engine takes a `cancelled(index)` hook (run_batch(..., cancelled=...); the server passes it
+on where every rank can agree, see launch.py), the other sequences go on.
+
+Health: `healthy` turns False when a batch or an idle PING fails other than by a rank's
+reported exception (a collective timed out or broke: some rank is unreachable), and True
+again on the next command that succeeds. `drain` (SIGTERM) stops accepting, waits for the
+queued and running jobs, and answers what is left after the grace period with 503.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field
 
 from megatron.early_exit.inference.api import (
     GenerationRequest,
     GenerationResult,
+    InferenceError,
     OnToken,
     TokenEvent,
 )
 from megatron.early_exit.server.coordinator import CommandError
 from megatron.early_exit.server.metrics import ServerMetrics
 
-# run_batch(requests) or, when some job streams, run_batch(requests, on_token=listener)
+# run_batch(requests, on_token=listener, cancelled=hook): the listener times tokens and
+# feeds streaming jobs; hook(index) is True once that request was cancelled
 RunBatch = Callable[..., list[GenerationResult]]
 
 
@@ -45,15 +58,22 @@ class ServiceStopped(RuntimeError):
     pass
 
 
+class Cancelled(RuntimeError):
+    """The job was cancelled before it ran (its client is gone)."""
+
+
 @dataclass
 class _Job:
     requests: list[GenerationRequest]
     future: Future = field(default_factory=Future)
     on_token: OnToken | None = None  # TokenEvent.index is the request's index in this job
     delivered: list[int] = field(default_factory=list)  # tokens sent per request
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
         self.delivered = [0] * len(self.requests)
+        self.future.ee_job = self  # type: ignore[attr-defined]  (GenerationService.cancel)
 
     def key(self) -> tuple:
         return tuple(sorted(asdict(self.requests[0].early_exit).items(), key=str))
@@ -80,7 +100,9 @@ class GenerationService:
         self._queue: deque[_Job] = deque()
         self._cv = threading.Condition()
         self._stopping = False
+        self._draining = False
         self.healthy = True
+        self._running: list[_Job] = []
         self._thread = threading.Thread(target=self._loop, name="model-worker", daemon=True)
 
     def start(self) -> GenerationService:
@@ -96,6 +118,47 @@ class GenerationService:
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def running_size(self) -> int:
+        return sum(len(j.requests) for j in self._running)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def accepting(self) -> bool:
+        return not (self._stopping or self._draining)
+
+    def cancel(self, future: Future) -> None:
+        """Stop the job behind `future` (a no-op once it is done)."""
+        job = getattr(future, "ee_job", None)
+        if job is None or future.done():
+            return
+        job.cancelled.set()
+        with self._cv:
+            self.metrics.cancelled += 1
+            if job in self._queue:
+                self._queue.remove(job)
+                self.metrics.queue_depth = len(self._queue)
+                _fail(job, Cancelled("request cancelled"))
+
+    def drain(self, grace_s: float) -> None:
+        """Stop accepting; wait up to `grace_s` for queued and running jobs; answer the
+        rest with 503 (ServiceStopped) and cancel them. The worker then stops."""
+        deadline = time.monotonic() + grace_s
+        with self._cv:
+            self._draining = True
+            while (self._queue or self._running) and time.monotonic() < deadline:
+                self._cv.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            left = list(self._queue) + list(self._running)
+            self._queue.clear()
+            self._stopping = True
+            self._cv.notify_all()
+        for job in left:
+            job.cancelled.set()
+            _fail(job, ServiceStopped("server is shutting down"))
 
     def submit(
         self,
@@ -115,7 +178,7 @@ class GenerationService:
         """Queue a job; `on_token` is called from the worker thread (keep it quick)."""
         job = _Job(requests, on_token=on_token)
         with self._cv:
-            if self._stopping:
+            if self._stopping or self._draining:
                 raise ServiceStopped("server is shutting down")
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"request queue is full ({self.max_queue} waiting)")
@@ -137,6 +200,7 @@ class GenerationService:
                 return None
             first = self._queue.popleft()
             jobs, size = [first], len(first.requests)
+            self._running = jobs
             for job in list(self._queue):
                 if size + len(job.requests) > self.max_batch_size:
                     continue
@@ -157,33 +221,45 @@ class GenerationService:
                     if self.idle is not None:
                         self._guard(self.idle)
                     continue
-                self._serve(jobs)
+                try:
+                    self._serve(jobs)
+                finally:
+                    with self._cv:
+                        self._running = []
+                        self._cv.notify_all()
         finally:
             with self._cv:
                 self._stopping = True
                 left = list(self._queue)
                 self._queue.clear()
             for job in left:
-                job.future.set_exception(ServiceStopped("server is shutting down"))
+                _fail(job, ServiceStopped("server is shutting down"))
             if self.on_stop is not None:
                 self._guard(self.on_stop)
 
     def _guard(self, fn: Callable[[], None]) -> None:
         try:
             fn()
+            self.healthy = True
         except Exception:
             self.healthy = False
 
-    @staticmethod
-    def _listener(jobs: list[_Job]) -> OnToken | None:
-        """Route engine events (index into the whole batch) to the jobs that stream."""
-        if not any(job.on_token is not None for job in jobs):
-            return None
+    def _listener(self, jobs: list[_Job]) -> OnToken:
+        """Route engine events (index into the whole batch) to the jobs that stream, and
+        time every token (TTFT, inter-token latency)."""
         owner = [(job, k) for job in jobs for k in range(len(job.requests))]
         seen = [0] * len(owner)  # this attempt's tokens per request
+        last: list[float | None] = [None] * len(owner)
+        metrics = self.metrics
 
         def on_token(ev: TokenEvent) -> None:
             job, k = owner[ev.index]
+            now = time.perf_counter()
+            prev, last[ev.index] = last[ev.index], now
+            if prev is None:
+                metrics.observe_token(now - job.submitted, None)
+            else:
+                metrics.observe_token(None, now - prev)
             seen[ev.index] += 1
             if job.on_token is None or seen[ev.index] <= job.delivered[k]:
                 return  # a retry re-generating tokens the client already has
@@ -193,48 +269,79 @@ class GenerationService:
         return on_token
 
     def _run(
-        self, requests: list[GenerationRequest], on_token: OnToken | None = None
+        self,
+        requests: list[GenerationRequest],
+        on_token: OnToken | None = None,
+        cancelled: Callable[[int], bool] | None = None,
     ) -> list[GenerationResult]:
         out: list[GenerationResult] = []
-        for i in range(0, len(requests), self.max_batch_size):
-            chunk = requests[i : i + self.max_batch_size]
-            t0 = time.perf_counter()
-            if on_token is None:
-                results = self.run_batch(chunk)
-            else:
+        for off in range(0, len(requests), self.max_batch_size):
+            chunk = requests[off : off + self.max_batch_size]
+            kwargs: dict = {}
+            if on_token is not None:
 
-                def shifted(ev: TokenEvent, off: int = i) -> None:
+                def shifted(ev: TokenEvent, off: int = off) -> None:
                     on_token(ev._replace(index=ev.index + off))
 
-                results = self.run_batch(chunk, on_token=shifted)
+                kwargs["on_token"] = shifted
+            if cancelled is not None:
+                kwargs["cancelled"] = lambda k, off=off: cancelled(k + off)
+            t0 = time.perf_counter()
+            self.metrics.running_batch_size = len(chunk)
+            try:
+                results = self.run_batch(chunk, **kwargs)
+            finally:
+                self.metrics.running_batch_size = 0
             elapsed = time.perf_counter() - t0
             layers = [layer for r in results for layer in r.exit_layers]
             prompt = sum(len(r.prompt_token_ids) for r in chunk)
             self.metrics.observe_batch(len(chunk), prompt, layers, elapsed)
+            self.metrics.observe_drafts(
+                sum(r.stats.drafted_tokens for r in results),
+                sum(r.stats.accepted_tokens for r in results),
+            )
             out.extend(results)
         return out
+
+    @staticmethod
+    def _cancel_hook(jobs: list[_Job]) -> Callable[[int], bool]:
+        flags = [job.cancelled for job in jobs for _ in job.requests]
+        return lambda index: flags[index].is_set()
 
     def _serve(self, jobs: list[_Job]) -> None:
         requests = [r for job in jobs for r in job.requests]
         try:
-            results = self._run(requests, self._listener(jobs))
-        except CommandError as exc:
+            results = self._run(requests, self._listener(jobs), self._cancel_hook(jobs))
+            self.healthy = True
+        except CommandError as exc:  # the ranks answered: they are reachable
+            self.healthy = True
             if len(jobs) > 1 and exc.client_error:
                 for job in jobs:  # find the offending job; the others still get answers
                     self._serve([job])
                 return
             for job in jobs:
-                job.future.set_exception(exc)
+                _fail(job, exc)
             return
-        except Exception as exc:  # single-process engines raise directly
+        except InferenceError as exc:  # single-process engines raise directly
             if len(jobs) > 1:
                 for job in jobs:
                     self._serve([job])
                 return
-            jobs[0].future.set_exception(exc)
+            _fail(jobs[0], exc)
+            return
+        except Exception as exc:  # a collective failed or timed out: some rank is unreachable
+            self.healthy = False
+            for job in jobs:
+                _fail(job, exc)
             return
         pos = 0
         for job in jobs:
             n = len(job.requests)
-            job.future.set_result(results[pos : pos + n])
+            with contextlib.suppress(InvalidStateError):  # drain may have answered it already
+                job.future.set_result(results[pos : pos + n])
             pos += n
+
+
+def _fail(job: _Job, exc: BaseException) -> None:
+    with contextlib.suppress(InvalidStateError):  # drain or cancel may have answered it already
+        job.future.set_exception(exc)
