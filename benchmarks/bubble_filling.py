@@ -23,18 +23,15 @@ import sys
 import tempfile
 import time
 
+from megatron.early_exit.cli import add_results_args
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 NPROC = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    # Committed results are only replaced on request (--write-results); both set args.out.
-    p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "outputs", "benchmarks"),
-                   help="results folder (default: outputs/benchmarks)")  # fmt: skip
-    p.add_argument("--write-results", dest="out", action="store_const",
-                   const=os.path.join(HERE, "results"),
-                   help="write into the committed benchmarks/results/ instead")  # fmt: skip
+    add_results_args(p, HERE)
     p.add_argument("--num-layers", type=int, default=8)
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--num-attention-heads", type=int, default=8)

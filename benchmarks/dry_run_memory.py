@@ -17,6 +17,8 @@ import json
 import os
 import sys
 
+from megatron.early_exit.cli import add_results_args
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
@@ -52,12 +54,7 @@ def estimate(model: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    # Committed results are only replaced on request (--write-results); both set args.out.
-    p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "outputs", "benchmarks"),
-                   help="results folder (default: outputs/benchmarks)")  # fmt: skip
-    p.add_argument("--write-results", dest="out", action="store_const",
-                   const=os.path.join(HERE, "results"),
-                   help="write into the committed benchmarks/results/ instead")  # fmt: skip
+    add_results_args(p, HERE)
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
     import warnings

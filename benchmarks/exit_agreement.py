@@ -26,6 +26,8 @@ import argparse
 import json
 import os
 
+from megatron.early_exit.cli import add_results_args
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 THRESHOLDS = (0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
@@ -35,12 +37,7 @@ DRAFT_LENGTHS = (1, 2, 3, 4, 6, 8)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--load", required=True, help="checkpoint with exits (ee_args.json)")
-    # Committed results are only replaced on request (--write-results); both set args.out.
-    p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "outputs", "benchmarks"),
-                   help="results folder (default: outputs/benchmarks)")  # fmt: skip
-    p.add_argument("--write-results", dest="out", action="store_const",
-                   const=os.path.join(HERE, "results"),
-                   help="write into the committed benchmarks/results/ instead")  # fmt: skip
+    add_results_args(p, HERE)
     p.add_argument("--name", default="exit_agreement")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=32)

@@ -31,12 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--load", required=True, help="checkpoint with exits (ee_args.json)")
     p.add_argument("--hf-dir", default=None, help="the same weights as a HF folder")
-    # Committed results are only replaced on request (--write-results); both set args.out.
-    p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "outputs", "benchmarks"),
-                   help="results folder (default: outputs/benchmarks)")  # fmt: skip
-    p.add_argument("--write-results", dest="out", action="store_const",
-                   const=os.path.join(HERE, "results"),
-                   help="write into the committed benchmarks/results/ instead")  # fmt: skip
+    from megatron.early_exit.cli import add_results_args  # the parent process stays light
+
+    add_results_args(p, HERE)
     p.add_argument("--name", default="inference_early_exit")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=32)

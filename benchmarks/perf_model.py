@@ -77,6 +77,7 @@ def paper_run(model: str, nnodes: int):
 # ============================================================ FLOPs
 # The per-stage FLOP model lives in the package (megatron/early_exit/perf_model.py), where
 # --dry-run uses it too.
+from megatron.early_exit.cli import add_results_args  # noqa: E402
 from megatron.early_exit.perf_model import StageCost, stage_costs  # noqa: E402
 
 
@@ -429,12 +430,7 @@ def plot(results: list[dict], rho: float, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    # Committed results are only replaced on request (--write-results); both set args.out.
-    p.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "outputs", "benchmarks"),
-                   help="results folder (default: outputs/benchmarks)")  # fmt: skip
-    p.add_argument("--write-results", dest="out", action="store_const",
-                   const=os.path.join(HERE, "results"),
-                   help="write into the committed benchmarks/results/ instead")  # fmt: skip
+    add_results_args(p, HERE)
     p.add_argument("--rho", type=float, default=2.0, help="backward/forward time ratio")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)

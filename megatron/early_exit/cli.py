@@ -11,6 +11,8 @@ optional GPU accelerators (platform/accelerators.py).
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -38,3 +40,21 @@ def run_cli(main: Callable[[], int | None]) -> int:
 
 
 __all__ = ["quiet_startup", "run_cli"]
+
+
+def add_results_args(parser: argparse.ArgumentParser, benchmarks_dir: str) -> None:
+    """`--out DIR` (default outputs/benchmarks/) and `--write-results` (the committed
+    benchmarks/results/): a benchmark replaces committed figures only when asked to."""
+    repo = os.path.dirname(os.path.abspath(benchmarks_dir))
+    parser.add_argument(
+        "--out",
+        default=os.path.join(repo, "outputs", "benchmarks"),
+        help="results folder (default: outputs/benchmarks)",
+    )
+    parser.add_argument(
+        "--write-results",
+        dest="out",
+        action="store_const",
+        const=os.path.join(benchmarks_dir, "results"),
+        help="write into the committed benchmarks/results/ instead",
+    )
