@@ -16,6 +16,13 @@ setup(
         "psutil",
         "packaging",
         "tensorboard",
+        "tokenizers",
+        "tqdm",
+        # generation server
+        "pydantic",
+        "starlette",
+        "uvicorn",
+        "jinja2",
     ],
     extras_require={
         # Optional GPU accelerators; used only when they import and work (platform layer).
