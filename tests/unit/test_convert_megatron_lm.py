@@ -170,6 +170,14 @@ def test_bad_or_partial_checkpoints_are_refused_and_nothing_is_written(world, tm
         with pytest.raises(ConversionError, match=message.replace(".", r"\.")):
             megatron_lm_to_megatron(str(src), str(out))
         assert not out.exists() and not list(tmp_path.glob(f"out{i}*")), label
+    # A tokenizer folder without a tokenizer: refused after the weights were staged.
+    (tmp_path / "no-tokenizer").mkdir()
+    with pytest.raises(ConversionError, match="has no tokenizer.json"):
+        megatron_lm_to_megatron(
+            str(_fixture(tmp_path / "tok")), str(tmp_path / "out-tok"),
+            hf_tokenizer=str(tmp_path / "no-tokenizer"),
+        )  # fmt: skip
+    assert not list(tmp_path.glob("out-tok*"))
 
 
 def test_cli_gives_one_error_line_and_exit_code_2(tmp_path):
