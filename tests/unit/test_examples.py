@@ -326,3 +326,27 @@ def test_llama3_recipe_needs_inputs_unless_dry_run(tmp_path):
     )
     assert proc.returncode == 2 and proc.stderr.startswith("error: set HF"), proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_llama3_recipe_converts_adds_exits_and_tunes(tmp_path):
+    """The real path, with a stand-in interpreter: the three steps get the right arguments."""
+    env = _env(
+        SIZE="8b", OUT=str(tmp_path / "out"), HF="/models/llama", DATA_PATH="/data/d", TP="2"
+    )
+    env.pop("DRY_RUN")
+    calls = _capture_launch(tmp_path, ROOT / "examples" / "ee_tuning" / "llama3.sh", env)
+    assert [argv[0] for _, argv in calls] == [
+        "tools/checkpoint/hf_to_megatron.py",
+        "tools/checkpoint/add_exits.py",
+        "-m",
+    ]
+    convert, exits, tune = (argv for _, argv in calls)
+    assert convert[convert.index("--hf-dir") + 1] == "/models/llama"
+    assert exits[exits.index("--exit-layer-nums") + 1 : exits.index("--use-exit-norm")] == [
+        "8",
+        "16",
+        "24",
+    ]
+    assert "--tune-exit" in tune and tune[tune.index("--load") + 1].endswith("out/with-exits")
+    assert tune[tune.index("--nproc-per-node") + 1] == "2"
+    assert tune[tune.index("--tensor-model-parallel-size") + 1] == "2"
