@@ -282,3 +282,71 @@ def test_perf_model_simulator_reproduces_textbook_1f1b(stages, m):
     free, _, more = pm.max_free_fills(pipe, max(m, 2 * stages), "warmup", 1)
     assert free == int((stages - 1) * rho // (1 + rho))
     assert more > 0
+
+
+@pytest.mark.parametrize(
+    "size, env, backbone, layout",
+    [
+        # Published parameter counts of Llama-3.2-1B (tied) and Llama-3.1-8B (untied).
+        ("1b", {}, 1_235_814_400, [(1, 16, [4, 8, 12])]),
+        (
+            "8b",
+            {"TP": "2", "PP": "2", "GPUS": "8"},
+            8_030_261_248,
+            [(1, 16, [8, 16]), (17, 32, [24])],
+        ),
+    ],
+)
+def test_llama3_ee_tuning_recipe_dry_run(size, env, backbone, layout, tmp_path):
+    """examples/ee_tuning/llama3.sh validates the tuning run at the real Llama 3 shapes."""
+    proc = subprocess.run(
+        ["bash", str(ROOT / "examples" / "ee_tuning" / "llama3.sh")],
+        env=_env(SIZE=size, OUT=str(tmp_path / "out"), **env),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = _layout_from_stdout(proc.stdout, f"llama3 {size}")
+    assert got["params_backbone"] == backbone
+    assert got["padded_vocab_size"] == 128256
+    stages = [(s["first_layer"], s["last_layer"], s["exit_layers"]) for s in got["stages"]]
+    assert stages == layout
+
+
+def test_llama3_recipe_needs_inputs_unless_dry_run(tmp_path):
+    env = _env(OUT=str(tmp_path / "out"))
+    env.pop("DRY_RUN")
+    proc = subprocess.run(
+        ["bash", str(ROOT / "examples" / "ee_tuning" / "llama3.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith("error: set HF"), proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_llama3_recipe_converts_adds_exits_and_tunes(tmp_path):
+    """The real path, with a stand-in interpreter: the three steps get the right arguments."""
+    env = _env(
+        SIZE="8b", OUT=str(tmp_path / "out"), HF="/models/llama", DATA_PATH="/data/d", TP="2"
+    )
+    env.pop("DRY_RUN")
+    calls = _capture_launch(tmp_path, ROOT / "examples" / "ee_tuning" / "llama3.sh", env)
+    assert [argv[0] for _, argv in calls] == [
+        "tools/checkpoint/hf_to_megatron.py",
+        "tools/checkpoint/add_exits.py",
+        "-m",
+    ]
+    convert, exits, tune = (argv for _, argv in calls)
+    assert convert[convert.index("--hf-dir") + 1] == "/models/llama"
+    assert exits[exits.index("--exit-layer-nums") + 1 : exits.index("--use-exit-norm")] == [
+        "8",
+        "16",
+        "24",
+    ]
+    assert "--tune-exit" in tune and tune[tune.index("--load") + 1].endswith("out/with-exits")
+    assert tune[tune.index("--nproc-per-node") + 1] == "2"
+    assert tune[tune.index("--tensor-model-parallel-size") + 1] == "2"
