@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -278,6 +279,41 @@ def test_concurrent_load_small(env):
 @pytest.mark.slow
 def test_concurrent_load_200(env):
     _load(env["port"], 200, 8)
+
+
+def _metric(port, name) -> float:
+    text = _post(port, "GET", "/metrics", raw=b"")[1]
+    return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(name + " "))
+
+
+def test_disconnect_cancels_running_generation_on_every_rank(env):
+    """A client that leaves a running stream stops its generation on both ranks (they agree
+    per decode step): the next short request is served, and the cancelled request generated
+    far fewer than its max_tokens (counted by /metrics, no timing)."""
+    port = env["port"]
+    body = {"prompt": [PROMPTS[0]] * 4, "max_tokens": 60, "temperature": 0}  # context: 64
+    status, out = _post(port, "POST", "/v1/completions", body)
+    assert status == 200, out
+    full = out["usage"]["completion_tokens"]  # what the request makes when nobody leaves
+    tokens0 = _metric(port, "ee_generated_tokens_total")
+    cancelled0 = _metric(port, "ee_cancelled_requests_total")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}).encode(),
+                 headers={"Content-Type": "application/json"})  # fmt: skip
+    resp = conn.getresponse()
+    assert resp.status == 200
+    while not resp.readline().startswith(b"data: "):  # the generation is running
+        pass
+    conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-stream
+    conn.close()
+    status, out = _post(port, "POST", "/v1/completions",
+                        {"prompt": PROMPTS[1], "max_tokens": 2, "temperature": 0})  # fmt: skip
+    assert status == 200, out
+    assert out["choices"][0]["token_ids"] == env["greedy"][1]["token_ids"][:2]
+    # The short request ran after the long batch ended, so its tokens are counted by now.
+    assert _metric(port, "ee_cancelled_requests_total") == cancelled0 + 1
+    long_tokens = _metric(port, "ee_generated_tokens_total") - tokens0 - 2
+    assert 4 <= long_tokens < full // 2, (long_tokens, full)
 
 
 def test_sigterm_stops_every_rank(env):

@@ -529,14 +529,17 @@ def test_draft_vocab_full_size_and_counts_checks(counted):
     [{}, {"mode": "early_exit", "threshold": 0.2}, {"mode": "self_speculative"}],
     ids=["none", "early_exit", "self_speculative"],
 )
-def test_cancel_stops_a_request_at_the_next_step(engine, ee):
+@pytest.mark.parametrize("sync", [False, True], ids=["local", "sync"])
+def test_cancel_stops_a_request_at_the_next_step(engine, ee, sync):
     """`cancelled(i)` turning True stops request i right there; the batch's others go on
-    and get exactly what they get alone."""
+    and get exactly what they get alone. `cancel_sync` (the ranks' agreement, one rank
+    here) answers alike."""
     seen = []
     out = engine.generate(
         [_req(PROMPTS[0], 12, **ee), _req(PROMPTS[1], 12, **ee)],
         on_token=lambda ev: seen.append(ev.index),
         cancelled=lambda i: i == 0 and seen.count(0) >= 3,
+        cancel_sync=sync,
     )
     assert out[0].finish_reason == "cancelled" and len(out[0].token_ids) == 3
     alone = engine.generate([_req(PROMPTS[1], 12, **ee)])[0]

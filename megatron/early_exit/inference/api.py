@@ -271,6 +271,7 @@ class EngineProtocol(Protocol):
         requests: list[GenerationRequest],
         on_token: OnToken | None = None,
         cancelled: Callable[[int], bool] | None = None,
+        cancel_sync: bool = False,
     ) -> list[GenerationResult]:
         """Collective over the model-parallel group; same requests on every rank.
 
@@ -278,8 +279,9 @@ class EngineProtocol(Protocol):
         Requests are decoded together as one batch (mixed prompt lengths allowed).
         `on_token` (rank 0 only; other ranks pass None) gets a `TokenEvent` per generated
         token as soon as rank 0 knows it; an exception it raises disables it (logged) and
-        never breaks the collective. `cancelled(i)` True stops request i at its next decode
-        step (finish_reason "cancelled"); only where every rank answers alike.
+        never breaks the collective. `cancelled(i)` True stops request i after its current
+        decode step (finish_reason "cancelled"); asked per rank, or with `cancel_sync`
+        (same on every rank) on rank 0 only, its answer broadcast per step.
         """
         ...
 

@@ -3,8 +3,16 @@ speculative.py): per-sequence state, exit decisions, stop conditions, token even
 
 `Decoder` is what a strategy drives during one `generate` call: it records decided tokens
 (`apply`), reports them to the streaming listener (`emit`), checks stop conditions
-(`check_stop`) and decides which sequences an exit lets go (`decide`). The engine builds
-one per request group; strategies never see the engine.
+(`check_stop`), stops cancelled sequences (`poll_cancel`) and decides which sequences an
+exit lets go (`decide`). The engine builds one per request group; strategies never see
+the engine.
+
+Cancellation: a strategy calls `poll_cancel` once per decode step (self_speculative: per
+accepted token), after the step's tokens were applied, on every rank that applies them.
+With `cancel_sync` the `cancelled` hook is asked on the group's first rank only (global
+rank 0, the server's) and its answer, one byte per unfinished sequence, is broadcast, so
+every rank stops the same sequences at the same step; pipeline decoding polls on stage 0
+only (its tensor-parallel group): the deeper stages learn it from stage 0's next header.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 
 from megatron.early_exit.inference.api import GenerationRequest, ModelLimits, OnToken, TokenEvent
 from megatron.early_exit.inference.comm import Pipe
@@ -113,6 +123,7 @@ class Decoder:
         self.on_token = on_token
         self.draft_ids = draft_ids
         self.cancelled: Callable[[int], bool] | None = None  # see InferenceEngine.generate
+        self.cancel_sync = False  # the ranks agree on `cancelled` (poll_cancel)
 
     def apply(self, s: SeqState, d: Decision) -> None:
         """Record a decided token; update per-layer cache lengths; check stop conditions."""
@@ -141,9 +152,7 @@ class Decoder:
     def check_stop(self, s: SeqState) -> None:
         sp = s.req.sampling
         tok = s.gen[-1]
-        if self.cancelled is not None and self.cancelled(s.index):
-            s.finish = "cancelled"
-        elif s.eos is not None and tok == s.eos:
+        if s.eos is not None and tok == s.eos:
             s.finish = "eos"
         elif (
             any(s.gen[-len(q) :] == q for q in sp.stop_token_ids if len(s.gen) >= len(q))
@@ -153,6 +162,38 @@ class Decoder:
             s.finish = "stop"
         elif len(s.gen) >= sp.max_new_tokens:
             s.finish = "length"
+
+    def poll_cancel(self, states: list[SeqState], stage0: bool = False) -> None:
+        """Finish ("cancelled") the unfinished `states` whose request was cancelled.
+
+        Every rank of the group calls it with the same states at the same point. `stage0`:
+        only pipeline stage 0 calls it (its tensor-parallel group agrees), else the whole
+        model-parallel group does."""
+        live = [s for s in states if s.finish is None]
+        if not live or (self.cancelled is None and not self.cancel_sync):
+            return
+        if self.cancel_sync and dist.is_initialized():
+            if stage0:
+                group = parallel_state.get_tensor_model_parallel_group()
+            else:
+                group = parallel_state.get_model_parallel_group()
+            ranks = dist.get_process_group_ranks(group)
+            ask = self.cancelled is not None and dist.get_rank() == ranks[0]
+            flags = torch.tensor(
+                [ask and bool(self.cancelled(s.index)) for s in live],  # type: ignore[misc]
+                dtype=torch.uint8,
+                device=self.device,
+            )
+            if len(ranks) > 1:
+                dist.broadcast(flags, ranks[0], group=group)
+            stop = [bool(f) for f in flags.tolist()]
+        elif self.cancelled is not None:
+            stop = [bool(self.cancelled(s.index)) for s in live]
+        else:
+            return
+        for s, f in zip(live, stop):
+            if f:
+                s.finish = "cancelled"
 
     def decide(
         self, st: StageState, seqs, rows: list[int], logits, layer: int, ran_upto: int, ee, force

@@ -124,10 +124,13 @@ class InferenceEngine:
         requests: list[GenerationRequest],
         on_token: OnToken | None = None,
         cancelled: Callable[[int], bool] | None = None,
+        cancel_sync: bool = False,
     ) -> list[GenerationResult]:
-        """`cancelled(i)` True stops request i at its next decode step (finish_reason
-        "cancelled"). It is asked on each rank separately, so pass it only where every rank
-        gives the same answer (one rank: the server passes it at world size 1)."""
+        """`cancelled(i)` True stops request i right after its current decode step
+        (finish_reason "cancelled"). Without `cancel_sync` it is asked on each rank
+        separately (one process). `cancel_sync=True`, passed alike on every rank, makes the
+        ranks agree: it is asked on global rank 0 only (the others may pass None) and the
+        answer is broadcast once per decode step (decode_state.Decoder.poll_cancel)."""
         validate_batch(requests, self.limits)
         for r in requests:
             if r.sampling.stop_sequences and self.tokenizer is None:
@@ -137,7 +140,9 @@ class InferenceEngine:
             groups.setdefault(repr(self._effective(r.early_exit, len(requests))), []).append(i)
         results: list[GenerationResult | None] = [None] * len(requests)
         for idx in groups.values():
-            group_results, on_token = self._generate_group(requests, idx, on_token, cancelled)
+            group_results, on_token = self._generate_group(
+                requests, idx, on_token, cancelled, cancel_sync
+            )
             for i, res in zip(idx, group_results):
                 results[i] = res
         self._score(requests, results)  # type: ignore[arg-type]
@@ -199,6 +204,7 @@ class InferenceEngine:
         idx: list[int],
         on_token: OnToken | None,
         cancelled: Callable[[int], bool] | None = None,
+        cancel_sync: bool = False,
     ) -> tuple[list[GenerationResult], OnToken | None]:
         """The group's results, and the listener for the next group (None once it failed)."""
         reqs = [requests[i] for i in idx]
@@ -213,18 +219,15 @@ class InferenceEngine:
             exits = [ee.draft_exit_layer or exits[0]]
         st = StageState(self.model, len(reqs), max_len, self.limits.vocab_size, exits)
         t0 = time.perf_counter()
+        kind = KVRecompute if ee.mode != "self_speculative" and ee.method != "pipeline" else Decoder
+        decoder = self.decoder(kind, on_token)
+        decoder.cancelled, decoder.cancel_sync = cancelled, cancel_sync
         with torch.no_grad():
             if ee.mode == "self_speculative":
-                decoder = self.decoder(Decoder, on_token)
-                decoder.cancelled = cancelled
                 run_self_speculative(decoder, st, seqs, ee)
             elif ee.method == "pipeline":
-                decoder = self.decoder(Decoder, on_token)
-                decoder.cancelled = cancelled
                 run_pipeline(decoder, st, seqs, ee)
             else:
-                decoder = self.decoder(KVRecompute, on_token)
-                decoder.cancelled = cancelled
                 decoder.run(st, seqs, ee)
         elapsed = time.perf_counter() - t0
         self.last_state = st

@@ -94,6 +94,7 @@ class KVRecompute(Decoder):
             decided = self._decisions_from(hdr, lps)
         for i in active:
             self.apply(seqs[i], decided[i])
+        self.poll_cancel([seqs[i] for i in active])
 
     def _kv_exit(self, st, seqs, running, layer, ran_upto, ee, decided) -> list[int]:
         chunk = st.chunk(

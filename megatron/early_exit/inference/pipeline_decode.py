@@ -13,8 +13,8 @@ heads for decided sequences). Messages:
 - stage s -> stage 0, only if some sequence was undecided when the step reached s:
   decisions [B, 4] + logprobs [B].
 Stage 0 reads decisions from stage 1, 2, ... until every sequence has a token, owns the
-stop conditions (EOS, stop sequences, max tokens) and sends STOP down the pipeline at the
-end; the results are then broadcast from stage 0 so every rank returns the same.
+stop conditions (EOS, stop sequences, max tokens, cancellation) and sends STOP down the
+pipeline at the end; the results are then broadcast from stage 0 so every rank returns the same.
 """
 
 from __future__ import annotations
@@ -136,6 +136,7 @@ def _stage0(decoder, st, seqs, ee) -> None:
             stage += 1
         for i in active:
             decoder.apply(seqs[i], decided[i])
+        decoder.poll_cancel([seqs[i] for i in active], stage0=True)  # next header drops them
 
 
 def _follower(decoder, st, seqs, ee) -> None:

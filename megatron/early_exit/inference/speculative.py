@@ -157,6 +157,7 @@ def _round(decoder, st, i, s, k, ee) -> None:
         s.logprobs.append(lp)
         decoder.emit(s)
         decoder.check_stop(s)
+        decoder.poll_cancel([s])  # every rank runs this loop alike
         if s.finish is not None:
             break
     # the tokens list keeps the pending token at the end, like kv_recompute expects

@@ -49,14 +49,20 @@ def serve(run, args, platform, after_execute=None) -> int:
 
     # rank 0's streaming listener and cancel hook for the command being run (set by its
     # model worker; a callable cannot travel in the broadcast command, and followers never
-    # stream). The cancel hook is rank 0's alone, so it is used only at world size 1.
+    # stream). With several ranks every rank runs with cancel_sync: rank 0's hook is asked
+    # once per decode step and its answer broadcast, so all ranks stop the same sequences.
     listener: list = [None, None]
 
     def execute(command: Command):
         if command.kind != GENERATE:
             return None
         reqs = [GenerationRequest.from_dict(d) for d in command.payload]
-        return engine.generate(reqs, on_token=listener[0], cancelled=listener[1])
+        return engine.generate(
+            reqs,
+            on_token=listener[0],
+            cancelled=listener[1],
+            cancel_sync=coordinator.world_size > 1,
+        )
 
     coordinator = Coordinator(execute, timeout_s=args.dist_timeout, after_execute=after_execute)
     if coordinator.is_leader:
@@ -100,7 +106,7 @@ def _lead(
 
     def run_batch(requests, on_token=None, cancelled=None):
         listener[0] = on_token
-        listener[1] = cancelled if coordinator.world_size == 1 else None
+        listener[1] = cancelled
         try:
             return coordinator.run(Command(GENERATE, [r.to_dict() for r in requests]))
         finally:

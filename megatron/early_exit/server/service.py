@@ -15,8 +15,8 @@ retry is deterministic: every request carries its seed).
 
 Cancellation (`cancel(future)`: the client went away or timed out): a queued job is dropped
 before it runs; in a running batch its sequences stop at the next decode step when the
-engine takes a `cancelled(index)` hook (run_batch(..., cancelled=...); the server passes it
-on where every rank can agree, see launch.py), the other sequences go on.
+engine takes a `cancelled(index)` hook (run_batch(..., cancelled=...); with several ranks
+they agree on it per decode step, see launch.py), the other sequences go on.
 
 Health: `healthy` turns False when a batch or an idle PING fails other than by a rank's
 reported exception (a collective timed out or broke: some rank is unreachable), and True
