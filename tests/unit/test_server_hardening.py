@@ -58,12 +58,14 @@ class StepEngine:
             for i, r in enumerate(requests):
                 if finish[i] is not None:
                     continue
-                if cancelled is not None and cancelled(i):
-                    after[i] += 1
+                # One look per step, as the engine does: a flag that flips mid-step counts
+                # from the next step.
+                stop = cancelled is not None and cancelled(i)
+                after[i] += stop
                 gen[i].append(97 + len(gen[i]) % 26)
                 if on_token is not None:
                     on_token(TokenEvent(i, gen[i][-1], LIMITS.num_layers, 0.0))
-                if cancelled is not None and cancelled(i):
+                if stop:
                     finish[i] = "cancelled"
                 elif len(gen[i]) >= r.sampling.max_new_tokens:
                     finish[i] = "length"
@@ -283,7 +285,7 @@ def _wait(cond, what, limit=20.0):
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("served", [{"engine": StepEngine(pace=0.005)}], indirect=True)
+@pytest.mark.parametrize("served", [{"engine": StepEngine(pace=0.05)}], indirect=True)
 @pytest.mark.parametrize("stream", [True, False])
 def test_disconnect_cancels_generation(served, stream):
     """A client that goes away stops its generation at the next step (the engine runs at
@@ -311,7 +313,7 @@ def test_disconnect_cancels_generation(served, stream):
     assert engine.finished == ["cancelled", "length"]
 
 
-@pytest.mark.parametrize("served", [{"engine": StepEngine(pace=0.005),
+@pytest.mark.parametrize("served", [{"engine": StepEngine(pace=0.05),
                                      "request_timeout_s": 0.2}], indirect=True)  # fmt: skip
 def test_timeout_cancels_generation(served):
     port, _, engine = served
@@ -365,7 +367,7 @@ def test_health_is_503_after_a_failed_collective_until_it_recovers(served):
 
 
 def test_drain_answers_running_and_queued_requests_then_refuses():
-    engine = StepEngine(pace=0.01)
+    engine = StepEngine(pace=0.05)  # 2 s a request: the queue fills long before the first ends
     srv, service, _ = _start(engine, service_kw={"max_batch_size": 1})
     port = srv.server_address[1]
     results = {}
