@@ -132,3 +132,18 @@ def verify(load, hf_dir, out_json, tp: int = 1, pp: int = 1, extra: tuple = ()) 
 def compare(a, b, out_json) -> dict:
     checked(run_worker(1, "compare", "--load", a, "--other", b, "--out", out_json))
     return json.loads(Path(out_json).read_text())
+
+
+def load_stage(root):
+    """A converted checkpoint as a TP1PP1 Stage, with the flags it recorded."""
+    from megatron.early_exit.convert.megatron_side import (
+        Stage,
+        build_run,
+        read_raw_args,
+        resolved_args,
+    )
+
+    flags = resolved_args(*read_raw_args(str(root)))
+    stage = Stage(build_run(flags))
+    stage.load(str(root))
+    return stage, flags

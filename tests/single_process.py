@@ -15,6 +15,16 @@ def init_single_process_group() -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
+def gloo_world():
+    """Generator for a module-scoped fixture: just the one-process gloo group (converters and
+    engines set up their own model-parallel state)."""
+    from megatron.early_exit.platform.distributed import destroy_distributed
+
+    init_single_process_group()
+    yield
+    destroy_distributed()
+
+
 def tp1pp1_world(seed: int):
     """Generator for a module-scoped fixture: CPU platform, one-process gloo world, TP1PP1
     model-parallel state and megatron-core's RNG seeded; torn down after the module.

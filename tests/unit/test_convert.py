@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from tests.conversion import make_tiny_hf
-from tests.single_process import init_single_process_group
+from tests.conversion import load_stage, make_tiny_hf
+from tests.single_process import gloo_world
 
 pytestmark = pytest.mark.unit
 
@@ -19,32 +19,13 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def world():
-
-    from megatron.early_exit.platform.distributed import destroy_distributed
-
-    init_single_process_group()
-    yield
-    destroy_distributed()
-
-
-def _stage(root):
-    from megatron.early_exit.convert.megatron_side import (
-        Stage,
-        build_run,
-        read_raw_args,
-        resolved_args,
-    )
-
-    flags = resolved_args(*read_raw_args(str(root)))
-    stage = Stage(build_run(flags))
-    stage.load(str(root))
-    return stage, flags
+    yield from gloo_world()
 
 
 def _parity(root, hf_dir, generate=6):
     from megatron.early_exit.convert.workers import hf_parity
 
-    stage, flags = _stage(root)
+    stage, flags = load_stage(root)
     ids = torch.randint(0, 200, (32,), generator=torch.Generator().manual_seed(0)).tolist()
     return hf_parity(stage, str(hf_dir), ids, int(flags["vocab_size"]), generate)
 
@@ -101,7 +82,7 @@ def test_round_trip_is_exact_with_exit_heads_and_padding(world, tmp_path):
 
     back = tmp_path / "back"
     hf_to_megatron(str(hf), str(back), allow_no_tokenizer=True)
-    a, b = _stage(src)[0].full_weights(), _stage(back)[0].full_weights()
+    a, b = load_stage(src)[0].full_weights(), load_stage(back)[0].full_weights()
     assert a.keys() == b.keys() and any(k.startswith("exit_heads.") for k in a)
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
 

@@ -15,8 +15,8 @@ import json
 import pytest
 import torch
 
-from tests.conversion import checked, make_tiny_hf, run_tool, tiny_hf_config
-from tests.single_process import init_single_process_group
+from tests.conversion import checked, load_stage, make_tiny_hf, run_tool, tiny_hf_config
+from tests.single_process import gloo_world
 
 pytestmark = pytest.mark.unit
 
@@ -34,25 +34,7 @@ FEATURE = {
 
 @pytest.fixture(scope="module")
 def world():
-    from megatron.early_exit.platform.distributed import destroy_distributed
-
-    init_single_process_group()
-    yield
-    destroy_distributed()
-
-
-def _stage(root):
-    from megatron.early_exit.convert.megatron_side import (
-        Stage,
-        build_run,
-        read_raw_args,
-        resolved_args,
-    )
-
-    flags = resolved_args(*read_raw_args(str(root)))
-    stage = Stage(build_run(flags))
-    stage.load(str(root))
-    return stage, flags
+    yield from gloo_world()
 
 
 def _ids(n=24):
@@ -87,7 +69,7 @@ def test_import_matches_transformers_and_our_engine(world, tmp_path, kind):
     assert args[feature] is True
     recorded = json.loads((tmp_path / "ours" / "iter_0000000" / "ee_args.json").read_text())
     assert recorded[feature] is True  # the engine, export and EE-Tuning rebuild the same model
-    stage, _ = _stage(tmp_path / "ours")
+    stage, _ = load_stage(tmp_path / "ours")
     r = _parity(stage, hf)
     assert r["max_abs_logit"] > 1.0, "logits too small for the tolerance to mean anything"
     assert r["max_abs_logit_diff"] <= TOL, r
@@ -142,11 +124,11 @@ def test_export_with_exit_heads_round_trips_bit_exact(world, tmp_path, kind):
     assert config["early_exit"]["exit_layer_nums"] == [1, 3]
     back = tmp_path / "back"
     hf_to_megatron(str(hf), str(back), allow_no_tokenizer=True)
-    a, b = _stage(src)[0].full_weights(), _stage(back)[0].full_weights()
+    a, b = load_stage(src)[0].full_weights(), load_stage(back)[0].full_weights()
     assert a.keys() == b.keys() and any(k.startswith("exit_heads.") for k in a)
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
-    r = _parity(_stage(src)[0], hf)
+    r = _parity(load_stage(src)[0], hf)
     assert r["max_abs_logit_diff"] <= TOL, r
     assert r["greedy_equal"], (r["ours_greedy"], r["hf_greedy"])
 

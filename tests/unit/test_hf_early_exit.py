@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.conversion import tiny_hf_config
-from tests.single_process import init_single_process_group
+from tests.single_process import gloo_world
 
 pytestmark = pytest.mark.unit
 
@@ -17,11 +17,7 @@ NEW = 12
 
 @pytest.fixture(scope="module")
 def world():
-    from megatron.early_exit.platform.distributed import destroy_distributed
-
-    init_single_process_group()
-    yield
-    destroy_distributed()
+    yield from gloo_world()
 
 
 def _export(tmp_path, kind, **exit_flags):
