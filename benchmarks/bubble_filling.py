@@ -83,6 +83,7 @@ def worker(a) -> None:
     from megatron.early_exit.pipeline.fill_plan import schedule_for_run
     from megatron.early_exit.platform import init_platform
     from megatron.early_exit.platform.distributed import destroy_distributed, world_size_from_env
+    from megatron.early_exit.progress import progress
     from megatron.early_exit.training.trainer import Trainer
     import torch.distributed as dist
 
@@ -102,13 +103,19 @@ def worker(a) -> None:
         it += 1
         return time.perf_counter() - start
 
+    # rank 0 counts train steps; the updates sit outside the timed sections
+    bar = progress(total=2 * (a.warmup + a.rounds), desc="bubble filling", unit="step",
+                   enabled=dist.get_rank() == 0)  # fmt: skip
     for _ in range(a.warmup):
         step("plain")
         step("filled")
+        bar.update(2)
     for r in range(a.rounds):
         order = ("plain", "filled") if r % 2 == 0 else ("filled", "plain")
         for v in order:
             times[v].append(step(v))
+            bar.update()
+    bar.close()
     trainer.fill_schedule = filled
     if dist.get_rank() == 0:
         plain_table = schedule_for_run(_with_fill_off(run)).table()

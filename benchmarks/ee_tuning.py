@@ -121,11 +121,16 @@ def _worker(argv: list[str]) -> int:
 
 
 def measure(a) -> dict:
+    from megatron.early_exit.progress import progress
+
     work = tempfile.mkdtemp(prefix="ee_tuning_bench_")
+    # the launches' own output is captured: count launches (2 to set up, then the variants)
+    bar = progress(total=2 + a.rounds * len(VARIANTS), desc="EE-Tuning benchmark", unit="launch")
     try:
         base, ckpt = os.path.join(work, "base"), os.path.join(work, "exits")
         _torchrun(1, ["pretrain_early_exit_gpt.py", *_model_args(a), "--mock-data",
                       "--train-iters", "0", "--save", base])  # fmt: skip
+        bar.update()
         subprocess.run(
             [sys.executable, "tools/checkpoint/add_exits.py", "--load", base, "--save", ckpt,
              "--exit-layer-nums", *map(str, a.exit_layer_nums), "--use-exit-norm",
@@ -133,6 +138,7 @@ def measure(a) -> dict:
             check=True, capture_output=True, cwd=ROOT,
             env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"),
         )  # fmt: skip
+        bar.update()
         runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
         for r in range(a.rounds):
             order = VARIANTS if r % 2 == 0 else tuple(reversed(VARIANTS))
@@ -156,9 +162,12 @@ def measure(a) -> dict:
                         "exit_losses_last": records[-1]["exit_losses"],
                     }
                 )
-                print(f"round {r} {name}: {runs[name][-1]['iteration_time_s'] * 1e3:.0f} ms/iter, "
-                      f"peak RSS {[round(x / 2**20) for x in rss]} MiB", flush=True)  # fmt: skip
+                bar.update()
+                bar.echo(f"round {r} {name}: {runs[name][-1]['iteration_time_s'] * 1e3:.0f} "
+                         f"ms/iter, peak RSS {[round(x / 2**20) for x in rss]} MiB")  # fmt: skip
+        bar.close()
     finally:
+        bar.close(summary=False)
         shutil.rmtree(work, ignore_errors=True)
     summary = {}
     for name, rs in runs.items():

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from megatron.early_exit.cli import add_results_args
 
@@ -67,6 +68,7 @@ def collect(args) -> dict:
 
     from megatron.early_exit.inference.api import EarlyExitParams, GenerationRequest, SamplingParams
     from megatron.early_exit.inference.loading import engine_from_args
+    from megatron.early_exit.progress import progress
 
     _setup_single_process()
     engine = engine_from_args(["--load", args.load])
@@ -78,8 +80,12 @@ def collect(args) -> dict:
     sp = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     reqs = [GenerationRequest(p, sp, EarlyExitParams(mode="none")) for p in prompts]
     rows = {"full": [], **{str(e): [] for e in exits}, **{f"conf{e}": [] for e in exits}}
+    print(f"generating {len(reqs)} x {args.new_tokens} tokens with the full model",
+          file=sys.stderr, flush=True)  # fmt: skip
+    results = engine.generate(reqs)
     with torch.no_grad():
-        for prompt, res in zip(prompts, engine.generate(reqs)):
+        for prompt, res in progress(list(zip(prompts, results)), desc="teacher forcing",
+                                    unit="prompt"):  # fmt: skip
             seq = prompt + res.token_ids
             tokens = torch.tensor([seq[:-1]])
             positions = torch.arange(tokens.shape[1]).unsqueeze(0)

@@ -153,6 +153,7 @@ def worker(a: argparse.Namespace) -> None:
     from megatron.early_exit.pipeline.losses import masked_mean
     from megatron.early_exit.platform import init_platform
     from megatron.early_exit.platform.distributed import destroy_distributed, world_size_from_env
+    from megatron.early_exit.progress import progress
     from megatron.early_exit.training.trainer import Trainer
 
     plat = init_platform()
@@ -188,6 +189,10 @@ def worker(a: argparse.Namespace) -> None:
     def allocated() -> int:
         return torch.cuda.memory_allocated() if cuda else 0
 
+    # rank 0 counts train steps; the updates sit outside the timed sections
+    n_steps = len(VARIANTS) * (a.warmup + a.rounds * a.iters_per_round + a.memory_reps)
+    bar = progress(total=n_steps, desc="exit overhead", unit="step",
+                   enabled=os.environ.get("RANK", "0") == "0")  # fmt: skip
     trainers, static_mem, first_loss = {}, {}, {}
     for v in VARIANTS:  # build + warm up one variant after the other
         before = allocated()
@@ -195,6 +200,7 @@ def worker(a: argparse.Namespace) -> None:
         t = trainers[v]
         for i in range(a.warmup):
             rec = t.train_step(i)
+            bar.update()
             if i == 0:
                 first_loss[v] = {"lm_loss": rec["lm_loss"], "exit_losses": rec["exit_losses"]}
         t.iteration = a.warmup
@@ -222,6 +228,7 @@ def worker(a: argparse.Namespace) -> None:
                 block.append(time.perf_counter() - t0)
                 cpu_block.append(time.process_time() - c0)
                 t.iteration += 1
+                bar.update()
             times[v].append(block)
             cpu_times[v].append(cpu_block)
 
@@ -244,7 +251,9 @@ def worker(a: argparse.Namespace) -> None:
                 t.train_step(t.iteration)
                 peak = host.peak()
             t.iteration += 1
+            bar.update()
             memory[v].append({"base": base, "peak": peak, "delta": peak - base})
+    bar.close()
 
     # ------------------------------------------------------------------ exit head alone
     attribution = _time_exit_head(a, trainers["exits"], cuda, sync, masked_mean, ExitState)

@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -109,11 +110,18 @@ def post(port: int, body: dict) -> tuple[float, dict]:
     return time.perf_counter() - t0, out
 
 
-def measure(port: int, clients: int, per_client: int, body_for) -> dict:
+def measure(port: int, clients: int, per_client: int, body_for, bar=None) -> dict:
     bodies = [body_for(c * per_client + k) for c in range(clients) for k in range(per_client)]
+    lock = threading.Lock()  # the clients' threads share one progress bar
 
     def client(c: int) -> list[tuple[float, dict]]:
-        return [post(port, b) for b in bodies[c * per_client : (c + 1) * per_client]]
+        out = []
+        for b in bodies[c * per_client : (c + 1) * per_client]:
+            out.append(post(port, b))
+            if bar is not None:
+                with lock:
+                    bar.update()
+        return out
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -135,6 +143,8 @@ def measure(port: int, clients: int, per_client: int, body_for) -> dict:
 
 
 def main(argv=None) -> int:
+    from megatron.early_exit.progress import progress
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--load", default=None, help="checkpoint (default: train a tiny one)")
     p.add_argument(
@@ -216,18 +226,20 @@ def main(argv=None) -> int:
         rows = []
         post(port, body_for(False)(0))  # warm-up
         post(port, body_for(True)(0))
+        total = 2 * args.per_client * sum(args.clients)
+        bar = progress(total=total, desc="server load", unit="req")
         for clients in args.clients:
             for ee_on in (False, True):
-                row = measure(port, clients, args.per_client, body_for(ee_on))
+                row = measure(port, clients, args.per_client, body_for(ee_on), bar)
                 row["early_exit"] = ee_on
                 rows.append(row)
-                print(
+                bar.echo(
                     f"clients={clients} early_exit={'on ' if ee_on else 'off'} "
                     f"{row['requests_per_s']:.2f} req/s  p50 {row['p50_s'] * 1e3:.0f} ms  "
                     f"p99 {row['p99_s'] * 1e3:.0f} ms  "
-                    f"mean exit layer {row['mean_exit_layer']:.2f}",
-                    flush=True,
+                    f"mean exit layer {row['mean_exit_layer']:.2f}"
                 )
+        bar.close()
     finally:
         server.send_signal(signal.SIGTERM)
         try:

@@ -10,6 +10,14 @@
 # TP dividing 3 (9 heads, 3 query groups) and PP dividing 30; holds ee_args.json and the
 # tokenizer, so `--load $OURS` alone restores model and tokenizer. ~2-3 min on 2 CPUs.
 set -euo pipefail
+# Runs from any directory: relative paths given in OUT/HF/OURS (and a PY with a slash) are
+# taken from where the script is called; the defaults live under the repository's outputs/.
+CALLER=$PWD
+from_caller() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$CALLER" "$1" ;; esac; }
+for v in OUT HF OURS; do
+  if [ -n "${!v:-}" ]; then printf -v "$v" '%s' "$(from_caller "${!v}")"; fi
+done
+if [[ "${PY:-}" == */* ]]; then PY=$(from_caller "$PY"); fi
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-outputs/smollm2}

@@ -16,6 +16,14 @@
 #   data's cross entropy; LR (default 1e-3).
 # Output: DEST (the tuned checkpoint, with iter_N/token_counts.npy), $OUT/metrics.jsonl. Budget on 2 CPU cores: ~25-30 min.
 set -euo pipefail
+# Runs from any directory: relative paths given in SRC/DEST/OUT (and a PY with a slash) are
+# taken from where the script is called; the defaults live under the repository's outputs/.
+CALLER=$PWD
+from_caller() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$CALLER" "$1" ;; esac; }
+for v in SRC DEST OUT; do
+  if [ -n "${!v:-}" ]; then printf -v "$v" '%s' "$(from_caller "${!v}")"; fi
+done
+if [[ "${PY:-}" == */* ]]; then PY=$(from_caller "$PY"); fi
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 SRC=${SRC:-outputs/smollm2/ours}  # convert_smollm2.sh writes it there

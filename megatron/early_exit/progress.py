@@ -143,6 +143,17 @@ class Progress:
         elif self.enabled:
             self._print(message)
 
+    def echo(self, message: str, out: IO[str] | None = None) -> None:
+        """Print a result line to `out` (stdout): above the bar when both the bar and `out`
+        are on a terminal, otherwise a plain print, so that piped results stay on stdout."""
+        out = sys.stdout if out is None else out
+        isatty = getattr(out, "isatty", None)
+        if self._bar is not None and isatty is not None and isatty():
+            self._bar.write(message, file=out)
+        else:
+            with contextlib.suppress(OSError, ValueError):
+                print(message, file=out, flush=True)
+
     def close(self, summary: bool = True) -> None:
         """End the job; `summary=False` (it failed) prints no final plain line."""
         if self._closed:

