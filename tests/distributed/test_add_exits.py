@@ -70,6 +70,7 @@ def test_copy_init_reproduces_the_lm_head_exactly(bases, tmp_path):
     assert "exact 1 2 3" in run_worker(more, "exact", 1, 2, 3)
 
 
+@pytest.mark.slow  # make test time budget
 def test_mlp_and_block_heads_copy_their_sources(bases, tmp_path):
     _, llama = bases
     copied = tmp_path / "copied"

@@ -104,6 +104,7 @@ def test_load_missing_checkpoint_fails_clearly(tmp_path):
     assert "latest_checkpointed_iteration.txt is missing" in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow  # make test time budget
 def test_load_checkpoint_of_other_architecture_fails_clearly(tmp_path):
     ckpt = tmp_path / "ckpt"
     torchrun(1, ENTRY, [*MODEL, "--train-iters", "0", "--save", str(ckpt)])

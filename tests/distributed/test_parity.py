@@ -73,7 +73,9 @@ def test_parity_untied_exits(untied_ref, tmp_path, nproc, tp, pp, sp, distopt):
     [
         ("llama", LLAMA_TIED, [(4, 1, 4), (4, 2, 2)]),
         ("gpt2", GPT2_TIED, [(4, 1, 4)]),
-        ("heads", ALL_HEAD_OPTIONS, [(2, 1, 2), (2, 2, 1)]),
+        pytest.param(
+            "heads", ALL_HEAD_OPTIONS, [(2, 1, 2), (2, 2, 1)], marks=pytest.mark.slow
+        ),  # make test time budget
     ],
 )
 def test_parity_across_stages(tmp_path_factory, tmp_path, name, model_args, layouts):

@@ -181,6 +181,7 @@ def test_counts_of_another_tokenizer_are_refused(tmp_path):
 
 # ---------------------------------------------------------------- TP=2, end to end
 @pytest.mark.distributed
+@pytest.mark.slow  # make test time budget
 def test_tp2_restricted_draft_matches_tp1(tmp_path):
     """Train a tiny checkpoint, count a dataset into it, generate with a restricted draft
     (build_engine loads the counts) at TP=1 and TP=2 (vocab-parallel subset projection)."""
