@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.call_log import read_call_log
+
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,13 +46,7 @@ def _calls(tmp_path: Path, script: str, env: dict) -> list[tuple[str, list[str]]
         timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    calls: list[tuple[str, list[str]]] = []
-    for line in log.read_text().splitlines():
-        if line.startswith("CALL "):
-            calls.append((line.removeprefix("CALL "), []))
-        else:
-            calls[-1][1].append(line)
-    return calls
+    return read_call_log(log)
 
 
 def _flag(argv: list[str], name: str) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.call_log import read_call_log
 from tests.single_process import tp1pp1_world
 
 pytestmark = pytest.mark.unit
@@ -67,13 +68,7 @@ def _capture_launch(tmp_path: Path, script: Path, env: dict) -> list[tuple[str, 
         timeout=60,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    calls: list[tuple[str, list[str]]] = []
-    for line in log.read_text().splitlines():
-        if line.startswith("CALL "):
-            calls.append((line.removeprefix("CALL "), []))
-        else:
-            calls[-1][1].append(line)
-    return calls
+    return read_call_log(log)
 
 
 def _dry_run_in_process(world_size: str, argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
