@@ -80,6 +80,20 @@ class ExitConfig:
         help="train exits on KL(final layer || exit) instead of cross entropy with the data "
         "(the final layer's distribution is detached; needs PP=1)",
     )
+    exit_loss_curriculum: str = flag(
+        "none",
+        choices=["none", "rotational", "gradual"],
+        help="which exits get a loss at each iteration (LayerSkip): rotational = exit i when "
+        "i %% P == iteration %% P (P = --exit-loss-curriculum-period); gradual = deepest exit "
+        "first, the others switched on one by one over --exit-loss-curriculum-iters",
+    )
+    exit_loss_curriculum_period: int = flag(
+        2, help="rotational curriculum: an exit gets a loss every P iterations"
+    )
+    exit_loss_curriculum_iters: int | None = flag(
+        None,
+        help="gradual curriculum: iterations until every exit has a loss (default: --train-iters)",
+    )
 
     @property
     def num_exits(self) -> int:
@@ -135,6 +149,21 @@ class ExitConfig:
                 _require(
                     t > 0 and math.isfinite(t), f"--exit-layer-temperature must be > 0, got {t}"
                 )
+        _require(
+            self.exit_loss_curriculum in ("none", "rotational", "gradual"),
+            "--exit-loss-curriculum must be none, rotational or gradual, got "
+            f"{self.exit_loss_curriculum!r}",
+        )
+        if self.exit_loss_curriculum != "none":
+            _require(n > 0, "--exit-loss-curriculum needs exits (--exit-layer-nums)")
+        _require(
+            self.exit_loss_curriculum_period >= 1,
+            f"--exit-loss-curriculum-period must be >= 1, got {self.exit_loss_curriculum_period}",
+        )
+        _require(
+            self.exit_loss_curriculum_iters is None or self.exit_loss_curriculum_iters >= 0,
+            "--exit-loss-curriculum-iters must be >= 0",
+        )
         _require(
             self.exit_layer_weight_warmup_style in ("linear", "cosine"),
             "--exit-layer-weight-warmup-style must be 'linear' or 'cosine', got "
@@ -751,6 +780,46 @@ class OverlapConfig:
 
 
 @dataclass
+class LayerDropoutConfig:
+    """Layer dropout with rates rising with depth (LayerSkip; model/layer_dropout.py)."""
+
+    FLAG_GROUP: ClassVar[str] = "layer dropout (LayerSkip)"
+
+    layer_dropout_rate: float = flag(
+        0.0, help="largest probability of skipping a layer in training (0 = off, as today)"
+    )
+    layer_dropout_depth_scale: str = flag(
+        "exponential",
+        choices=["uniform", "linear", "exponential"],
+        help="how the rate rises with depth: layer 1 gets 0 (linear, exponential), the last "
+        "layer the full rate",
+    )
+    layer_dropout_time_scale: str = flag(
+        "constant",
+        choices=["constant", "linear", "exponential"],
+        help="how the rate rises over --train-iters (constant: full rate from the start)",
+    )
+
+    def validate(self) -> None:
+        r = self.layer_dropout_rate
+        _require(
+            0.0 <= r <= 1.0 and math.isfinite(r),
+            f"--layer-dropout-rate must be in [0, 1], got {r}",
+        )
+        for name, value, choices in (
+            ("--layer-dropout-depth-scale", self.layer_dropout_depth_scale,
+             ("uniform", "linear", "exponential")),
+            ("--layer-dropout-time-scale", self.layer_dropout_time_scale,
+             ("constant", "linear", "exponential")),
+        ):  # fmt: skip
+            _require(value in choices, f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.layer_dropout_rate > 0.0
+
+
+@dataclass
 class RunConfig:
     FLAG_GROUP: ClassVar[str] = "run"
 
@@ -764,6 +833,7 @@ class RunConfig:
     fill: FillConfig = field(default_factory=FillConfig)
     overlap: OverlapConfig = field(default_factory=OverlapConfig)
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    layer_dropout: LayerDropoutConfig = field(default_factory=LayerDropoutConfig)
     dry_run: bool = flag(
         False,
         help="parse and validate for WORLD_SIZE GPUs, print the parallel layout and parameter "
@@ -786,6 +856,11 @@ class RunConfig:
         self.logging.validate()
         self.fill.validate(self)
         self.overlap.validate(self)
+        self.layer_dropout.validate()
+        _require(
+            not (self.layer_dropout.enabled and self.training.tune_exit),
+            "--layer-dropout-rate trains the backbone; --tune-exit freezes it",
+        )
         return self
 
     def _validate_exit_tuning(self) -> None:

@@ -119,3 +119,21 @@ def test_parity_uneven_stages_with_full_recompute(untied_ref, tmp_path):
         2, [*UNTIED, *ITERS, "--load", str(ckpt), *layout_args(1, 2), *extra], tmp_path / "m.jsonl"
     )
     assert_close_records(base, got, rel=1e-5, label="uneven PP2 + full recompute")
+
+
+def test_parity_layer_dropout_and_exit_curriculum(untied_ref, tmp_path):
+    """LayerSkip training (seeded layer dropout, rotational exit curriculum): the same
+    layers are skipped and the same exits trained in every layout (TP2PP2 vs one process)."""
+    from megatron.early_exit.config import LayerDropoutConfig
+    from megatron.early_exit.model.layer_dropout import LayerDropout
+
+    ckpt, plain = untied_ref
+    extra = ["--layer-dropout-rate", "0.6", "--layer-dropout-depth-scale", "linear",
+             "--exit-loss-curriculum", "rotational"]  # fmt: skip
+    drop = LayerDropout(LayerDropoutConfig(0.6, "linear"), num_layers=4, train_iters=2, seed=1234)
+    assert any(drop.dropped_layers(t) for t in range(2))  # the run does skip layers
+    args = [*UNTIED, *ITERS, "--load", str(ckpt), *extra]
+    base = train(1, args, tmp_path / "a.jsonl")
+    assert base[0]["lm_loss"] != plain[0]["lm_loss"] or base[1]["lm_loss"] != plain[1]["lm_loss"]
+    got = train(4, [*args, *layout_args(2, 2)], tmp_path / "b.jsonl")
+    assert_close_records(base, got, rel=1e-5, label="layer dropout TP2PP2")

@@ -26,6 +26,7 @@ from megatron.early_exit.data.gpt_data import (
 )
 from megatron.early_exit.data.tokenizers import Tokenizer, build_tokenizer
 from megatron.early_exit.model import init_model_parallel
+from megatron.early_exit.model.layer_dropout import LayerDropout
 from megatron.early_exit.pipeline import ExitLossWeights, bubble_filling, fill_plan
 from megatron.early_exit.platform import Platform
 from megatron.early_exit.progress import progress
@@ -62,7 +63,13 @@ class Trainer:
         init_model_parallel(model_run, self.config, platform)
         self.state: TrainState = setup_training(model_run, self.config, platform, use_te, self.mode)
         self.tokenizer = tokenizer or build_tokenizer(run.data.tokenizer_config())
-        self.exit_weights = ExitLossWeights(run.exits)
+        self.exit_weights = ExitLossWeights(run.exits, run.training.train_iters)
+        self.layer_dropout = None
+        if run.layer_dropout.enabled:
+            self.layer_dropout = LayerDropout(
+                run.layer_dropout, run.model.num_layers, run.training.train_iters, run.training.seed
+            )
+            self.layer_dropout.install([self.state.model])
         self.writer = MetricsWriter(run.logging.metrics_file)
         # Timers (config.timers), TensorBoard/W&B scalars, memory figures.
         self.monitor = RunMonitor(run, self.config, self.device)
@@ -182,6 +189,8 @@ class Trainer:
         state.model.zero_grad_buffer()
         state.optimizer.zero_grad()
         weights = self.exit_weights.at(iteration)
+        if self.layer_dropout is not None:
+            self.layer_dropout.iteration = iteration
         with self.monitor.time("forward-backward"):
             per_microbatch = self._train_schedule(iteration)(
                 forward_step_func=partial(self._forward_step, weights),
@@ -280,7 +289,7 @@ class Trainer:
         """Mean LM and exit losses over `eval_iters` validation global batches (no grads)."""
         start = time.perf_counter()
         self.state.model.eval()
-        weights = self.exit_weights.at(self.iteration)
+        weights = self.exit_weights.at(self.iteration, curriculum=False)
         per_microbatch = []
         eval_iters = self.run.training.eval_iters
         first = self._eval_runs * eval_iters  # each validation reads new samples
