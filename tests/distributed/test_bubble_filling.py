@@ -90,3 +90,24 @@ def test_tensor_parallel_filling_matches_tp1(tmp_path):
     tp2 = train(4, [*args, *layout_args(2, 2)], tmp_path / "tp2.jsonl")
     assert all(r["fill_microbatches"] == 1 for r in tp1 if r["split"] == "train")
     assert_close_records(tp1, tp2, rel=1e-4, label="TP=2 vs TP=1 with filling")
+
+
+@pytest.mark.slow  # make test time budget; recompute parity without fills runs in make test
+@pytest.mark.parametrize(
+    "recompute",
+    [
+        ["--recompute-granularity", "full", "--recompute-method", "uniform",
+         "--recompute-num-layers", "1"],
+        ["--recompute-granularity", "selective"],
+    ],
+    ids=["full", "selective"],
+)  # fmt: skip
+def test_filling_with_recomputation_matches_filling_without(tmp_path, recompute):
+    """Fill microbatches run forward and backward like the others: with recomputation
+    (exit chunks cut, exit heads recomputed) the losses and grad norm stay the same."""
+    args = [*TINY, *EXITS, "--train-iters", "2", "--fill-explicit-bubbles", *layout_args(1, 2)]
+    args += ["--num-fill-warmup-microbatches", "1", "--num-fill-cooldown-microbatches", "0"]
+    plain = train(2, args, tmp_path / "plain.jsonl")
+    got = train(2, [*args, *recompute], tmp_path / "recompute.jsonl")
+    assert all(r["fill_microbatches"] == 1 for r in got if r["split"] == "train")
+    assert_close_records(plain, got, rel=1e-5, label="filling + recomputation")
