@@ -213,7 +213,8 @@ EXITS = ["--exit-layer-nums", "2", "4", "--use-exit-norm", "--exit-distillation"
         ([*EXITS, "--pipeline-model-parallel-size", "2", "--fill-explicit-bubbles"], 2,
          "--exit-distillation with --pipeline-model-parallel-size > 1 does not fit "
          "--fill-explicit-bubbles"),
-        (["--exit-distillation-top-k", "4"], 1, "--exit-distillation-top-k needs --exit-distillation"),
+        (["--exit-distillation-top-k", "4"], 1,
+         "--exit-distillation-top-k needs --exit-distillation"),
         ([*EXITS, "--exit-distillation-top-k", "0"], 1, "--exit-distillation-top-k must be >= 1"),
     ],
 )  # fmt: skip
