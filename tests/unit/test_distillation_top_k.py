@@ -99,3 +99,38 @@ def test_distillation_teachers_follow_the_flag(dist_world):
     assert local is dense and sent is None  # PP=1: nothing to send
     local, sent = distillation_teachers(model(5), dense)
     assert isinstance(local, TopKTeacher) and local.k == 5 and sent is None
+
+
+@pytest.mark.parametrize("top_k, k", [(None, 256), (8, 8), (1000, 256)])
+def test_teacher_route_per_stage(monkeypatch, top_k, k):
+    """8 layers on 4 stages, exits at 3 and 5 (stages 1 and 2): stage 3 sends, stage 2
+    receives and relays, stage 1 only receives, stage 0 takes no part."""
+    from types import SimpleNamespace
+
+    from megatron.core import parallel_state
+
+    from megatron.early_exit.config import ExitConfig, RunConfig, build_transformer_config
+    from megatron.early_exit.pipeline.teacher import TeacherRoute
+
+    run = RunConfig()
+    run.data.mock_data, run.data.vocab_size = True, 200
+    run.model.num_layers = 8
+    run.parallel.pipeline_model_parallel_size = run.parallel.world_size = 4
+    run.exits = ExitConfig(
+        exit_layer_nums=[3, 5], exit_distillation=True, exit_distillation_top_k=top_k
+    )
+    run.validate()
+    config = build_transformer_config(run)
+    model = SimpleNamespace(vocab_size=256)  # the padded vocabulary
+    monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_world_size", lambda: 4)
+    for name in ("group", "prev_rank", "next_rank"):
+        monkeypatch.setattr(parallel_state, f"get_pipeline_model_parallel_{name}", lambda: None)
+    roles = []
+    for rank in range(4):
+        monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_rank", lambda r=rank: r)
+        route = TeacherRoute(model, config, seq_length=16, micro_batch_size=2)
+        assert route.active and route.shape == (16, 2, k)
+        roles.append((route.receives, route.sends))
+    assert roles == [(False, False), (True, False), (True, True), (False, True)]
+    monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_world_size", lambda: 1)
+    assert not TeacherRoute(model, config, 16, 2).active  # PP=1: the teacher is local
