@@ -78,7 +78,13 @@ class ExitConfig:
     exit_distillation: bool = flag(
         False,
         help="train exits on KL(final layer || exit) instead of cross entropy with the data "
-        "(the final layer's distribution is detached; needs PP=1)",
+        "(the final layer's distribution is detached)",
+    )
+    exit_distillation_top_k: int | None = flag(
+        None,
+        help="teacher = the final layer's top-K tokens plus one bucket for the rest of the "
+        "vocabulary (what the last pipeline stage sends to stages with exits; default: the "
+        "whole vocabulary, exact)",
     )
     exit_loss_curriculum: str = flag(
         "none",
@@ -897,8 +903,14 @@ class RunConfig:
             )
 
     def _validate_exit_distillation(self) -> None:
+        top_k = self.exits.exit_distillation_top_k
         if not self.exits.exit_distillation:
+            _require(top_k is None, "--exit-distillation-top-k needs --exit-distillation")
             return
+        _require(
+            top_k is None or top_k >= 1,
+            f"--exit-distillation-top-k must be >= 1 (got {top_k})",
+        )
         _require(
             self.exits.num_exits > 0,
             "--exit-distillation trains exits toward the final layer but the model has no "
@@ -912,10 +924,9 @@ class RunConfig:
             f"--tune-exit-pipeline-parallel-size {k} drops the last of the {pp} stages",
         )
         _require(
-            pp == 1,
-            f"--exit-distillation needs every exit on the stage that computes the final logits; "
-            f"with --pipeline-model-parallel-size {pp} they live on other stages (use PP=1; "
-            "tensor and data parallelism work)",
+            not (pp > 1 and self.fill.fill_explicit_bubbles),
+            "--exit-distillation with --pipeline-model-parallel-size > 1 does not fit "
+            "--fill-explicit-bubbles (fill microbatches have no teacher): drop one of them",
         )
 
     def resolve_vocab(self, tokenizer_vocab_size: int) -> None:

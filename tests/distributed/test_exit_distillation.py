@@ -1,17 +1,24 @@
-"""--exit-distillation under tensor parallelism: the vocab-parallel KL gives TP=2 the same
-losses, KLs and gradient norms as one process, in normal training (backbone and exits
-trained) and in EE-Tuning (exits only, on the checkpoint the first run saved)."""
+"""--exit-distillation in parallel layouts: the vocab-parallel KL gives TP=2 the same losses,
+KLs and gradient norms as one process; with PP > 1 the last stage's teacher travels to the
+exits' stages (pipeline/teacher.py) and PP=2 matches one process exactly when the teacher
+keeps the whole vocabulary (the default), in training and in validation. Slow tier: small
+--exit-distillation-top-k at TP=2 x PP=2 matches one process with the same k (and its KL
+is below the full one: the documented bound), PP=4 relays through an exit-less stage, and
+EE-Tuning (exits only) at TP=2 and PP=2."""
 
 import pytest
 
-from tests.distributed.launch import TINY, assert_close_records, train
+from tests.distributed.launch import ENTRY, TINY, assert_close_records, torchrun, train
 
 pytestmark = pytest.mark.distributed
 # Larger init than the default: peaked, differing distributions, so the KL is far from 0.
 ARCH = [*TINY, "--init-method-std", "0.2", "--exit-layer-nums", "1", "3", "--use-exit-norm",
         "--use-exit-mlp", "--exit-distillation"]  # fmt: skip
 TRAIN = ["--train-iters", "3", "--lr", "1e-2", "--eval-interval", "3", "--eval-iters", "1"]
+# Pipeline layouts initialise differently: every run starts from one saved model.
+FROM_REF = ["--no-load-optim", "--finetune"]
 TP2 = ["--tensor-model-parallel-size", "2"]
+PP2 = ["--pipeline-model-parallel-size", "2"]
 
 
 def assert_close_kl(a: list[dict], b: list[dict], rel: float, label: str) -> None:
@@ -23,9 +30,18 @@ def assert_close_kl(a: list[dict], b: list[dict], rel: float, label: str) -> Non
             assert abs(x - y) <= rel * max(x, y), f"{label} {ra['split']} {k}: {x} vs {y}"
 
 
-def test_tensor_parallel_matches_one_process(tmp_path):
-    one = train(1, [*ARCH, *TRAIN], tmp_path / "one.jsonl")
-    tp2 = train(2, [*ARCH, *TRAIN, *TP2], tmp_path / "tp2.jsonl")
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A saved initial model and one process's run from it."""
+    root = tmp_path_factory.mktemp("distill")
+    torchrun(1, ENTRY, [*ARCH, "--train-iters", "0", "--save", str(root / "ckpt")])
+    args = [*ARCH, *TRAIN, *FROM_REF, "--load", str(root / "ckpt")]
+    return args, train(1, args, root / "one.jsonl")
+
+
+def test_tensor_parallel_matches_one_process(reference, tmp_path):
+    args, one = reference
+    tp2 = train(2, [*args, *TP2], tmp_path / "tp2.jsonl")
     assert_close_records(one, tp2, 1e-5, "TP=2")
     assert_close_kl(one, tp2, 1e-5, "TP=2")
     train_kl = [r["exit_kl"]["1"] for r in one if r["split"] == "train"]
@@ -33,13 +49,45 @@ def test_tensor_parallel_matches_one_process(tmp_path):
     assert one[-1]["exit_kl"]["1"] < one[0]["exit_kl"]["1"]  # validation KL went down
 
 
+def test_pipeline_parallel_matches_one_process(reference, tmp_path):
+    """Exit 1 on stage 0 gets the whole-vocabulary teacher from stage 1 (exit 3 is local)."""
+    args, one = reference
+    pp2 = train(2, [*args, *PP2], tmp_path / "pp2.jsonl")
+    assert_close_records(one, pp2, 1e-5, "PP=2")
+    assert_close_kl(one, pp2, 1e-5, "PP=2")  # train and validation records
+
+
 @pytest.mark.slow
-def test_ee_tuning_tensor_parallel_matches_one_process(tmp_path):
+def test_small_top_k_tp2_pp2_matches_one_process_with_the_same_k(reference, tmp_path):
+    args, dense = reference
+    top_k = ["--exit-distillation-top-k", "8"]
+    one = train(1, [*args, *top_k], tmp_path / "one.jsonl")
+    got = train(4, [*args, *top_k, *TP2, *PP2], tmp_path / "tp2pp2.jsonl")
+    assert_close_records(one, got, 1e-5, "TP=2 PP=2 k=8")
+    assert_close_kl(one, got, 1e-5, "TP=2 PP=2 k=8")
+    # The bound: before any update (the first validation) the top-k KL <= the full KL.
+    for layer, full in dense[0]["exit_kl"].items():
+        assert 0 <= one[0]["exit_kl"][layer] <= full + 1e-6, layer
+    assert one[-1]["exit_kl"]["1"] < one[0]["exit_kl"]["1"]  # it still trains the exit
+
+
+@pytest.mark.slow
+def test_pipeline_4_relays_through_a_stage_without_exits(reference, tmp_path):
+    """Exits 1 and 3 live on stages 0 and 2; stage 1 only relays the teacher."""
+    args, one = reference
+    pp4 = train(4, [*args, "--pipeline-model-parallel-size", "4"], tmp_path / "pp4.jsonl")
+    assert_close_records(one, pp4, 1e-5, "PP=4")
+    assert_close_kl(one, pp4, 1e-5, "PP=4")
+
+
+@pytest.mark.slow
+def test_ee_tuning_tensor_and_pipeline_parallel_match_one_process(tmp_path):
     base = [*ARCH, "--train-iters", "1", "--save", str(tmp_path / "base")]
     train(1, base, tmp_path / "base.jsonl")  # a checkpoint with exits
     tune = ["--load", str(tmp_path / "base"), "--tune-exit", "--finetune", *TRAIN]
     t1 = train(1, [*ARCH, *tune], tmp_path / "t1.jsonl")
-    t2 = train(2, [*ARCH, *tune, *TP2], tmp_path / "t2.jsonl")
-    assert_close_records(t1, t2, 1e-5, "EE-Tuning TP=2")
-    assert_close_kl(t1, t2, 1e-5, "EE-Tuning TP=2")
+    for label, layout in (("TP=2", TP2), ("PP=2", PP2)):
+        got = train(2, [*ARCH, *tune, *layout], tmp_path / f"{label}.jsonl")
+        assert_close_records(t1, got, 1e-5, f"EE-Tuning {label}")
+        assert_close_kl(t1, got, 1e-5, f"EE-Tuning {label}")
     assert t1[-1]["exit_kl"]["3"] < t1[0]["exit_kl"]["3"]

@@ -37,6 +37,7 @@ EXPECTED_FLAGS = [
     "--eval-interval",
     "--eval-iters",
     "--exit-distillation",
+    "--exit-distillation-top-k",
     "--exit-interval",
     "--exit-layer-nums",
     "--exit-layer-temperature",

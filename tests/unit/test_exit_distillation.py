@@ -208,12 +208,14 @@ EXITS = ["--exit-layer-nums", "2", "4", "--use-exit-norm", "--exit-distillation"
     "argv, world, message",
     [
         (["--exit-distillation"], 1, "has no exits"),
-        ([*EXITS, "--pipeline-model-parallel-size", "2"], 2,
-         "--exit-distillation needs every exit on the stage that computes the final logits"),
         (["--tune-exit", "--load", "/nonexistent", *EXITS, "--pipeline-model-parallel-size", "2",
           "--tune-exit-pipeline-parallel-size", "1"], 1, "drops the last of the 2 stages"),
-        (["--tune-exit", "--load", "/nonexistent", *EXITS, "--pipeline-model-parallel-size", "2",
-          "--tune-exit-pipeline-parallel-size", "2"], 2, "needs every exit on the stage"),
+        ([*EXITS, "--pipeline-model-parallel-size", "2", "--fill-explicit-bubbles"], 2,
+         "--exit-distillation with --pipeline-model-parallel-size > 1 does not fit "
+         "--fill-explicit-bubbles"),
+        (["--exit-distillation-top-k", "4"], 1,
+         "--exit-distillation-top-k needs --exit-distillation"),
+        ([*EXITS, "--exit-distillation-top-k", "0"], 1, "--exit-distillation-top-k must be >= 1"),
     ],
 )  # fmt: skip
 def test_refused_layouts(argv, world, message):
@@ -230,4 +232,15 @@ def test_accepted_with_tensor_parallelism_and_ee_tuning():
     run = parse_run_config([*BASE, *EXITS, "--tensor-model-parallel-size", "2"], 2)
     assert run.exits.exit_distillation
     run = parse_run_config([*BASE, *EXITS, "--tune-exit", "--load", "/nonexistent"], 1)
+    assert run.exits.exit_distillation and run.training.tune_exit
+
+
+def test_accepted_with_pipeline_parallelism():
+    from megatron.early_exit.arguments import parse_run_config
+
+    pp2 = ["--pipeline-model-parallel-size", "2", "--exit-distillation-top-k", "8"]
+    run = parse_run_config([*BASE, *EXITS, *pp2, "--tensor-model-parallel-size", "2"], 4)
+    assert run.exits.exit_distillation_top_k == 8
+    tune = ["--tune-exit", "--load", "/nonexistent", "--tune-exit-pipeline-parallel-size", "2"]
+    run = parse_run_config([*BASE, *EXITS, *pp2, *tune], 2)
     assert run.exits.exit_distillation and run.training.tune_exit

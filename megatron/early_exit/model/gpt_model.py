@@ -390,7 +390,8 @@ class EarlyExitGPTModel(GPTModel):
         """Per-token KL(teacher || exit) [b, s] (differentiable), the exit's cross entropy with
         `labels` [b, s] (detached, a metric) and, if asked, its detached max probability.
 
-        `teacher_log_probs`: the final layer's detached log-probabilities [s, b, V/tp].
+        `teacher_log_probs`: the final layer's detached log-probabilities [s, b, V/tp], or
+        its top-k reduction (a `TopKTeacher`, exit distillation across pipeline stages).
         """
 
         def head_and_loss(hidden):
@@ -399,7 +400,10 @@ class EarlyExitGPTModel(GPTModel):
             with torch.no_grad():
                 if with_max_prob:
                     max_prob = vocab_parallel_max_prob(logits.float()).transpose(0, 1)
-            kl = vocab_parallel_kl_divergence(logits, teacher_log_probs).transpose(0, 1)
+            if isinstance(teacher_log_probs, TopKTeacher):
+                kl = vocab_parallel_top_k_kl(logits, teacher_log_probs).transpose(0, 1)
+            else:
+                kl = vocab_parallel_kl_divergence(logits, teacher_log_probs).transpose(0, 1)
             with torch.no_grad():
                 # Last: megatron's CE works in place on the logits. The KL saved its own
                 # log-softmax, not the logits (autograd's version check would catch it).
@@ -463,6 +467,117 @@ def vocab_parallel_kl_divergence(
     rank's logit slice its own slice of the gradient, as with megatron's vocab-parallel CE.
     """
     return _VocabParallelKL.apply(student_logits, teacher_log_probs.detach())
+
+
+@dataclass
+class TopKTeacher:
+    """The final layer's distribution as its top-k tokens plus one bucket for the rest of the
+    vocabulary: what the last pipeline stage sends to the stages that own exits.
+
+    log_probs [s, b, k] float32 (descending), ids [s, b, k] int64 (global token ids),
+    tail [s, b] float32: the probability outside the top k, summed directly (no 1 - sum
+    cancellation), so exactly 0 when k covers the (padded) vocabulary."""
+
+    log_probs: torch.Tensor
+    ids: torch.Tensor
+    tail: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[-1]
+
+
+def _tp_rank_and_size() -> tuple[int, int]:
+    return (
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+    )
+
+
+def _local_ids(ids: torch.Tensor, local_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global ids -> (index into this TP rank's vocabulary slice, clamped; whether it is in it)."""
+    rank, _ = _tp_rank_and_size()
+    local = ids - rank * local_vocab
+    valid = (local >= 0) & (local < local_vocab)
+    return local.clamp(0, local_vocab - 1), valid
+
+
+def _scatter_local(values: torch.Tensor, like: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`values` [.., k] at global `ids` into a zero tensor shaped like this rank's slice
+    (scatter_add: clamped out-of-slice indices add 0 instead of racing a real write)."""
+    local, valid = _local_ids(ids, like.shape[-1])
+    out = torch.zeros_like(like, dtype=values.dtype)
+    return out.scatter_add_(-1, local, torch.where(valid, values, torch.zeros_like(values)))
+
+
+def _tp_all_gather_last(tensor: torch.Tensor) -> torch.Tensor:
+    _, size = _tp_rank_and_size()
+    if size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(
+        parts, tensor.contiguous(), group=parallel_state.get_tensor_model_parallel_group()
+    )
+    return torch.cat(parts, dim=-1)
+
+
+@torch.no_grad()
+def vocab_parallel_top_k_teacher(log_probs: torch.Tensor, k: int) -> TopKTeacher:
+    """The top-k reduction of full log-probabilities split across TP ranks ([.., V/tp], from
+    `vocab_parallel_log_softmax`); every TP rank gets the same teacher. k >= V keeps all."""
+    rank, size = _tp_rank_and_size()
+    local_vocab = log_probs.shape[-1]
+    k = min(k, local_vocab * size)
+    values, index = log_probs.topk(min(k, local_vocab), dim=-1)
+    ids = index + rank * local_vocab
+    if size > 1:  # the global top k is among the ranks' local top k
+        values, pick = _tp_all_gather_last(values).topk(k, dim=-1)
+        ids = _tp_all_gather_last(ids).gather(-1, pick)
+    inside = _scatter_local(torch.ones_like(values), log_probs, ids) > 0
+    tail = _tp_all_reduce(log_probs.exp().masked_fill(inside, 0.0).sum(dim=-1))
+    return TopKTeacher(values.float().contiguous(), ids.contiguous(), tail.float().contiguous())
+
+
+class _VocabParallelTopKKL(torch.autograd.Function):
+    """KL between the (k + 1)-bucket reductions of teacher and student: the top-k tokens
+    one by one, the rest of the vocabulary as one bucket (teacher mass r, student mass
+    q_tail). d KL / d z_v = q_v - p_v on the top k and q_v (1 - r / q_tail) on the rest:
+    the student's tail keeps its shape and is only scaled toward the teacher's mass."""
+
+    @staticmethod
+    def forward(ctx, student_logits, log_p, ids, tail):
+        log_q = vocab_parallel_log_softmax(student_logits)
+        local, valid = _local_ids(ids, log_q.shape[-1])
+        log_q_k = _tp_all_reduce(torch.where(valid, log_q.gather(-1, local), 0.0))
+        inside = _scatter_local(torch.ones_like(log_p), log_q, ids) > 0
+        q_tail = _tp_all_reduce(log_q.exp().masked_fill(inside, 0.0).sum(dim=-1))
+        q_tail = q_tail.clamp_min(torch.finfo(torch.float32).tiny)
+        head = (log_p.exp() * (log_p - log_q_k)).sum(dim=-1)
+        bucket = torch.where(tail > 0, tail * (tail.clamp_min(1e-38).log() - q_tail.log()), 0.0)
+        ctx.save_for_backward(log_q, log_p, ids, tail, q_tail)
+        ctx.logits_dtype = student_logits.dtype
+        return head + bucket
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        log_q, log_p, ids, tail, q_tail = ctx.saved_tensors
+        q = log_q.exp()
+        p_k = _scatter_local(log_p.exp(), q, ids)
+        inside = _scatter_local(torch.ones_like(log_p), q, ids) > 0
+        tail_scale = (tail / q_tail).unsqueeze(-1)
+        grad = q - p_k - (q * tail_scale).masked_fill(inside, 0.0)
+        return (grad * grad_kl.unsqueeze(-1)).to(ctx.logits_dtype), None, None, None
+
+
+def vocab_parallel_top_k_kl(student_logits: torch.Tensor, teacher: TopKTeacher) -> torch.Tensor:
+    """Per-token KL of the (k + 1)-bucket reductions, float32: [.., V/tp] -> [..].
+
+    A lower bound of the full KL (data processing inequality), equal to it when k covers the
+    vocabulary; the logit gradient differs from the full KL's by at most 2 r in L1 per token
+    (r: the teacher's tail mass). Every TP rank gets the same values."""
+    return _VocabParallelTopKKL.apply(
+        student_logits, teacher.log_probs.detach(), teacher.ids, teacher.tail.detach()
+    )
 
 
 def build_model(

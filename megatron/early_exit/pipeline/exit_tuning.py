@@ -28,6 +28,7 @@ from megatron.early_exit.pipeline.schedules import (
     _sent_tensor,
     _timed,
 )
+from megatron.early_exit.pipeline.teacher import TeacherRoute
 
 
 def forward_backward_exit_tuning(
@@ -53,13 +54,14 @@ def forward_backward_exit_tuning(
     shape = (seq, micro_batch_size, config.hidden_size)
     head_grad = torch.no_grad() if forward_only else contextlib.nullcontext()
 
+    # Exit distillation at PP > 1: stages whose exits need the last stage's teacher keep
+    # their microbatches (exit states only) until the teacher phase after the forwards.
+    teacher = TeacherRoute(model, config, seq_length, micro_batch_size)
+    pending = []
+
     metrics = []
-    for _ in range(num_microbatches):
-        input_tensor = p2p.recv_forward(shape, first) if p2p is not None else None
-        with torch.no_grad():  # frozen backbone: no graph, nothing kept for backward
-            output, loss_func = _forward(forward_step_func, data_iterator, model, input_tensor)
-        if p2p is not None:
-            p2p.send_forward(_sent_tensor(output), last)
+
+    def heads(output, loss_func):
         with head_grad:
             local_loss, mb_metrics = loss_func(output)
         metrics.append(mb_metrics)
@@ -69,6 +71,19 @@ def forward_backward_exit_tuning(
                 loss = config.grad_scale_func(loss)
             with _timed(config, "backward-compute"):
                 loss.backward()
+
+    for _ in range(num_microbatches):
+        input_tensor = p2p.recv_forward(shape, first) if p2p is not None else None
+        with torch.no_grad():  # frozen backbone: no graph, nothing kept for backward
+            output, loss_func = _forward(forward_step_func, data_iterator, model, input_tensor)
+        if p2p is not None:
+            p2p.send_forward(_sent_tensor(output), last)
+        if not teacher.defers:
+            heads(output, loss_func)
+        if teacher.active:  # keep the output only where the loss still has to run
+            pending.append((output if teacher.defers else None, loss_func))
+    if teacher.active:
+        teacher.drain(pending, heads)
     if not forward_only and config.finalize_model_grads_func is not None:
         config.finalize_model_grads_func([model])
     return metrics

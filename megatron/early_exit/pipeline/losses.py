@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+from megatron.core import parallel_state
 
 from megatron.early_exit.data import Batch
 from megatron.early_exit.model import EarlyExitGPTModel, ExitForwardOutput
-from megatron.early_exit.model.gpt_model import vocab_parallel_log_softmax
+from megatron.early_exit.model.gpt_model import (
+    TopKTeacher,
+    exit_stage,
+    vocab_parallel_log_softmax,
+    vocab_parallel_top_k_teacher,
+)
 
 
 def lm_loss_key() -> str:
@@ -42,6 +49,58 @@ def lm_loss_and_teacher(
     return lm, teacher
 
 
+@dataclass
+class TeacherBox:
+    """One microbatch's distillation teacher between its loss function and the schedule
+    (pipeline/teacher.py): the last stage's loss function leaves the top-k teacher here for
+    the schedule to send upstream; on an earlier stage the schedule puts the received one
+    here before calling the loss function (deferred to that microbatch's backward)."""
+
+    teacher: TopKTeacher | None = None
+
+    def take(self) -> TopKTeacher:
+        if self.teacher is None:
+            raise RuntimeError(
+                "exit distillation: this stage's exits need the teacher from the last pipeline "
+                "stage, but the schedule delivered none for this microbatch"
+            )
+        return self.teacher
+
+
+def resolved_top_k(config, vocab_size: int) -> int:
+    """The teacher's k: --exit-distillation-top-k, at most (and by default) the padded
+    vocabulary `vocab_size`."""
+    k = config.early_exit.exit_distillation_top_k
+    return vocab_size if k is None else min(k, vocab_size)
+
+
+def earliest_exit_stage(config) -> int:
+    return min(exit_stage(n, config) for n in config.early_exit.exit_layer_nums)
+
+
+def teacher_goes_upstream(model: EarlyExitGPTModel) -> bool:
+    """Whether this (last) stage must send the teacher: an exit lives on an earlier stage."""
+    return (
+        parallel_state.get_pipeline_model_parallel_world_size() > 1
+        and earliest_exit_stage(model.config) < parallel_state.get_pipeline_model_parallel_rank()
+    )
+
+
+def distillation_teachers(
+    model: EarlyExitGPTModel, dense: torch.Tensor
+) -> tuple[torch.Tensor | TopKTeacher, TopKTeacher | None]:
+    """(teacher of this stage's exits, teacher to send upstream or None) from the final
+    layer's log-probabilities. Without --exit-distillation-top-k the local exits keep the
+    dense distribution (the PP=1 path); with it every exit sees the same top-k teacher,
+    wherever it lives."""
+    k = model.config.early_exit.exit_distillation_top_k
+    upstream = teacher_goes_upstream(model)
+    top_k = None
+    if upstream or k is not None:
+        top_k = vocab_parallel_top_k_teacher(dense, resolved_top_k(model.config, model.vocab_size))
+    return (dense if k is None else top_k), (top_k if upstream else None)
+
+
 def make_loss_func(
     batch: Batch,
     model: EarlyExitGPTModel,
@@ -60,6 +119,8 @@ def make_loss_func(
     detached distribution.
     """
 
+    box = TeacherBox()
+
     def loss_func(out: ExitForwardOutput):
         total = None
         teacher = None
@@ -68,10 +129,13 @@ def make_loss_func(
         if model.post_process:
             per_token = out.output
             if exit_distillation:
-                per_token, teacher = lm_loss_and_teacher(model, out.output, batch.labels)
+                per_token, dense = lm_loss_and_teacher(model, out.output, batch.labels)
+                teacher, box.teacher = distillation_teachers(model, dense)
             lm = masked_mean(per_token, mask)
             metrics[lm_loss_key()] = lm.detach()
             total = lm
+        elif exit_distillation and out.exit_states:
+            teacher = box.take()
         total = add_weighted_exit_losses(
             total,
             model,
@@ -84,6 +148,8 @@ def make_loss_func(
         )
         return total, metrics
 
+    if exit_distillation:
+        loss_func.teacher_box = box
     return loss_func
 
 
@@ -95,7 +161,7 @@ def add_weighted_exit_losses(
     exit_weights: dict[int, float],
     dynamic_exit_weight: bool,
     metrics: dict[str, torch.Tensor],
-    teacher_log_probs: torch.Tensor | None = None,
+    teacher_log_probs: torch.Tensor | TopKTeacher | None = None,
 ) -> torch.Tensor | None:
     """`total` plus this stage's weighted exit losses, added one by one in layer order (None
     when both are absent); records each exit's unweighted cross entropy in `metrics`.

@@ -13,12 +13,15 @@ loss and the gradient to send upstream. We call the autograd engine directly, as
 megatron-core does, so that x_i may have been pseudo-deallocated after sending.
 
 `loss_func` runs right before the microbatch's backward, so exit logits (s*b*V) exist
-only for the microbatch being backpropagated, not for every microbatch in flight.
+only for the microbatch being backpropagated, not for every microbatch in flight. With
+exit distillation at PP > 1 that is also when the teacher has arrived: it travels upstream
+right behind each gradient (pipeline/teacher.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,6 +31,8 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_attr_wrapped_model
 from torch.autograd import Variable
+
+from megatron.early_exit.pipeline.teacher import TeacherRoute
 
 LossFunc = Callable[[Any], tuple[torch.Tensor | None, dict[str, torch.Tensor]]]
 ForwardStepFunc = Callable[[Iterator, torch.nn.Module], tuple[Any, LossFunc]]
@@ -67,6 +72,7 @@ def _forward(forward_step_func, data_iterator, model, input_tensor):
     if getattr(config, "timers", None) is None:
         return output, loss_func
 
+    @functools.wraps(loss_func)  # keeps its attributes (the distillation teacher box)
     def timed_loss_func(out):  # exit heads (and the LM loss) run here, deferred
         with _timed(config, "exit-heads"):
             return loss_func(out)
@@ -195,28 +201,44 @@ def forward_backward_1f1b(
     in_flight: list[tuple[torch.Tensor | None, Any, LossFunc]] = []
     backward_count = 0
 
+    teacher = TeacherRoute(model, config, seq_length, micro_batch_size)
+    teacher_pending: list = []  # forward-only: microbatches awaiting the teacher phase
+    backpropagated: list[LossFunc] = []  # their teachers go upstream after the gradient
+
     sync_ctx = None if forward_only else _no_sync(model)
     if sync_ctx is not None:
         sync_ctx.__enter__()
+
+    def eval_loss(output, loss_func):
+        with torch.no_grad():
+            _, mb_metrics = loss_func(output)
+        metrics.append(mb_metrics)
 
     def forward_one(input_tensor):
         context = torch.no_grad() if forward_only else contextlib.nullcontext()
         with context:
             output, loss_func = _forward(forward_step_func, data_iterator, model, input_tensor)
-            if forward_only:
-                _, mb_metrics = loss_func(output)
-                metrics.append(mb_metrics)
+        if forward_only:
+            if not teacher.defers:
+                eval_loss(output, loss_func)
+            if teacher.active:  # keep the output only where the loss still has to run
+                teacher_pending.append((output if teacher.defers else None, loss_func))
         return output, loss_func
+
+    def send_teacher():  # right after the gradient crossed the same link
+        teacher.send(backpropagated.pop(0))
 
     def backward_one(output_grad):
         nonlocal backward_count, sync_ctx
         input_tensor, output, loss_func = in_flight.pop(0)
+        teacher.receive(loss_func)  # right after the gradient of this microbatch
         backward_count += 1
         if backward_count == num_microbatches and sync_ctx is not None:
             sync_ctx.__exit__(None, None, None)  # let DDP reduce grads on the last backward
             sync_ctx = None
         local_loss, mb_metrics = loss_func(output)  # deferred exit-head forward
         metrics.append(mb_metrics)
+        backpropagated.append(loss_func)
         return _backward(
             input_tensor,
             _sent_tensor(output),
@@ -262,12 +284,16 @@ def forward_backward_1f1b(
                 input_tensor = requires_grad(
                     p2p.send_backward_recv_forward(input_grad, shape, first)
                 )
+            send_teacher()
 
         if not forward_only:
             for _ in range(num_warmup):
                 output_grad = p2p.recv_backward(shape, last)
                 input_grad = backward_one(output_grad)
                 p2p.send_backward(input_grad, first)
+                send_teacher()
+        elif teacher.active:
+            teacher.drain(teacher_pending, eval_loss)
     finally:
         if sync_ctx is not None:
             sync_ctx.__exit__(None, None, None)

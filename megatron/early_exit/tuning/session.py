@@ -25,7 +25,9 @@ from megatron.early_exit.data import Batch
 from megatron.early_exit.errors import CheckpointError, ConfigError
 from megatron.early_exit.model import EarlyExitGPTModel, ExitForwardOutput, ExitState
 from megatron.early_exit.pipeline.losses import (
+    TeacherBox,
     add_weighted_exit_losses,
+    distillation_teachers,
     lm_loss_and_teacher,
     lm_loss_key,
     masked_mean,
@@ -91,8 +93,11 @@ def make_exit_tuning_loss_func(
         if has_lm_loss:
             per_token = out.output.detach()
             if exit_distillation:
-                per_token, teacher = lm_loss_and_teacher(model, per_token, batch.labels)
+                per_token, dense = lm_loss_and_teacher(model, per_token, batch.labels)
+                teacher, box.teacher = distillation_teachers(model, dense)
             metrics[lm_loss_key()] = masked_mean(per_token, mask)
+        elif exit_distillation and out.exit_states:
+            teacher = box.take()  # sent by the last stage (pipeline/teacher.py)
         detached = {
             layer: ExitState(state.hidden.detach(), state.attention_mask, state.rotary_pos_emb)
             for layer, state in out.exit_states.items()
@@ -109,6 +114,9 @@ def make_exit_tuning_loss_func(
         )
         return total, metrics
 
+    box = TeacherBox()
+    if exit_distillation:
+        loss_func.teacher_box = box
     return loss_func
 
 
