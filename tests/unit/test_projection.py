@@ -1,5 +1,6 @@
 """Row-count-dependent vocabulary projection (inference/projection.py): equal to F.linear,
-and the engine's heads give the same tokens and logits through it."""
+and the engine's heads give the same tokens through it; the cost model's calibration on the
+same tiny engine (one process world for both: its setup is the expensive part)."""
 
 import pytest
 import torch
@@ -33,12 +34,18 @@ def dist_world():
     yield from tp1pp1_world(seed=7)
 
 
-def test_engine_heads_through_thin_path_equal_linear(dist_world, monkeypatch):
+@pytest.fixture(scope="module")
+def engine(dist_world):
+    from tests.unit.test_inference import _engine
+
+    return _engine(llama=True)
+
+
+def test_engine_heads_through_thin_path_equal_linear(engine, monkeypatch):
     """Every head of a tiny model forced onto W @ x^T: the same tokens and exits (full
     model, lossy early exit, self-speculative, whose verification projects 4 rows)."""
-    from tests.unit.test_inference import PROMPTS, _engine, _req
+    from tests.unit.test_inference import PROMPTS, _req
 
-    engine = _engine(llama=True)
     modes = [
         {},
         {"mode": "early_exit", "threshold": 0.6},
@@ -61,3 +68,15 @@ def test_engine_heads_through_thin_path_equal_linear(dist_world, monkeypatch):
     for a_mode, b_mode in zip(ref, thin):
         for a, b in zip(a_mode, b_mode):
             assert a.token_ids == b.token_ids and a.exit_layers == b.exit_layers
+
+
+def test_cost_model_calibrates_on_tiny_engine(engine):
+    from megatron.early_exit.inference.cost_model import calibrate
+
+    cm = calibrate(engine, rows=(1, 2, 4), rounds=2, tokens=4)
+    assert cm.rows == [1, 2, 4] and cm.num_layers == engine.limits.num_layers
+    for curve in (cm.layer_ms, cm.weights_ms, cm.head_ms):
+        assert len(curve) == 3 and all(t > 0 for t in curve)
+    assert set(cm.exit_head_ms) == set(engine.limits.exit_layers) == set(cm.exit_block_ms)
+    assert all(cm.exit_block_ms[e] > 0 for e in cm.exit_block_ms)  # llama: exit blocks
+    assert cm.step_overhead_ms >= 0 and cm.full_step(1) > cm.layer(1)
