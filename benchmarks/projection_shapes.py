@@ -160,8 +160,7 @@ def verification(args, threads: int) -> dict:
     res = {"exits": exits, "num_layers": L, "cost_model": cm.to_dict(), "rows": []}
     for e in exits:
         for k in range(1, K + 1):
-            row = {"exit": e, "drafts": k, "predicted_ratio": cm.verification(e, k)
-                   / (cm.full_step(1) - cm.step_overhead_ms)}  # fmt: skip
+            row = {"exit": e, "drafts": k, "predicted_ratio": _predicted_ratio(cm, e, k)}
             for v in ("before", "after"):
                 a, b = t[(v, ("verify", e, k))], t[(v, ("step", None, 0))]
                 row[f"{v}_ms"] = statistics.median(a)
@@ -174,6 +173,13 @@ def verification(args, threads: int) -> dict:
 _ENGINES: dict = {}
 
 
+def _predicted_ratio(cm, e: int, k: int) -> float:
+    """The cost model's verification / decode step, both without the engine's per-step
+    overhead (the timed functions above call the stage directly)."""
+    over = cm.step_overhead_ms
+    return (cm.verification(e, k) - over) / (cm.full_step(1) - over)
+
+
 def write_md(path: str, meta: dict, res: dict) -> None:
     lines = [
         "# Projection shapes and verification cost (CPU, fp32)",
@@ -183,6 +189,11 @@ def write_md(path: str, meta: dict, res: dict) -> None:
         "alternation; each figure is the median of per-round values. before = F.linear, "
         "after = projection.project (W @ x^T for 2-8 rows on weights >= 4M elements).",
     ]
+    load = _load(meta["uptime_after"])
+    if load is not None and load > 2 * (os.cpu_count() or 1):
+        lines += ["", f"**Load {load:.0f} on {os.cpu_count()} cores during this run: the figures "
+                  "carry that contention (multi-thread figures most); rerun on an idle machine "
+                  "before reading small differences.**"]  # fmt: skip
     n = meta["max_rows"]
     for th, curves in res["row_curves"].items():
         lines += ["", f"## Row-count curves, {th} thread(s): t(k rows) / t(1 row, before)", "",
@@ -252,6 +263,13 @@ def plot(path: str, meta: dict, res: dict) -> None:
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _load(text: str) -> float | None:
+    try:
+        return float(text.split()[1])
+    except (IndexError, ValueError):
+        return None
 
 
 def _uptime() -> str:
