@@ -9,7 +9,7 @@ TORCH_PIP_ARGS ?=
 NPROC ?= 2
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-all test-gpu lint format demo bench-exit-overhead bench-server-load bench-inference bench-exit-agreement perf-model bench-bubble-filling bench-ee-tuning clean
+.PHONY: venv test test-all test-gpu lint format demo bench-exit-overhead bench-server-load bench-inference bench-exit-agreement bench-projection-shapes perf-model bench-bubble-filling bench-ee-tuning clean
 
 venv: $(STAMP)
 
@@ -70,6 +70,12 @@ bench-inference: venv
 # Exit quality for early exit / self-speculation, with a cost-model speedup ceiling.
 bench-exit-agreement: venv
 	$(PY) benchmarks/exit_agreement.py --load $(CKPT) $(BENCH_ARGS)
+
+# Projection row-count curves (LM head, layer matmuls) and verification cost vs one decode
+# step; VERIFY_CKPT: any checkpoint of the model to time (SmolLM2: /work/cache/smollm2/...).
+VERIFY_CKPT ?= $(CKPT)
+bench-projection-shapes: venv
+	$(PY) benchmarks/projection_shapes.py --load $(VERIFY_CKPT) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache outputs

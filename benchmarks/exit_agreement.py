@@ -11,11 +11,11 @@ full model generated there). From these:
   self-speculative decoding with that exit, one token at a time);
 - per exit set and threshold: coverage (share of tokens an exit fires for) and precision
   (share of those that match the full model), i.e. the token agreement of lossy early exit;
-- a memory-traffic cost model of batch-1 CPU decoding (a decode step reads every weight it
-  uses once, so its cost is proportional to the parameters it touches: a layer, an exit
-  head's norm/MLP/block, a vocabulary projection) turned into the best speedup each method
-  could reach with these exits, ignoring Python overhead and KV catch-up. The measured
-  speedups of benchmarks/inference_early_exit.py sit below these ceilings.
+- the decode-cost model calibrated on this machine (inference/cost_model.py: measured
+  per-call times of a layer and of the LM head at 1..8 rows, of each exit head, and the
+  per-step overhead) turned into the best speedup each method could reach with these exits,
+  ignoring KV catch-up. The calibration's predicted full decode step is printed next to the
+  measured one; benchmarks/inference_early_exit.py compares predictions per configuration.
 
 Writes NAME.{json,md,png} to --out.
 """
@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from megatron.early_exit.cli import add_results_args
 
@@ -67,6 +68,7 @@ def collect(args) -> dict:
     from inference_early_exit import shakespeare_prompts
 
     from megatron.early_exit.inference.api import EarlyExitParams, GenerationRequest, SamplingParams
+    from megatron.early_exit.inference.cost_model import calibrate
     from megatron.early_exit.inference.loading import engine_from_args
     from megatron.early_exit.progress import progress
 
@@ -82,7 +84,13 @@ def collect(args) -> dict:
     rows = {"full": [], **{str(e): [] for e in exits}, **{f"conf{e}": [] for e in exits}}
     print(f"generating {len(reqs)} x {args.new_tokens} tokens with the full model",
           file=sys.stderr, flush=True)  # fmt: skip
+    t0 = time.perf_counter()
     results = engine.generate(reqs)
+    t_all = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    one = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    engine.generate([GenerationRequest(p, one, EarlyExitParams(mode="none")) for p in prompts])
+    step_ms = (t_all - (time.perf_counter() - t0)) / max(1, args.new_tokens - 1) * 1e3
     with torch.no_grad():
         for prompt, res in progress(list(zip(prompts, results)), desc="teacher forcing",
                                     unit="prompt"):  # fmt: skip
@@ -100,38 +108,28 @@ def collect(args) -> dict:
                 conf, top = probs.max(dim=-1)
                 rows[str(e)] += top.tolist()
                 rows[f"conf{e}"] += conf.tolist()
-    return {"exits": exits, "rows": rows, "costs": layer_costs(model), "L": model.config.num_layers}
-
-
-def layer_costs(model) -> dict:
-    """Parameters a batch-1 decode step reads, per component (the cost model's units)."""
-
-    def numel(m) -> int:
-        return sum(p.numel() for p in m.parameters()) if m is not None else 0
-
-    layer = numel(model.decoder.layers[0])
-    vocab = model.shared_embedding_or_output_weight().numel()
-    heads, blocks = {}, {}
-    for e in model.config.early_exit.exit_layer_nums:
-        h = model.exit_heads.get(e)
-        heads[str(e)] = numel(h.block) + numel(h.mlp) + numel(h.norm) + vocab
-        blocks[str(e)] = numel(h.block)
-    return {
-        "layer": layer,
-        "vocab_projection": vocab,
-        "vocab_size": model.shared_embedding_or_output_weight().shape[0],
-        "exit_head": heads,
-        "exit_block": blocks,
+    print("calibrating the cost model", file=sys.stderr, flush=True)
+    cm = calibrate(engine)
+    check = {
+        "batch": len(prompts),
+        "measured_step_ms": step_ms,  # the batched generation above, prefill subtracted
+        "predicted_step_ms": cm.full_step(len(prompts)),
     }
+    return {"exits": exits, "rows": rows, "cost_model": cm.to_dict(), "L": model.config.num_layers,
+            "step_check": check}  # fmt: skip
 
 
 def analyse(data: dict, target: float, draft_vocab: int = 2048) -> dict:
-    exits, rows, costs, L = data["exits"], data["rows"], data["costs"], data["L"]
+    from megatron.early_exit.inference.cost_model import CostModel
+
+    exits, rows = data["exits"], data["rows"]
+    cm = CostModel.from_dict(data["cost_model"])
     full = rows["full"]
     n = len(full)
-    unit = costs["layer"]
-    head = {int(e): c / unit for e, c in costs["exit_head"].items()}  # in layers
-    final = L + costs["vocab_projection"] / unit
+    unit = cm.layer(1)  # costs in layer steps (1 row)
+    over = cm.step_overhead_ms / unit  # every decode step, whatever exit it leaves at
+    head = {e: cm.exit_head(e) / unit for e in exits}
+    final = cm.full_step(1) / unit
     match = {e: [a == b for a, b in zip(rows[str(e)], full)] for e in exits}
     agreement = {e: sum(m) / n for e, m in match.items()}
 
@@ -145,7 +143,7 @@ def analyse(data: dict, target: float, draft_vocab: int = 2048) -> dict:
                 for e in subset:
                     heads += head[e]
                     if rows[f"conf{e}"][i] >= thr:
-                        cost += e + heads
+                        cost += over + e + heads
                         same += match[e][i]
                         fired += 1
                         break
@@ -164,19 +162,13 @@ def analyse(data: dict, target: float, draft_vocab: int = 2048) -> dict:
     ok = [r for r in early if r["agreement"] >= target]
     best_early = max(ok, key=lambda r: r["speedup_ceiling"]) if ok else None
 
-    # Self-speculative round with k drafts (speculative.py): k draft passes (layers 1..e
-    # and the exit head) and one verification pass, which feeds the last draft through
-    # 1..e (plus an exit block's cache fill) and the k+1 pending positions through e+1..L
-    # and the LM head (k+1 rows of a memory-bound step cost about one). Tokens per round
-    # with acceptance a: 1 + a + ... + a^k.
-    block = {int(e): c / unit for e, c in costs["exit_block"].items()}
-    proj = costs["vocab_projection"] / unit
-
+    # Self-speculative round with k drafts (speculative.py; CostModel.speculative_round): k
+    # draft passes (layers 1..e and the exit head) and one verification pass, which feeds
+    # the last draft through 1..e (plus an exit block's cache fill) and the k+1 pending
+    # positions through e+1..L and the LM head, priced at k+1 rows by the measured curves.
+    # Tokens per round with acceptance a: 1 + a + ... + a^k.
     def spec_cost(e: int, k: int, draft_vocab: int | None = None) -> float:
-        h = head[e]
-        if draft_vocab:  # the draft projects onto draft_vocab of the vocabulary's rows
-            h -= proj * (1 - draft_vocab / costs["vocab_size"])
-        return k * (e + h) + final + block[e]
+        return cm.speculative_round(e, k, draft_vocab) / unit
 
     spec = []
     for e in exits:
@@ -206,8 +198,16 @@ def analyse(data: dict, target: float, draft_vocab: int = 2048) -> dict:
                     need[nv][e] = a
                     break
     return {
+        "step_check": data.get("step_check"),
         "tokens": n,
-        "cost_units": {"layer": 1.0, "final_step": final, "exit_head": head},
+        "cost_units": {
+            "layer": 1.0,
+            "final_step": final,
+            "exit_head": head,
+            "step_overhead": over,
+            "layer_ms": unit,
+        },  # fmt: skip
+        "cost_model": cm.to_dict(),
         "agreement": agreement,
         "early_exit": early,
         "best_early_exit_at_target": best_early,
@@ -226,9 +226,13 @@ def write_md(path: str, meta: dict, res: dict) -> None:
         "",
         f"{res['tokens']} greedy full-model tokens from {meta['num_prompts']} Shakespeare "
         f"prompts; teacher-forced exit predictions at every generated position. Cost model "
-        f"(batch-1 decode reads each weight once): one layer = 1, an exit head = "
-        + ", ".join(f"{v:.1f} (exit {e})" for e, v in u["exit_head"].items())
-        + f", a full step = {u['final_step']:.1f} (layers + LM head).",
+        f"(measured on this machine, inference/cost_model.py), in units of one layer step "
+        f"({u['layer_ms']:.3f} ms): an exit head = "
+        + ", ".join(f"{v:.2f} (exit {e})" for e, v in u["exit_head"].items())
+        + f", a full step = {u['final_step']:.1f} (layers + LM head + step overhead "
+        f"{u['step_overhead']:.1f}).",
+        "",
+        *_cost_lines(res),
         "",
         "| exit | agreement with full model | acceptance needed for 1.5x (self-speculative) "
         f"| the same with a {res['draft_vocab_size']}-token draft vocabulary |",
@@ -275,6 +279,21 @@ def write_md(path: str, meta: dict, res: dict) -> None:
         )
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _cost_lines(res: dict) -> list[str]:
+    """The calibrated row curves, and the predicted vs measured batched decode step."""
+    cm = res["cost_model"]
+    lines = ["| rows | layer ms | its weight products ms | LM head ms |", "|---|---|---|---|"]
+    for i, k in enumerate(cm["rows"]):
+        lines.append(f"| {k} | {cm['layer_ms'][i]:.3f} | {cm['weights_ms'][i]:.3f} "
+                     f"| {cm['head_ms'][i]:.2f} |")  # fmt: skip
+    chk = res.get("step_check")
+    if chk:
+        lines += ["", f"Full decode step at batch {chk['batch']}: predicted "
+                  f"{chk['predicted_step_ms']:.1f} ms, measured {chk['measured_step_ms']:.1f} ms "
+                  f"({chk['predicted_step_ms'] / chk['measured_step_ms']:.2f}x)."]  # fmt: skip
+    return lines
 
 
 def plot(path: str, res: dict) -> None:

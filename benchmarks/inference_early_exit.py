@@ -101,6 +101,39 @@ def _agreement(ref, got) -> tuple[float, float]:
     return same / total, prefix / total
 
 
+def _predict_early_exit(cm, got, exits: list[int], L: int) -> float | None:
+    """tokens/s the cost model predicts for batch-1 lossy early exit with these exit layers:
+    each token runs layers 1..e and the exit heads up to e (all of them when it reaches
+    the LM head); the token after an early exit catches up: its predecessor's skipped
+    layers up to e run on 2 rows (kv_recompute.py). Prefill is not counted."""
+    if cm is None:
+        return None
+    ms = n = 0
+    for r in got:
+        prev = L
+        for e in r.exit_layers:
+            heads = [x for x in exits if x <= e and x < L]
+            ms += cm.early_exit_token(e, heads)
+            if prev < e:
+                ms += (e - prev) * (cm.layer(2) - cm.layer(1))
+            prev, n = e, n + 1
+    return n / ms * 1e3 if ms else None
+
+
+def _predict_speculative(cm, got, e: int, draft_vocab: int | None) -> float | None:
+    """tokens/s the cost model predicts for self-speculative decoding: the drafts and
+    verification passes the run made, at their mean draft count. Prefill is not counted."""
+    if cm is None:
+        return None
+    drafted = sum(r.stats.drafted_tokens for r in got)
+    passes = sum(r.stats.verify_passes for r in got)
+    if not passes:
+        return None
+    draft = cm.step_overhead_ms + e * cm.layer(1) + cm.exit_head(e, draft_vocab)
+    ms = drafted * draft + passes * cm.verification(e, drafted / passes)
+    return sum(len(r.token_ids) for r in got) / ms * 1e3
+
+
 def worker(args) -> None:
     import torch
     import torch.distributed as dist
@@ -130,6 +163,12 @@ def worker(args) -> None:
 
     engine.generate(reqs(EarlyExitParams())[:1])  # warm-up
     rows = []
+    cm = None
+    if pp == 1:  # the cost model prices one stage holding every layer
+        from megatron.early_exit.inference.cost_model import calibrate
+
+        cm = calibrate(engine)
+    ee_exits = sorted(args.exit_layers or engine.limits.exit_layers)
     methods = ["kv_recompute"] + (["pipeline"] if pp > 1 else [])
     if args.transformers_only:
         args.thresholds, args.draft_exits, batches = [], [], (1,)
@@ -149,7 +188,9 @@ def worker(args) -> None:
         n_tok = sum(len(r.token_ids) for r in full)
         tps_full = n_tok / t_full
         rows.append(dict(pp=pp, batch=batch, method="full", threshold=None, tokens_per_s=tps_full,
-                         speedup=1.0, avg_exit_layer=float(L), match=1.0, prefix=1.0))  # fmt: skip
+                         speedup=1.0, avg_exit_layer=float(L), match=1.0, prefix=1.0,
+                         predicted_tokens_per_s=None if cm is None
+                         else batch / cm.full_step(batch) * 1e3))  # fmt: skip
         bar.update()
         for method in methods:
             for thr in args.thresholds:
@@ -163,7 +204,10 @@ def worker(args) -> None:
                 rows.append(dict(pp=pp, batch=batch, method=method, threshold=thr,
                                  tokens_per_s=n / t, speedup=(n / t) / (n_tok / t_full),
                                  avg_exit_layer=sum(exits) / len(exits), match=match,
-                                 prefix=prefix))  # fmt: skip
+                                 prefix=prefix,
+                                 predicted_tokens_per_s=_predict_early_exit(
+                                     cm, got, ee_exits, L) if method == "kv_recompute"
+                                 and batch == 1 else None))  # fmt: skip
                 bar.update()
         if pp == 1 and batch == 1:
             for k, nv, dl in drafts:
@@ -179,7 +223,9 @@ def worker(args) -> None:
                                  acceptance_rate=acc / dr if dr else 0.0,
                                  match=_agreement(full, got)[0],
                                  lossless=all(a.token_ids == b.token_ids
-                                              for a, b in zip(full, got))))  # fmt: skip
+                                              for a, b in zip(full, got)),
+                                 predicted_tokens_per_s=_predict_speculative(
+                                     cm, got, k, nv or None)))  # fmt: skip
                 bar.update()
             if args.hf_dir and dist.get_rank() == 0:
 
@@ -231,13 +277,22 @@ def _hf_compare(args, prompts, full, time_ours) -> dict:
                 match=same / max(n, 1))  # fmt: skip
 
 
+def _free_port() -> str:
+    """A free local port: fixed ports collide with other launches on a shared machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def launch(args) -> None:
     rows, meta = [], {}
     for pp in args.pp:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             raw = f.name
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(pp),
-               "--master-addr", "127.0.0.1", "--master-port", str(29650 + pp), __file__,
+               "--master-addr", "127.0.0.1", "--master-port", _free_port(), __file__,
                "--worker", "--raw", raw, *sys.argv[1:]]  # fmt: skip
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                    PYTHONWARNINGS="ignore")  # fmt: skip
@@ -256,6 +311,11 @@ def launch(args) -> None:
         print(f.read())
 
 
+def _pred(r) -> str:
+    p = r.get("predicted_tokens_per_s")
+    return "-" if p is None else f"{p:.1f} ({p / r['tokens_per_s']:.2f}x)"
+
+
 def write_md(path, meta, rows) -> None:
     lines = [
         f"# Early-exit inference ({meta.get('load')})",
@@ -267,28 +327,31 @@ def write_md(path, meta, rows) -> None:
         "model with the same PP and batch in the same launch. match = position-wise agreement "
         "with the full model's tokens; prefix = share of tokens before the first difference.",
         "",
-        "| PP | batch | method | threshold | tokens/s | speedup | avg exit layer | match "
-        "| prefix |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "predicted = tokens/s the measured cost model (inference/cost_model.py, PP=1, "
+        "prefill not counted) gives for the run's exit layers / drafts.",
+        "",
+        "| PP | batch | method | threshold | tokens/s | predicted tokens/s | speedup "
+        "| avg exit layer | match | prefix |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["method"] in ("full", "kv_recompute", "pipeline"):
             thr = "-" if r["threshold"] is None else f"{r['threshold']:.2f}"
             lines.append(
                 f"| {r['pp']} | {r['batch']} | {r['method']} | {thr} | {r['tokens_per_s']:.1f} | "
-                f"{r['speedup']:.2f}x | {r['avg_exit_layer']:.2f} | {r['match']:.3f} | "
-                f"{r['prefix']:.3f} |"
+                f"{_pred(r)} | {r['speedup']:.2f}x | {r['avg_exit_layer']:.2f} | "
+                f"{r['match']:.3f} | {r['prefix']:.3f} |"
             )
     spec = [r for r in rows if r["method"] == "self_speculative"]
     if spec:
         lines += ["", "## Self-speculative (lossless), PP=1, batch 1", "",
-                  "| draft exit | draft vocabulary | draft length | tokens/s | speedup "
-                  "| acceptance | lossless |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| draft exit | draft vocabulary | draft length | tokens/s | predicted tokens/s "
+                  "| speedup | acceptance | lossless |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in spec:
             lines.append(
                 f"| {r['draft_exit_layer']} | {r.get('draft_vocab_size') or 'full'} "
-                f"| {r['draft_length']} | {r['tokens_per_s']:.1f} | "
+                f"| {r['draft_length']} | {r['tokens_per_s']:.1f} | {_pred(r)} | "
                 f"{r['speedup']:.2f}x | {r['acceptance_rate']:.2f} | {r['lossless']} |"
             )
     hf = [r for r in rows if r["method"] == "transformers"]

@@ -18,17 +18,17 @@ def _bench():
     return mod
 
 
-def _data(rows, exits=(2, 4), L=8):
-    # unit = 10 params per layer; vocab projection 20 (2 layers); exit heads 25 (2.5 layers),
-    # of which an exit block of 5 (0.5 layer)
-    costs = {
-        "layer": 10,
-        "vocab_projection": 20,
-        "vocab_size": 4,
-        "exit_head": {str(e): 25 for e in exits},
-        "exit_block": {str(e): 5 for e in exits},
-    }
-    return {"exits": list(exits), "rows": rows, "costs": costs, "L": L}
+def _data(rows, exits=(2, 4), L=8, layer_rows=(1.0, 1.0), overhead=0.0):
+    # a measured cost model (inference/cost_model.py) in ms: a layer 1 ms (at 1 and 8
+    # rows, unless told), the LM head 2 ms (2 layers), exit heads 2.5 ms of which an exit
+    # block 0.5 ms
+    from megatron.early_exit.inference.cost_model import CostModel
+
+    cm = CostModel(num_layers=L, vocab_size=4, rows=[1, 8], layer_ms=list(layer_rows),
+                   weights_ms=[0.5, 0.5], head_ms=[2.0, 2.0],
+                   exit_head_ms={e: 2.5 for e in exits}, exit_block_ms={e: 0.5 for e in exits},
+                   step_overhead_ms=overhead)  # fmt: skip
+    return {"exits": list(exits), "rows": rows, "cost_model": cm.to_dict(), "L": L}
 
 
 def test_perfect_confident_exit_fires_everywhere():
@@ -67,3 +67,22 @@ def test_unconfident_exits_cost_their_heads_and_keep_full_agreement():
     wrong = next(r for r in res["early_exit"] if r["exits"] == [2] and r["threshold"] == 0.3)
     assert wrong["coverage"] == 1.0 and wrong["agreement"] == 0.0
     assert res["best_early_exit_at_target"]["agreement"] >= 0.95
+
+
+def test_measured_row_curve_and_overhead_enter_the_ceilings():
+    """Extra verification rows cost what the layer curve says; step overhead is paid by
+    every step, including one that leaves early."""
+    full = [5, 6, 7, 8]
+    rows = {"full": full, "2": full, "4": full, "conf2": [1.0] * 4, "conf4": [1.0] * 4}
+    flat = _bench().analyse(_data(rows), 0.95)
+    # a layer on 8 rows costs 4.5 ms: 2 rows cost 1.5 ms
+    steep = _bench().analyse(_data(rows, layer_rows=(1.0, 4.5), overhead=1.0), 0.95)
+
+    def spec(res):
+        return next(r for r in res["self_speculative"] if r["exit"] == 2 and r["draft_length"] == 1)
+
+    # full step 1 + 8 + 2 = 11; one draft 1 + 2 + 2.5; verification 1 + 2 + 0.5 + 6 * 1.5 + 2
+    assert spec(steep)["speedup_ceiling"] == pytest.approx(2 * 11 / (5.5 + 14.5))
+    assert spec(steep)["speedup_ceiling"] < spec(flat)["speedup_ceiling"]
+    first = next(r for r in steep["early_exit"] if r["exits"] == [2] and r["threshold"] == 0.99)
+    assert first["speedup_ceiling"] == pytest.approx(11 / (1 + 2 + 2.5))

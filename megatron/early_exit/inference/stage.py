@@ -10,11 +10,11 @@ the new token, through layers k+1.. (kv_recompute.py).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
 from megatron.early_exit.inference.layers import Chunk, KVCache, layer_forward, new_cache
+from megatron.early_exit.inference.projection import project
 
 
 def make_chunk(seqs: list[int], starts: list[int], ends: list[int], device) -> Chunk:
@@ -39,9 +39,10 @@ def make_chunk(seqs: list[int], starts: list[int], ends: list[int], device) -> C
 
 def _project(output_layer, h: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """A vocab-parallel output layer (ColumnParallelLinear, gather_output=False) on h: the
-    local matmul, without megatron-core's autograd wrapper (decode is overhead-bound)."""
+    local matmul, without megatron-core's autograd wrapper (decode is overhead-bound), with
+    a kernel chosen by row count (projection.py)."""
     w = output_layer.weight if weight is None else weight
-    return F.linear(h, w, output_layer.bias)
+    return project(h, w, output_layer.bias)
 
 
 class StageState:
@@ -181,7 +182,7 @@ class StageState:
             h = head.norm(h)
         if draft and self.draft_ids is not None:
             slots, w, bias = self._draft_projection(layer_number, head)
-            logits = F.linear(h[0], w, bias)  # [b, N/tp-ish]: only this rank's draft ids
+            logits = project(h[0], w, bias)  # [b, N/tp-ish]: only this rank's draft ids
             if parallel_state.get_tensor_model_parallel_world_size() > 1:
                 full = logits.new_zeros(b, len(self.draft_ids))
                 full[:, slots] = logits

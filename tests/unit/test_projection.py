@@ -1,0 +1,82 @@
+"""Row-count-dependent vocabulary projection (inference/projection.py): equal to F.linear,
+and the engine's heads give the same tokens through it; the cost model's calibration on the
+same tiny engine (one process world for both: its setup is the expensive part)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron.early_exit.inference import projection
+from tests.single_process import tp1pp1_world
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_project_equals_linear_for_every_row_count(bias, monkeypatch):
+    big = torch.empty(4096, 1024)  # MIN_THIN_NUMEL: 4M elements, 16 MB in fp32
+    assert [projection.thin_rows(r, big) for r in (1, 2, 8, 9)] == [False, True, True, False]
+    assert not projection.thin_rows(4, big[:, :512])  # weights in cache stay on F.linear
+    monkeypatch.setattr(projection, "MIN_THIN_NUMEL", 0)  # the same kernels on a small weight
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3000, 256, generator=g) / 16
+    b = torch.randn(3000, generator=g) if bias else None
+    for rows in range(1, 11):
+        for shape in ((rows, 256), (1, rows, 256)):
+            h = torch.randn(*shape, generator=g)
+            out = projection.project(h, w, b)
+            assert out.shape == (*shape[:-1], 3000) and out.is_contiguous()
+            torch.testing.assert_close(out, F.linear(h, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def dist_world():
+    yield from tp1pp1_world(seed=7)
+
+
+@pytest.fixture(scope="module")
+def engine(dist_world):
+    from tests.unit.test_inference import _engine
+
+    return _engine(llama=True)
+
+
+def test_engine_heads_through_thin_path_equal_linear(engine, monkeypatch):
+    """Every head of a tiny model forced onto W @ x^T: the same tokens and exits (full
+    model, lossy early exit, self-speculative, whose verification projects 4 rows)."""
+    from tests.unit.test_inference import PROMPTS, _req
+
+    modes = [
+        {},
+        {"mode": "early_exit", "threshold": 0.6},
+        {"mode": "self_speculative", "draft_exit_layer": 2, "draft_length": 3},
+    ]
+
+    def run():
+        return [engine.generate([_req(p, 8, **ee) for p in PROMPTS]) for ee in modes]
+
+    ref = run()
+    monkeypatch.setattr(projection, "MIN_THIN_NUMEL", 0)
+    calls = []
+    thin_rows = projection.thin_rows
+    monkeypatch.setattr(
+        projection, "thin_rows", lambda *a: calls.append(thin_rows(*a)) or calls[-1]
+    )
+    thin = run()
+    monkeypatch.undo()
+    assert any(calls), "the thin path was not taken"
+    for a_mode, b_mode in zip(ref, thin):
+        for a, b in zip(a_mode, b_mode):
+            assert a.token_ids == b.token_ids and a.exit_layers == b.exit_layers
+
+
+def test_cost_model_calibrates_on_tiny_engine(engine):
+    from megatron.early_exit.inference.cost_model import calibrate
+
+    cm = calibrate(engine, rows=(1, 2, 4), rounds=2, tokens=4)
+    assert cm.rows == [1, 2, 4] and cm.num_layers == engine.limits.num_layers
+    for curve in (cm.layer_ms, cm.weights_ms, cm.head_ms):
+        assert len(curve) == 3 and all(t > 0 for t in curve)
+    assert set(cm.exit_head_ms) == set(engine.limits.exit_layers) == set(cm.exit_block_ms)
+    assert all(cm.exit_block_ms[e] > 0 for e in cm.exit_block_ms)  # llama: exit blocks
+    assert cm.step_overhead_ms >= 0 and cm.full_step(1) > cm.layer(1)
