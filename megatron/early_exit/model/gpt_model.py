@@ -390,7 +390,8 @@ class EarlyExitGPTModel(GPTModel):
         """Per-token KL(teacher || exit) [b, s] (differentiable), the exit's cross entropy with
         `labels` [b, s] (detached, a metric) and, if asked, its detached max probability.
 
-        `teacher_log_probs`: the final layer's detached log-probabilities [s, b, V/tp].
+        `teacher_log_probs`: the final layer's detached log-probabilities [s, b, V/tp], or
+        a `TopKTeacher` (EE-Tuning from a teacher cache; TP=1).
         """
 
         def head_and_loss(hidden):
@@ -399,7 +400,10 @@ class EarlyExitGPTModel(GPTModel):
             with torch.no_grad():
                 if with_max_prob:
                     max_prob = vocab_parallel_max_prob(logits.float()).transpose(0, 1)
-            kl = vocab_parallel_kl_divergence(logits, teacher_log_probs).transpose(0, 1)
+            if isinstance(teacher_log_probs, TopKTeacher):  # sparse, from a teacher cache
+                kl = topk_kl_divergence(logits, teacher_log_probs).transpose(0, 1)
+            else:
+                kl = vocab_parallel_kl_divergence(logits, teacher_log_probs).transpose(0, 1)
             with torch.no_grad():
                 # Last: megatron's CE works in place on the logits. The KL saved its own
                 # log-softmax, not the logits (autograd's version check would catch it).
@@ -463,6 +467,29 @@ def vocab_parallel_kl_divergence(
     rank's logit slice its own slice of the gradient, as with megatron's vocab-parallel CE.
     """
     return _VocabParallelKL.apply(student_logits, teacher_log_probs.detach())
+
+
+@dataclass
+class TopKTeacher:
+    """A sparse teacher from a teacher cache (tuning/teacher_cache.py): the final layer's k
+    most likely token ids [s, b, k] and their log-probabilities [s, b, k] under the full
+    distribution. The tail beyond the top k is dropped and the k probabilities are
+    renormalised to sum to 1; at k = V this is the full teacher."""
+
+    ids: torch.Tensor
+    log_probs: torch.Tensor
+
+
+def topk_kl_divergence(student_logits: torch.Tensor, teacher: TopKTeacher) -> torch.Tensor:
+    """Per-token KL(renormalised top-k teacher || softmax(student_logits)): [s, b, V] -> [s, b].
+
+    Differentiable in the student logits (gradient q - p, p zero off the top k); computed in
+    float32, or float64 for float64 logits. One vocabulary shard only (TP=1)."""
+    logits = student_logits if student_logits.dtype == torch.float64 else student_logits.float()
+    log_q = torch.log_softmax(logits, dim=-1)
+    log_p = teacher.log_probs.detach().to(log_q.dtype)
+    log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+    return (log_p.exp() * (log_p - log_q.gather(-1, teacher.ids.long()))).sum(dim=-1)
 
 
 def build_model(
