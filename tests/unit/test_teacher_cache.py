@@ -231,8 +231,8 @@ def test_flag_combinations_are_refused():
         ({"teacher_cache": "d"}, {}, "needs --tune-exit"),
         ({"tune_exit": True, "teacher_cache": "d"}, {"tensor_model_parallel_size": 2},
          "--teacher-cache .* --tensor-model-parallel-size 1"),
-        ({"tune_exit": True, "tune_exit_truncate_backbone": True}, {"pipeline_model_parallel_size": 2},
-         "--tune-exit-pipeline-parallel-size k"),
+        ({"tune_exit": True, "tune_exit_truncate_backbone": True},
+         {"pipeline_model_parallel_size": 2}, "--tune-exit-pipeline-parallel-size k"),
     ):  # fmt: skip
         run = _run(**training)
         run.checkpoint.load = "ckpt"
