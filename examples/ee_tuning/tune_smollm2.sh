@@ -13,7 +13,9 @@
 # Input: SRC, a converted checkpoint (examples/ee_tuning/convert_smollm2.sh makes one).
 # Knobs: EXIT_HEAD=mlp (norm + MLP, default) or block (norm + a copy of the last layer);
 #   DISTILL=1 trains exits on KL(final layer || exit) (--exit-distillation) instead of the
-#   data's cross entropy; LR (default 1e-3).
+#   data's cross entropy; LR (default 1e-3); TRUNCATE=1 runs the frozen backbone only up to
+#   the deepest exit (--tune-exit-truncate-backbone: faster, no frozen LM loss; not with
+#   DISTILL=1, whose teacher is the final layer: use tools/cache_teacher.py there).
 # Output: DEST (the tuned checkpoint, with iter_N/token_counts.npy), $OUT/metrics.jsonl. Budget on 2 CPU cores: ~25-30 min.
 set -euo pipefail
 # Runs from any directory: relative paths given in SRC/DEST/OUT (and a PY with a slash) are
@@ -42,8 +44,10 @@ case "$EXIT_HEAD" in
   block) HEAD_FLAGS=(--use-exit-norm --use-exit-block) ;;
   *) echo "EXIT_HEAD must be mlp or block, got '$EXIT_HEAD'" >&2; exit 2 ;;
 esac
+TRUNCATE=${TRUNCATE:-0}
 TUNE_FLAGS=()
 if [ "$DISTILL" = 1 ]; then TUNE_FLAGS+=(--exit-distillation); fi
+if [ "$TRUNCATE" = 1 ]; then TUNE_FLAGS+=(--tune-exit-truncate-backbone); fi
 export OMP_NUM_THREADS=$THREADS PYTHONWARNINGS=ignore
 mkdir -p "$OUT"
 TOK_DIR=$(ls -d "$SRC"/iter_*/tokenizer | tail -1)

@@ -460,6 +460,18 @@ class TrainingConfig:
         False,
         help="EE-Tuning: freeze the loaded backbone, train only the exit heads on exit losses",
     )
+    # Cheaper EE-Tuning (tuning/session.py, tuning/teacher_cache.py).
+    tune_exit_truncate_backbone: bool = flag(
+        False,
+        help="with --tune-exit: build and run the frozen backbone only up to the deepest exit "
+        "(no LM head, no frozen LM loss); saves the full model",
+    )
+    teacher_cache: str | None = flag(
+        None,
+        metavar="DIR",
+        help="with --tune-exit: train the exit heads from a teacher cache written by "
+        "tools/cache_teacher.py (the backbone is not run)",
+    )
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -871,9 +883,15 @@ class RunConfig:
 
     def _validate_exit_tuning(self) -> None:
         k = self.parallel.tune_exit_pipeline_parallel_size
-        if not self.training.tune_exit:
+        t = self.training
+        if not t.tune_exit:
             _require(k is None, "--tune-exit-pipeline-parallel-size needs --tune-exit")
+            _require(
+                not t.tune_exit_truncate_backbone, "--tune-exit-truncate-backbone needs --tune-exit"
+            )
+            _require(t.teacher_cache is None, "--teacher-cache needs --tune-exit")
             return
+        self._validate_cheap_tuning()
         _require(
             self.exits.num_exits > 0,
             "--tune-exit trains exit heads but the model has none: add them to the checkpoint "
@@ -900,6 +918,38 @@ class RunConfig:
                 f"--tune-exit-pipeline-parallel-size {k}: the first {k} of "
                 f"{self.parallel.pipeline_model_parallel_size} stages hold layers 1..{depth} "
                 f"but there is an exit at layer {deepest}",
+            )
+
+    def _validate_cheap_tuning(self) -> None:
+        t, par = self.training, self.parallel
+        pp, tp = par.pipeline_model_parallel_size, par.tensor_model_parallel_size
+        if t.tune_exit_truncate_backbone:
+            _require(
+                not self.exits.exit_distillation,
+                "--tune-exit-truncate-backbone drops the final layer that --exit-distillation "
+                "needs as teacher; cache the teacher instead (tools/cache_teacher.py, "
+                "--teacher-cache DIR)",
+            )
+            _require(
+                pp == 1,
+                "--tune-exit-truncate-backbone is for --pipeline-model-parallel-size 1; with "
+                f"{pp} stages use --tune-exit-pipeline-parallel-size k",
+            )
+        if t.teacher_cache is not None:
+            _require(
+                tp == 1 and pp == 1,
+                "--teacher-cache trains the exit heads on cached hidden states with "
+                "--tensor-model-parallel-size 1 and --pipeline-model-parallel-size 1 (got "
+                f"{tp} and {pp}); use data parallelism",
+            )
+            _require(
+                par.tune_exit_pipeline_parallel_size is None,
+                "--teacher-cache runs no backbone: drop --tune-exit-pipeline-parallel-size",
+            )
+            _require(
+                self.recompute.recompute_granularity is None,
+                "--teacher-cache: activation recomputation has nothing to recompute; drop "
+                "--recompute-granularity",
             )
 
     def _validate_exit_distillation(self) -> None:

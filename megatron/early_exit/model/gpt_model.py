@@ -391,7 +391,8 @@ class EarlyExitGPTModel(GPTModel):
         `labels` [b, s] (detached, a metric) and, if asked, its detached max probability.
 
         `teacher_log_probs`: the final layer's detached log-probabilities [s, b, V/tp], or
-        its top-k reduction (a `TopKTeacher`, exit distillation across pipeline stages).
+        its top-k reduction (a `TopKTeacher`: exit distillation across pipeline stages, or
+        EE-Tuning from a teacher cache).
         """
 
         def head_and_loss(hidden):

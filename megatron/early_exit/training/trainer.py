@@ -101,6 +101,11 @@ class Trainer:
 
     def _build_datasets(self):
         run = self.run
+        # A mode may bring its own data (EE-Tuning from a teacher cache).
+        build = getattr(self.mode, "build_datasets", None)
+        own = build(self.global_batch_size) if build is not None else None
+        if own is not None:
+            return own
         if run.data.mock_data:
             # Validation samples come from another seed: never seen in training.
             train = MockGPTDataset(run.data.vocab_size, run.model.seq_length, run.training.seed)
@@ -137,7 +142,11 @@ class Trainer:
         # Exit distillation needs the final logits (the teacher): the loss function then
         # computes the LM loss from them.
         labels = None if exits.exit_distillation else batch.labels
-        output = model(batch.tokens, batch.position_ids, None, labels=labels)
+        # A mode may produce the output without the model (EE-Tuning from a teacher cache).
+        forward = getattr(self.mode, "forward", None)
+        output = forward(self.state.unwrapped, batch) if forward is not None else None
+        if output is None:
+            output = model(batch.tokens, batch.position_ids, None, labels=labels)
         loss_func = self.mode.loss_func(
             batch,
             self.state.unwrapped,

@@ -10,6 +10,9 @@ the full model's:
   final norm, untied LM head) are read from the loaded checkpoint and written back
   unchanged. Deeper layers reuse the sharding of a local layer (stage s goes to the rank of
   stage s mod k), so the saved layout is regular and loads into any TP/PP.
+
+A truncated backbone (`--tune-exit-truncate-backbone`, one stage of R < L layers) is the
+same with a layer-wise stride: global layer g >= R reuses local layer g mod R's sharding.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class PartialStagesCheckpoint:
         self.full_layers = full_layers
         self.layers_per_stage = full_layers // full_pipeline_size
         self.full_pipeline_size = full_pipeline_size
+        # A truncated single stage rather than the first k of P whole stages.
+        self.truncated = full_pipeline_size == 1 and run_layers < full_layers
         self.source: str | None = None  # the iteration dir last loaded: carry-over source
 
     # ------------------------------------------------------------- shapes
@@ -102,14 +107,21 @@ class PartialStagesCheckpoint:
         # In a world of one, megatron-core's torch strategy needs every grid cell of a read
         # to be local: also read (and drop) our own layers' cells.
         first = 0 if dist.get_world_size() == 1 else k
-        for stage in range(first, self.full_pipeline_size):
-            if stage % k != rank:
-                continue
-            shift = (stage - rank) * self.layers_per_stage
+        if self.truncated:  # one stage of run_layers: copies of it shifted by R, 2R, ...
+            shifts = range(0 if first == 0 else self.run_layers, self.full_layers, self.run_layers)
+        else:
+            shifts = [
+                (stage - rank) * self.layers_per_stage
+                for stage in range(first, self.full_pipeline_size)
+                if stage % k == rank
+            ]
+        for shift in shifts:
             for i, sh in enumerate(t for t in local if _is_stacked_layer(t)):
                 offset = (sh.global_offset[0] + shift, *sh.global_offset[1:])
+                if offset[0] >= self.full_layers:
+                    continue
                 data = torch.empty_like(sh.data) if isinstance(sh, ShardedTensor) else None
-                into = wanted if stage >= k else scratch
+                into = wanted if shift > 0 else scratch
                 into[f"layer{offset[0]}/{i}"] = replace(sh, data=data, global_offset=offset)
         # Whole tensors no rank holds (final norm, an untied LM head): global rank 0 copies.
         held = [None] * dist.get_world_size()

@@ -8,7 +8,11 @@
 * the schedule is `pipeline/exit_tuning.py`: a forward-only pipeline for the backbone and a
   local exit-head backward on each stage (no backward p2p at all);
 * with `--tune-exit-pipeline-parallel-size k` the processes build only the first k of the
-  P stages (see partial.py) and skip the LM head.
+  P stages (see partial.py) and skip the LM head; with `--tune-exit-truncate-backbone`
+  (one stage) only the layers up to the deepest exit;
+* with `--teacher-cache DIR` the backbone is not run at all: the exit heads train on hidden
+  states and top-k teacher distributions cached by tools/cache_teacher.py
+  (teacher_cache.py).
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ from megatron.early_exit.pipeline.losses import (
     masked_mean,
 )
 from megatron.early_exit.tuning.partial import PartialStagesCheckpoint
+from megatron.early_exit.tuning.teacher_cache import (
+    TeacherCache,
+    cached_forward,
+    make_cached_loss_func,
+)
 
 ADD_EXITS_HINT = "add them with tools/checkpoint/add_exits.py first"
 
@@ -121,9 +130,18 @@ def make_exit_tuning_loss_func(
 
 
 def runtime_run(run: RunConfig) -> RunConfig:
-    """The config the processes build: the first k stages as a model of L*k/P layers."""
+    """The config the processes build: the first k stages as a model of L*k/P layers, or
+    (one stage, truncated backbone or teacher cache) the layers up to the deepest exit."""
     k = run.parallel.tune_exit_pipeline_parallel_size
     pp = run.parallel.pipeline_model_parallel_size
+    t = run.training
+    if pp == 1 and (t.tune_exit_truncate_backbone or t.teacher_cache is not None):
+        deepest = max(run.exits.exit_layer_nums)
+        if deepest == run.model.num_layers:
+            return run
+        out = copy.deepcopy(run)
+        out.model.num_layers = deepest
+        return out
     if k is None or k == pp:
         return run
     out = copy.deepcopy(run)
@@ -181,6 +199,11 @@ class ExitTuning:
             if self.partial
             else None
         )
+        self.cache = (
+            TeacherCache.open(run.training.teacher_cache, run)
+            if run.training.teacher_cache is not None
+            else None
+        )
 
     def prepare(self, model: EarlyExitGPTModel) -> None:
         """Called on the bare stage model before DDP wraps it."""
@@ -194,7 +217,25 @@ class ExitTuning:
     def has_lm_loss(self, model: EarlyExitGPTModel) -> bool:
         return model.post_process and not self.partial
 
+    # ------------------------------------------------ teacher cache (optional mode hooks)
+    def build_datasets(self, global_batch_size: int):
+        """The trainer's (train, valid) data: the cache's samples instead of token data."""
+        if self.cache is None:
+            return None
+        return self.cache.datasets(self.run, global_batch_size)
+
+    def forward(self, model: EarlyExitGPTModel, batch):
+        """The stage's forward output without running it (None: run the model)."""
+        if self.cache is None:
+            return None
+        self.cache.check_backbone(model, self.run.checkpoint.load)
+        return cached_forward(model, batch)
+
     def loss_func(self, batch, model, exit_weights, dynamic_exit_weight, exit_distillation=False):
+        if self.cache is not None:
+            return make_cached_loss_func(
+                batch, model, exit_weights, dynamic_exit_weight, exit_distillation
+            )
         return make_exit_tuning_loss_func(
             batch,
             model,
