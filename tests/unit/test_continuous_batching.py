@@ -92,6 +92,9 @@ def test_join_leave_cancel_matches_alone(engine, ee):
         if name != "cancel":
             _same(got[name], alone[name])
             assert events.get(name, []) == alone[name].token_ids
+    if ee:  # the batch really exits early, at several layers
+        layers = {x for r in got.values() for x in r.exit_layers}
+        assert min(layers) < 4 and 4 in layers
     c = got["cancel"]
     assert c.finish_reason == "cancelled" and len(c.token_ids) == 6 - 3
     assert c.token_ids == alone["cancel"].token_ids[:3]
@@ -111,3 +114,62 @@ def test_bad_join_is_answered_alone(engine):
     while 0 not in out:
         out.update({f.slot: f for f in engine.step(StepPlan(4).to_dict())})
     _same(out[0].result, _alone(engine, good))
+
+
+def test_service_joins_mid_generation(engine):
+    """The server's scheduler: jobs submitted while others run join at the next step, a
+    two-prompt job takes slots as they free up, a cancelled job leaves mid-batch, a
+    self_speculative job falls back to queue batching; all results equal alone."""
+    from megatron.early_exit.inference.continuous import batch_key
+    from megatron.early_exit.server.service import Cancelled, ContinuousService
+
+    a = _req([5, 17, 42, 7, 9, 3], 10)
+    stop = engine.detokenize(_alone(engine, _req([3, 3], 6)).token_ids[2:4])
+    reqs = {
+        "a": [a],
+        "b": [_req([1, 2, 3], 3, temperature=0.8, seed=11)],
+        "pair": [_req([9, 8, 7], 5), _req([3, 3], 6, stop=[stop])],
+        "cancel": [_req([8, 8, 1], 12)],
+        "spec": [_req([1, 2, 3], 5, mode="self_speculative")],
+    }
+    alone = {k: [_alone(engine, r) for r in rs] for k, rs in reqs.items()}
+    futures, sizes, streamed = {}, [], {}
+    svc = None
+
+    def submit(name):
+        def on_token(ev, name=name):
+            streamed.setdefault((name, ev.index), []).append(ev.token_id)
+
+        futures[name] = svc.submit_async(reqs[name], on_token)
+
+    def run_step(plan, on_token=None):
+        step = len(sizes)
+        sizes.append(sum(1 for _ in plan["joins"]))
+        out = engine.step(plan, on_token)
+        if step == 1:  # while "a" is mid-generation
+            submit("b")
+            submit("pair")
+            submit("cancel")
+            submit("spec")
+        if step == 4:
+            svc.cancel(futures["cancel"])
+        return out
+
+    svc = ContinuousService(
+        engine.generate, run_step, lambda r: batch_key(r, engine.limits), max_batch_size=3
+    ).start()
+    try:
+        submit("a")
+        futures["a"].result(timeout=120)  # the others were submitted at its second step
+        got = {k: f.result(timeout=120) for k, f in list(futures.items()) if k != "cancel"}
+        with pytest.raises(Cancelled):
+            futures["cancel"].result(timeout=60)
+    finally:
+        svc.stop()
+    for name, results in got.items():
+        for i, (r, ref) in enumerate(zip(results, alone[name])):
+            _same(r, ref)
+            assert streamed[(name, i)] == ref.token_ids
+    assert got["pair"][1].finish_reason == "stop"
+    assert sizes[0] == 1 and sizes[2] == 2  # "a" alone, then "b" and the pair's first prompt
+    assert svc.running_size == 0 and svc.queue_depth == 0
