@@ -37,6 +37,7 @@ from megatron.early_exit.inference.api import (
     InferenceError,
     ModelLimits,
     OnToken,
+    effective_params,
     validate_request,
 )
 from megatron.early_exit.inference.decode_state import SeqState
@@ -73,8 +74,6 @@ class Finished:
 def batch_key(req: GenerationRequest, limits: ModelLimits) -> str | None:
     """Requests with the same key can share the running batch; None: not covered by
     continuous batching (pipeline decoding, self_speculative)."""
-    from megatron.early_exit.inference.engine import effective_params
-
     try:
         ee = effective_params(req.early_exit, limits)
     except Exception:  # noqa: BLE001  (malformed settings: validation answers them)
@@ -114,8 +113,6 @@ class ContinuousBatch:
 
     def _join(self, slot: int, d: dict) -> str | None:
         """Put a request in `slot`; the error message if it is rejected."""
-        from megatron.early_exit.inference.engine import effective_params
-
         e = self.engine
         if not 0 <= slot < self.slots or self.seqs[slot] is not None:
             return f"internal: slot {slot} is not free"

@@ -42,9 +42,11 @@ from megatron.early_exit.inference.api import (
     InferenceError,
     ModelLimits,
     OnToken,
+    effective_params,
     validate_batch,
 )
 from megatron.early_exit.inference.comm import Pipe
+from megatron.early_exit.inference.continuous import ContinuousBatch, StepPlan
 from megatron.early_exit.inference.decode_state import Decoder, SeqState
 from megatron.early_exit.inference.kv_recompute import KVRecompute
 from megatron.early_exit.inference.pipeline_decode import run_pipeline
@@ -151,8 +153,6 @@ class InferenceEngine:
     def step(self, plan, on_token: OnToken | None = None) -> list:
         """One continuous-batching iteration (continuous.py): `plan` is a StepPlan (or its
         dict), the same on every rank; returns the slots freed by it (`Finished`)."""
-        from megatron.early_exit.inference.continuous import ContinuousBatch, StepPlan
-
         if isinstance(plan, dict):
             plan = StepPlan.from_dict(plan)
         cb = getattr(self, "_continuous", None)
@@ -263,28 +263,3 @@ class InferenceEngine:
             text=text if text is not None else ("" if self.tokenizer is not None else None),
             stats=stats,
         )
-
-
-def effective_params(e: EarlyExitParams, limits: ModelLimits) -> EarlyExitParams:
-    """The early-exit settings a request really decodes with (defaults filled in); requests
-    with equal effective settings can share a batch."""
-    exits = list(limits.exit_layers) if e.exit_layers is None else sorted(e.exit_layers)
-    mode = e.mode
-    if mode == "early_exit" and (e.threshold >= 1.0 or not exits):
-        mode = "none"  # 1.0 never exits: exactly the full model
-    method = e.method
-    if mode == "early_exit" and method is None:
-        method = "pipeline" if limits.pipeline_parallel_size > 1 else "kv_recompute"
-    if mode != "early_exit":
-        method = None
-    return EarlyExitParams(
-        mode=mode,
-        method=method,
-        metric=e.metric,
-        threshold=e.threshold,
-        exit_layers=exits if mode != "none" else [],
-        draft_exit_layer=e.draft_exit_layer,
-        draft_length=e.draft_length,
-        draft_threshold=e.draft_threshold,
-        draft_vocab_size=e.draft_vocab_size if mode == "self_speculative" else None,
-    )
