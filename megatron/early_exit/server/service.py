@@ -521,7 +521,7 @@ class ContinuousService(GenerationService):
                 _fail(job, exc)
             return
         finally:
-            metrics.running_batch_size = 0
+            metrics.running_batch_size = sum(o is not None for o in slots)
         prompt = sum(len(d["prompt_token_ids"]) for _, d in joins)
         metrics.observe_batch(len(joins), prompt, layers, time.perf_counter() - t0)
         with self._cv:
@@ -544,4 +544,5 @@ class ContinuousService(GenerationService):
                 with contextlib.suppress(InvalidStateError):
                     job.future.set_result(list(job.results))
             self._running = self._slot_jobs()
+            metrics.running_batch_size = sum(o is not None for o in slots)
             self._cv.notify_all()
