@@ -88,6 +88,7 @@ def test_join_leave_cancel_matches_alone(engine, ee):
         step += 1
         assert step < 40
     assert set(got) == set(reqs)
+    assert engine._continuous.st.hbuf.shape[1] == 36  # the caches grew as longer prompts joined
     for name in reqs:
         if name != "cancel":
             _same(got[name], alone[name])

@@ -99,17 +99,28 @@ class ContinuousBatch:
     def busy(self) -> list[int]:
         return [i for i, s in enumerate(self.seqs) if s is not None]
 
-    def _state(self) -> StageState:
-        if self.st is None:  # every exit's caches, so any batch's settings fit
-            e = self.engine
-            self.st = StageState(
-                e.model,
-                self.slots,
-                e.limits.max_sequence_length,
-                e.limits.vocab_size,
-                list(e.limits.exit_layers),
-            )
-        return self.st
+    def _state(self, need: int) -> StageState:
+        """The slots' caches, holding at least `need` positions per sequence. They grow
+        (doubling, copied) as longer requests join, up to the model's context, rather than
+        being sized to the context up front (8192 positions x slots x layers for SmolLM2)."""
+        st, e = self.st, self.engine
+        if st is not None and st.hbuf.shape[1] >= need:
+            return st
+        old = 0 if st is None else st.hbuf.shape[1]
+        cap = min(e.limits.max_sequence_length, max(need, 2 * old, 16))
+        new = StageState(  # every exit's caches, so any batch's settings fit
+            e.model, self.slots, cap, e.limits.vocab_size, list(e.limits.exit_layers)
+        )
+        if st is not None:
+            new.exits = st.exits
+            new.hbuf[:, :old] = st.hbuf
+            pairs = list(zip(new.caches, st.caches))
+            pairs += [(new.exit_caches[n], c) for n, c in st.exit_caches.items()]
+            for a, b in pairs:
+                a.k[:, :old] = b.k
+                a.v[:, :old] = b.v
+        self.st = new
+        return new
 
     def _join(self, slot: int, d: dict) -> str | None:
         """Put a request in `slot`; the error message if it is rejected."""
@@ -128,8 +139,8 @@ class ContinuousBatch:
             return "internal: request is not covered by continuous batching"
         if self.busy and key != self.key:
             return "internal: request's early-exit settings differ from the running batch"
+        st = self._state(len(req.prompt_token_ids) + req.sampling.max_new_tokens)
         if not self.busy and key != self.key:
-            st = self._state()
             self.key, self.ee = key, effective_params(req.early_exit, e.limits)
             wanted = self.ee.exit_layers or []
             st.exits = [n for n in e.model.local_exit_layers if n in wanted]
