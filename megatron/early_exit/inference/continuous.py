@@ -8,10 +8,10 @@ broadcasts it in its command, server/launch.py):
 1. `leaves`: those slots' sequences stop now ("cancelled") and their slots are free;
 2. `joins`: new requests take free slots; each is validated here, on every rank alike, and a
    bad one is answered in the step's output instead of failing the step for the others;
-3. the joining sequences are prefilled in a pass of their own (their whole prompt is one
-   chunk, so the one-token rows of the running sequences are not padded to its length) and
-   get their first token; then every other running sequence gets one token
-   (KVRecompute._kv_step with per-sequence exit decisions);
+3. the joining sequences are prefilled (each its whole prompt as one chunk row) and get their
+   first token, and every other running sequence gets one token (KVRecompute._kv_step with
+   per-sequence exit decisions). Prompts longer than MERGE_PREFILL_TOKENS get a pass of their
+   own first, so the one-token rows are not padded to their length;
 4. sequences that finished (EOS, stop, length) leave at once: the step returns their
    results and their slots are free for the next step's joins.
 
@@ -43,6 +43,12 @@ from megatron.early_exit.inference.api import (
 from megatron.early_exit.inference.decode_state import SeqState
 from megatron.early_exit.inference.kv_recompute import KVRecompute
 from megatron.early_exit.inference.stage import StageState
+
+# Joining prompts up to this many tokens share the step's pass with the running sequences
+# (each still one chunk row of its own; padding the one-token rows to it costs little, a
+# second pass costs a whole model traversal and, with PP, its messages); longer ones are
+# prefilled in a pass of their own.
+MERGE_PREFILL_TOKENS = 16
 
 
 @dataclass
@@ -173,8 +179,11 @@ class ContinuousBatch:
             dec = self.engine.decoder(KVRecompute, on_token)
             # free slots are passed as finished placeholders: the step skips them
             view = [s if s is not None else _FREE for s in seqs]
+            passes = [new, old]
+            if new and max(len(seqs[i].tokens) for i in new) <= MERGE_PREFILL_TOKENS:
+                passes = [new + old]  # short prompts: one pass, half the per-step overhead
             with torch.no_grad():
-                for active in (new, old):
+                for active in passes:
                     if active:
                         dec._kv_step(st, view, self.ee, active)
         finished = [i for i in self.busy if seqs[i].finish is not None]  # type: ignore[union-attr]
