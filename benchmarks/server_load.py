@@ -1,12 +1,17 @@
-"""Load benchmark of the generation server: requests/s and p50/p99 latency for 1, 4 and 8
-concurrent clients, early exit off vs on, in one run against one server (2 processes, PP=2).
+"""Load benchmark of the generation server: requests/s and p50/p99 latency for 1, 4, 8 and
+16 concurrent clients, continuous batching vs queue batching (one server each, `--scheduler`),
+early exit off vs on.
 
-    .venv/bin/python benchmarks/server_load.py                # trains a tiny model first
-    .venv/bin/python benchmarks/server_load.py --load outputs/demo/checkpoint --threshold 0.5
+    .venv/bin/python benchmarks/server_load.py                # trains a tiny model first (PP=2)
+    .venv/bin/python benchmarks/server_load.py --load /work/cache/smollm2/ours --pp 1 \
+        --early-exit off --out outputs/benchmarks/server_load_smollm2
 
 Results: outputs/benchmarks/server_load.{json,md,png} (--write-results: benchmarks/results/).
-Each client sends greedy /v1/completions requests back to back; the server queues and
-batches concurrent requests with the same early-exit settings (--max-batch-size).
+Each client sends greedy /v1/completions requests back to back, with max_tokens varying per
+request (so sequences finish at different steps, where continuous batching refills the slot
+at once and queue batching waits for the batch's longest request). Early exit uses
+`--method` (kv_recompute: continuous batching covers it; pipeline falls back to queue). The
+load average of the machine is recorded per point (a shared machine skews timings).
 """
 
 from __future__ import annotations
@@ -36,13 +41,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_cmd(script: Path, args: list[str]) -> list[str]:
+def torchrun_cmd(script: Path, args: list[str], nproc: int = 2) -> list[str]:
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc-per-node",
-        "2",
+        str(nproc),
         "--master-addr",
         "127.0.0.1",
         "--master-port",
@@ -123,6 +128,7 @@ def measure(port: int, clients: int, per_client: int, body_for, bar=None) -> dic
                     bar.update()
         return out
 
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = [r for rs in pool.map(client, range(clients)) for r in rs]
@@ -139,6 +145,7 @@ def measure(port: int, clients: int, per_client: int, body_for, bar=None) -> dic
         "p99_s": lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))],
         "mean_exit_layer": sum(layers) / len(layers) if layers else None,
         "wall_s": wall,
+        "load_avg_1m": [round(load0, 1), round(os.getloadavg()[0], 1)],  # start, end
     }
 
 
@@ -159,8 +166,15 @@ def main(argv=None) -> int:
         default=0.0052,
         help="early-exit threshold of the 'on' runs (0.0052 suits the tiny model)",
     )
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
-    p.add_argument("--per-client", type=int, default=6)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--per-client", type=int, default=3)
+    p.add_argument("--schedulers", nargs="+", choices=["continuous", "queue"],
+                   default=["continuous", "queue"], help="one server each")  # fmt: skip
+    p.add_argument("--early-exit", nargs="+", choices=["off", "on"], default=["off", "on"],
+                   help="off for checkpoints without exits")  # fmt: skip
+    p.add_argument("--method", choices=["kv_recompute", "pipeline"], default="kv_recompute",
+                   help="early-exit decode method of the 'on' runs")  # fmt: skip
+    p.add_argument("--pp", type=int, default=2, help="pipeline stages = processes")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--max-batch-size", type=int, default=8)
     # Committed results are only replaced on request (--write-results); both set args.out.
@@ -174,84 +188,86 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="ee_server_bench_"))
     ckpt = Path(args.load) if args.load else train_tiny(tmp)
     kind = args.prompt_kind or ("text" if args.load else "ids")
-    port = free_port()
-    log = open(tmp / "server.log", "w")  # noqa: SIM115
-    server = subprocess.Popen(
-        torchrun_cmd(
-            ROOT / "tools" / "run_text_generation_server.py",
-            [
-                "--load",
-                str(ckpt),
-                "--pipeline-model-parallel-size",
-                "2",
-                "--port",
-                str(port),
-                "--max-batch-size",
-                str(args.max_batch_size),
-            ],
-        ),
-        cwd=ROOT,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                raise SystemExit("server did not start; see " + str(tmp / "server.log"))
-            time.sleep(0.5)
 
-        def body_for(ee_on: bool):
-            def make(i: int) -> dict:
-                if kind == "ids":
-                    prompt = " ".join(str((i * 7 + k) % 190 + 1) for k in range(4 + i % 5))
-                else:
-                    prompt = ["ROMEO:", "JULIET:", "First Citizen:", "KING HENRY:"][i % 4]
-                ee = {"mode": "early_exit", "threshold": args.threshold} if ee_on else None
-                body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0.0}
-                if ee:
-                    body["early_exit"] = ee
-                return body
+    def body_for(ee_on: bool):
+        def make(i: int) -> dict:
+            if kind == "ids":
+                prompt = " ".join(str((i * 7 + k) % 190 + 1) for k in range(4 + i % 5))
+            else:
+                prompt = ["ROMEO:", "JULIET:", "First Citizen:", "KING HENRY:"][i % 4]
+            # lengths vary per request: sequences of one batch finish at different steps
+            n = max(1, args.max_tokens // 2 + (i * 5) % (args.max_tokens // 2 + 1))
+            body = {"prompt": prompt, "max_tokens": n, "temperature": 0.0}
+            if ee_on:
+                body["early_exit"] = {"mode": "early_exit", "threshold": args.threshold,
+                                      "method": args.method}  # fmt: skip
+            return body
 
-            return make
+        return make
 
-        rows = []
-        post(port, body_for(False)(0))  # warm-up
-        post(port, body_for(True)(0))
-        total = 2 * args.per_client * sum(args.clients)
-        bar = progress(total=total, desc="server load", unit="req")
-        for clients in args.clients:
-            for ee_on in (False, True):
-                row = measure(port, clients, args.per_client, body_for(ee_on), bar)
-                row["early_exit"] = ee_on
-                rows.append(row)
-                bar.echo(
-                    f"clients={clients} early_exit={'on ' if ee_on else 'off'} "
-                    f"{row['requests_per_s']:.2f} req/s  p50 {row['p50_s'] * 1e3:.0f} ms  "
-                    f"p99 {row['p99_s'] * 1e3:.0f} ms  "
-                    f"mean exit layer {row['mean_exit_layer']:.2f}"
-                )
-        bar.close()
-    finally:
-        server.send_signal(signal.SIGTERM)
+    rows = []
+    ee_modes = [m == "on" for m in args.early_exit]
+    total = len(args.schedulers) * len(ee_modes) * args.per_client * sum(args.clients)
+    bar = progress(total=total, desc="server load", unit="req")
+    for sched in args.schedulers:
+        port = free_port()
+        log = open(tmp / f"server_{sched}.log", "w")  # noqa: SIM115
+        server = subprocess.Popen(
+            torchrun_cmd(
+                ROOT / "tools" / "run_text_generation_server.py",
+                ["--load", str(ckpt), "--pipeline-model-parallel-size", str(args.pp),
+                 "--port", str(port), "--max-batch-size", str(args.max_batch_size),
+                 "--scheduler", sched],
+                nproc=args.pp,
+            ),
+            cwd=ROOT,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
         try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+            deadline = time.time() + 600
+            while True:
+                try:
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                    conn.request("GET", "/health")
+                    if conn.getresponse().status == 200:
+                        break
+                except OSError:
+                    pass
+                if server.poll() is not None or time.time() > deadline:
+                    raise SystemExit(f"server did not start; see {tmp}/server_{sched}.log")
+                time.sleep(0.5)
+            for ee_on in ee_modes:
+                post(port, body_for(ee_on)(0))  # warm-up
+            for clients in args.clients:
+                for ee_on in ee_modes:
+                    row = measure(port, clients, args.per_client, body_for(ee_on), bar)
+                    row["early_exit"] = ee_on
+                    row["scheduler"] = sched
+                    rows.append(row)
+                    layer = row["mean_exit_layer"]
+                    bar.echo(
+                        f"{sched:10s} clients={clients:2d} early_exit={'on ' if ee_on else 'off'} "
+                        f"{row['requests_per_s']:.2f} req/s  {row['tokens_per_s']:.1f} tok/s  "
+                        f"p50 {row['p50_s'] * 1e3:.0f} ms  p99 {row['p99_s'] * 1e3:.0f} ms  "
+                        f"mean exit layer {layer if layer is None else round(layer, 2)}  "
+                        f"load {row['load_avg_1m']}"
+                    )
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+            log.close()
+    bar.close()
 
     meta = {
         "checkpoint": str(ckpt) if args.load else "tiny (4 layers, hidden 64, 4 train iters)",
-        "layout": "2 processes, PP=2, CPU",
-        "max_tokens": args.max_tokens,
+        "layout": f"{args.pp} processes, PP={args.pp}, CPU",
+        "max_tokens": f"{max(1, args.max_tokens // 2)}..{args.max_tokens} (varies per request)",
+        "early_exit_method": args.method,
         "per_client": args.per_client,
         "threshold": args.threshold,
         "max_batch_size": args.max_batch_size,
@@ -265,15 +281,17 @@ def main(argv=None) -> int:
         "",
         "Greedy `/v1/completions`, " + ", ".join(f"{k}={v}" for k, v in meta.items()),
         "",
-        "| clients | early exit | req/s | tokens/s | p50 ms | p99 ms | mean exit layer |",
-        "|---|---|---|---|---|---|---|",
+        "| scheduler | clients | early exit | req/s | tokens/s | p50 ms | p99 ms |"
+        " mean exit layer | load avg (start, end) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        layer = r["mean_exit_layer"]
         lines.append(
-            f"| {r['clients']} | {'on' if r['early_exit'] else 'off'} | "
+            f"| {r['scheduler']} | {r['clients']} | {'on' if r['early_exit'] else 'off'} | "
             f"{r['requests_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
-            f"{r['p50_s'] * 1e3:.0f} | "
-            f"{r['p99_s'] * 1e3:.0f} | {r['mean_exit_layer']:.2f} |"
+            f"{r['p50_s'] * 1e3:.0f} | {r['p99_s'] * 1e3:.0f} | "
+            f"{'-' if layer is None else f'{layer:.2f}'} | {r['load_avg_1m']} |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:
@@ -282,10 +300,10 @@ def main(argv=None) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-        for ee_on in (False, True):
-            rs = [r for r in rows if r["early_exit"] == ee_on]
-            label = "early exit on" if ee_on else "early exit off"
+        fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+        for sched, ee_on in [(a, b) for a in args.schedulers for b in ee_modes]:
+            rs = [r for r in rows if r["early_exit"] == ee_on and r["scheduler"] == sched]
+            label = f"{sched}, early exit {'on' if ee_on else 'off'}"
             a.plot([r["clients"] for r in rs], [r["requests_per_s"] for r in rs], "o-", label=label)
             b.plot(
                 [r["clients"] for r in rs],
@@ -301,7 +319,7 @@ def main(argv=None) -> int:
             )
         a.set(xlabel="concurrent clients", ylabel="requests/s", title="throughput")
         b.set(xlabel="concurrent clients", ylabel="latency (ms)", title="latency")
-        a.legend()
+        a.legend(fontsize=7)
         b.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out.with_suffix(".png"), dpi=100)

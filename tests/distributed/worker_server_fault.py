@@ -3,7 +3,8 @@ fault injected through its coordinator hook.
 
     torchrun ... tests/distributed/worker_server_fault.py TOKEN [server flags...]
 
-Rank 1 raises after a generate command one of whose prompts holds token id TOKEN.
+Rank 1 raises after a generate command (or a continuous-batching step joining a request)
+one of whose prompts holds token id TOKEN.
 """
 
 import importlib.util
@@ -15,9 +16,12 @@ SERVER = Path(__file__).resolve().parents[2] / "tools" / "run_text_generation_se
 
 def fail_on_token(token: int, rank: int = 1):
     def after_execute(this_rank, command) -> None:
-        if this_rank != rank or command.kind != "generate":
+        if this_rank != rank or command.kind not in ("generate", "step"):
             return
-        if any(token in r.get("prompt_token_ids", []) for r in command.payload):
+        reqs = command.payload  # a step's requests are its joins (continuous batching)
+        if command.kind == "step":
+            reqs = [d for _, d in command.payload[0]["joins"]]
+        if any(token in r.get("prompt_token_ids", []) for r in reqs):
             raise RuntimeError(f"injected fault on rank {this_rank} (token {token})")
 
     return after_execute

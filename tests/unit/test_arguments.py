@@ -144,7 +144,8 @@ EXPECTED_SERVER_FLAGS = [
     "--allowed-hosts", "--api-key", "--chat-template", "--dist-timeout", "--host",
     "--limit-concurrency", "--max-batch-size", "--max-body-bytes", "--max-queue",
     "--model-name", "--port",
-    "--request-timeout", "--shutdown-grace", "--timeout-keep-alive", "--timeout-request-read",
+    "--request-timeout", "--scheduler", "--shutdown-grace", "--timeout-keep-alive",
+    "--timeout-request-read",
 ]  # fmt: skip
 
 EXPECTED_GENERATE_FLAGS = [

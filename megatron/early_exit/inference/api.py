@@ -290,6 +290,31 @@ class EngineProtocol(Protocol):
     def detokenize(self, ids: list[int]) -> str: ...
 
 
+def effective_params(e: EarlyExitParams, limits: ModelLimits) -> EarlyExitParams:
+    """The early-exit settings a request really decodes with (defaults filled in); requests
+    with equal effective settings can share a batch."""
+    exits = list(limits.exit_layers) if e.exit_layers is None else sorted(e.exit_layers)
+    mode = e.mode
+    if mode == "early_exit" and (e.threshold >= 1.0 or not exits):
+        mode = "none"  # 1.0 never exits: exactly the full model
+    method = e.method
+    if mode == "early_exit" and method is None:
+        method = "pipeline" if limits.pipeline_parallel_size > 1 else "kv_recompute"
+    if mode != "early_exit":
+        method = None
+    return EarlyExitParams(
+        mode=mode,
+        method=method,
+        metric=e.metric,
+        threshold=e.threshold,
+        exit_layers=exits if mode != "none" else [],
+        draft_exit_layer=e.draft_exit_layer,
+        draft_length=e.draft_length,
+        draft_threshold=e.draft_threshold,
+        draft_vocab_size=e.draft_vocab_size if mode == "self_speculative" else None,
+    )
+
+
 def validate_batch(reqs: list[GenerationRequest], limits: ModelLimits) -> None:
     """Validate every request; requests batched together must share the early-exit mode."""
     if not reqs:
@@ -313,6 +338,7 @@ __all__ = [
     "METRICS",
     "MODES",
     "Method",
+    "effective_params",
     "Metric",
     "Mode",
     "ModelLimits",

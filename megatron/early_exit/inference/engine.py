@@ -42,9 +42,11 @@ from megatron.early_exit.inference.api import (
     InferenceError,
     ModelLimits,
     OnToken,
+    effective_params,
     validate_batch,
 )
 from megatron.early_exit.inference.comm import Pipe
+from megatron.early_exit.inference.continuous import ContinuousBatch, StepPlan
 from megatron.early_exit.inference.decode_state import Decoder, SeqState
 from megatron.early_exit.inference.kv_recompute import KVRecompute
 from megatron.early_exit.inference.pipeline_decode import run_pipeline
@@ -148,6 +150,16 @@ class InferenceEngine:
         self._score(requests, results)  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
 
+    def step(self, plan, on_token: OnToken | None = None) -> list:
+        """One continuous-batching iteration (continuous.py): `plan` is a StepPlan (or its
+        dict), the same on every rank; returns the slots freed by it (`Finished`)."""
+        if isinstance(plan, dict):
+            plan = StepPlan.from_dict(plan)
+        cb = getattr(self, "_continuous", None)
+        if cb is None:
+            cb = self._continuous = ContinuousBatch(self, plan.slots)
+        return cb.step(plan, on_token)
+
     def _score(self, requests: list[GenerationRequest], results: list[GenerationResult]) -> None:
         """Fill the scoring fields (SamplingParams.top_logprobs / prompt_logprobs) with one
         full-model pass over prompt + completion (scoring.py; no early exit)."""
@@ -177,26 +189,7 @@ class InferenceEngine:
 
     # ------------------------------------------------------------------ grouping
     def _effective(self, e: EarlyExitParams, batch: int) -> EarlyExitParams:
-        exits = list(self.limits.exit_layers) if e.exit_layers is None else sorted(e.exit_layers)
-        mode = e.mode
-        if mode == "early_exit" and (e.threshold >= 1.0 or not exits):
-            mode = "none"  # 1.0 never exits: exactly the full model
-        method = e.method
-        if mode == "early_exit" and method is None:
-            method = "pipeline" if self.pipe.size > 1 else "kv_recompute"
-        if mode != "early_exit":
-            method = None
-        return EarlyExitParams(
-            mode=mode,
-            method=method,
-            metric=e.metric,
-            threshold=e.threshold,
-            exit_layers=exits if mode != "none" else [],
-            draft_exit_layer=e.draft_exit_layer,
-            draft_length=e.draft_length,
-            draft_threshold=e.draft_threshold,
-            draft_vocab_size=e.draft_vocab_size if mode == "self_speculative" else None,
-        )
+        return effective_params(e, self.limits)
 
     def _generate_group(
         self,

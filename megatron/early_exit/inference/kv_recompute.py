@@ -32,10 +32,19 @@ class KVRecompute(Decoder):
         while any(s.finish is None for s in seqs):
             self._kv_step(st, seqs, ee)
 
-    def _kv_step(self, st: StageState, seqs: list[SeqState], ee: EarlyExitParams) -> None:
+    def _kv_step(
+        self,
+        st: StageState,
+        seqs: list[SeqState],
+        ee: EarlyExitParams,
+        active: list[int] | None = None,
+    ) -> None:
+        """One token for each unfinished sequence, or for the `active` ones only (continuous
+        batching prefills joining sequences in a step of their own: continuous.py)."""
         pipe = self.pipe
         B = len(seqs)
-        active = [i for i, s in enumerate(seqs) if s.finish is None]
+        if active is None:
+            active = [i for i, s in enumerate(seqs) if s.finish is None]
         decided: dict[int, Decision] = {}
         layers = list(st.global_layers)
         if st.first:

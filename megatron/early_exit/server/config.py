@@ -25,7 +25,14 @@ class ServerConfig:
 
     host: str = flag("127.0.0.1", help="bind address (0.0.0.0 exposes it)")
     port: int = flag(5000, help="0 picks a free port")
-    max_batch_size: int = flag(8, help="prompts decoded together at most")
+    max_batch_size: int = flag(8, help="prompts decoded together at most (continuous: slots)")
+    scheduler: str = flag(
+        "continuous",
+        choices=["continuous", "queue"],
+        help="continuous: requests join and leave the running batch at every decode step "
+        "(mode none, early_exit with kv_recompute; others use queue); queue: a batch of "
+        "queued requests runs to its end before the next starts",
+    )
     max_queue: int = flag(256, help="waiting requests before 503")
     request_timeout: float = flag(600.0, help="seconds before 504 (the generation is cancelled)")
     dist_timeout: float = flag(

@@ -38,6 +38,7 @@ from megatron.early_exit.inference.api import InferenceError
 log = logging.getLogger("ee.server")
 
 GENERATE = "generate"
+STEP = "step"  # one continuous-batching decode iteration: payload [StepPlan dict]
 PING = "ping"
 SHUTDOWN = "shutdown"
 

@@ -19,7 +19,7 @@ import sys
 import threading
 
 from megatron.early_exit.inference.api import GenerationRequest
-from megatron.early_exit.server.coordinator import GENERATE, PING, Command, Coordinator
+from megatron.early_exit.server.coordinator import GENERATE, PING, STEP, Command, Coordinator
 
 GRACE_S = 5.0
 
@@ -54,6 +54,8 @@ def serve(run, args, platform, after_execute=None) -> int:
     listener: list = [None, None]
 
     def execute(command: Command):
+        if command.kind == STEP:  # continuous batching: rank 0's plan for this iteration
+            return engine.step(command.payload[0], on_token=listener[0])
         if command.kind != GENERATE:
             return None
         reqs = [GenerationRequest.from_dict(d) for d in command.payload]
@@ -102,7 +104,7 @@ def _lead(
     from megatron.early_exit.server.app import ServerContext, make_server, serve_in_thread
     from megatron.early_exit.server.metrics import ServerMetrics
     from megatron.early_exit.server.protocol import TextCodec
-    from megatron.early_exit.server.service import GenerationService
+    from megatron.early_exit.server.service import ContinuousService, GenerationService
 
     def run_batch(requests, on_token=None, cancelled=None):
         listener[0] = on_token
@@ -112,10 +114,30 @@ def _lead(
         finally:
             listener[0] = listener[1] = None
 
+    def run_step(plan: dict, on_token=None):
+        listener[0] = on_token
+        try:
+            return coordinator.run(Command(STEP, [plan]))
+        finally:
+            listener[0] = None
+
     metrics = ServerMetrics()
-    service = GenerationService(
+    if args.scheduler == "continuous":
+        from megatron.early_exit.inference.continuous import batch_key
+
+        service_cls, extra = (
+            ContinuousService,
+            {
+                "run_step": run_step,
+                "key": lambda r: batch_key(r, engine.limits),
+            },
+        )
+    else:
+        service_cls, extra = GenerationService, {}
+    service = service_cls(
         run_batch,
-        metrics,
+        metrics=metrics,
+        **extra,
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         idle=lambda: coordinator.run(Command(PING)),

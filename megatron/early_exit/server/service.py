@@ -70,6 +70,8 @@ class _Job:
     delivered: list[int] = field(default_factory=list)  # tokens sent per request
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    admitted: int = 0  # ContinuousService: prompts that got a slot
+    results: list = field(default_factory=list)  # ContinuousService: results so far
 
     def __post_init__(self) -> None:
         self.delivered = [0] * len(self.requests)
@@ -345,3 +347,202 @@ class GenerationService:
 def _fail(job: _Job, exc: BaseException) -> None:
     with contextlib.suppress(InvalidStateError):  # drain or cancel may have answered it already
         job.future.set_exception(exc)
+
+
+# run_step(plan_dict, on_token=listener) -> list[continuous.Finished]: one decode iteration
+# on every rank (InferenceEngine.step, broadcast by the coordinator with several ranks)
+RunStep = Callable[..., list]
+
+
+class ContinuousService(GenerationService):
+    """Iteration-level scheduling (continuous batching; inference/continuous.py).
+
+    The worker keeps `max_batch_size` slots. Before every decode step it decides, under the
+    lock: which slots leave (their job was cancelled), which queued requests join free slots
+    (in arrival order, the oldest job first, one request of a multi-prompt job per slot), and
+    sends that `StepPlan` with the step. Sequences that finish in a step leave it at once and
+    their job is answered as soon as all its prompts are done.
+
+    Covered by the slots: requests whose `key(request)` is not None (continuous.batch_key:
+    mode none, early_exit with kv_recompute); all slots share one key. A queued job with
+    another key waits at the head of the queue (nothing newer overtakes it) until the slots
+    drain, then the slots take the new key. A job the slots do not cover (pipeline decoding,
+    self_speculative, or prompts with mixed settings) is run with queue batching
+    (`GenerationService._serve`) once the slots are empty.
+    """
+
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        run_step: RunStep,
+        key: Callable[[GenerationRequest], str | None],
+        metrics: ServerMetrics | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(run_batch, metrics, **kwargs)
+        self.run_step = run_step
+        self.key = key
+        self._slots: list[tuple[_Job, int] | None] = [None] * self.max_batch_size
+        self._slot_key: str | None = None
+        self._last: dict[int, float] = {}  # slot -> time of its last token (inter-token latency)
+        self._reset = False
+
+    @property
+    def running_size(self) -> int:
+        return sum(o is not None for o in self._slots) or super().running_size
+
+    def _job_key(self, job: _Job) -> str | None:
+        keys = {self.key(r) for r in job.requests}
+        return keys.pop() if len(keys) == 1 else None
+
+    def _slot_jobs(self) -> list[_Job]:
+        jobs: list[_Job] = []
+        for o in self._slots:
+            if o is not None and o[0] not in jobs:
+                jobs.append(o[0])
+        return jobs
+
+    def _plan(self) -> tuple[list, list, list[_Job]] | None:
+        """Under the lock: (joins, leaves, queue-batched jobs), or None to stop. Waits while
+        there is nothing to do ([] jobs and no joins: idle, ping)."""
+        deadline = time.monotonic() + self.idle_interval_s
+        busy = any(o is not None for o in self._slots)
+        while not self._queue and not busy and not self._stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return [], [], []
+            self._cv.wait(left)
+        if self._stopping:
+            return None
+        leaves = [i for i, o in enumerate(self._slots) if o is not None and o[0].cancelled.is_set()]
+        free = [i for i, o in enumerate(self._slots) if o is None]
+        if not busy and self._queue and self._job_key(self._queue[0]) is None:
+            first = self._queue.popleft()  # not for the slots: one queue-batched run
+            jobs, size = [first], len(first.requests)
+            for job in list(self._queue):
+                if size + len(job.requests) > self.max_batch_size:
+                    continue
+                if self._job_key(job) is None and job.key() == first.key():
+                    self._queue.remove(job)
+                    jobs.append(job)
+                    size += len(job.requests)
+            self.metrics.queue_depth = len(self._queue)
+            return [], [], jobs
+        joins = []
+        while self._queue and free:
+            job = self._queue[0]
+            k = self._job_key(job)
+            if k is None or (busy and k != self._slot_key):
+                break  # it waits for the slots to drain; nothing overtakes it
+            self._slot_key, busy = k, True
+            if not job.results:
+                job.results = [None] * len(job.requests)
+            while job.admitted < len(job.requests) and free:
+                slot = free.pop(0)
+                self._slots[slot] = (job, job.admitted)
+                joins.append((slot, job.requests[job.admitted].to_dict()))
+                job.admitted += 1
+            if job.admitted == len(job.requests):
+                self._queue.popleft()
+        self.metrics.queue_depth = len(self._queue)
+        self._running = self._slot_jobs()
+        return joins, leaves, []
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    plan = self._plan()
+                if plan is None:
+                    break
+                joins, leaves, jobs = plan
+                if jobs:
+                    try:
+                        self._serve(jobs)
+                    finally:
+                        with self._cv:
+                            self._running = []
+                            self._cv.notify_all()
+                    continue
+                if not joins and not any(o is not None for o in self._slots):
+                    if self.idle is not None:
+                        self._guard(self.idle)
+                    continue
+                self._step(joins, leaves)
+        finally:
+            with self._cv:
+                self._stopping = True
+                left = list(self._queue) + self._slot_jobs()
+                self._queue.clear()
+            for job in left:
+                _fail(job, ServiceStopped("server is shutting down"))
+            if self.on_stop is not None:
+                self._guard(self.on_stop)
+
+    def _step(self, joins: list, leaves: list[int]) -> None:
+        from megatron.early_exit.inference.continuous import StepPlan
+
+        plan = StepPlan(self.max_batch_size, joins, leaves, self._reset)
+        slots, metrics = self._slots, self.metrics
+        layers: list[int] = []
+
+        def on_token(ev: TokenEvent) -> None:
+            owner = slots[ev.index]
+            if owner is None:
+                return
+            job, k = owner
+            now = time.perf_counter()
+            prev, self._last[ev.index] = self._last.get(ev.index), now
+            if prev is None:
+                metrics.observe_token(now - job.submitted, None)
+            else:
+                metrics.observe_token(None, now - prev)
+            layers.append(ev.exit_layer)
+            if job.on_token is not None:
+                job.on_token(ev._replace(index=k))
+
+        for slot, _ in joins:
+            self._last.pop(slot, None)
+        metrics.running_batch_size = sum(o is not None for o in slots)
+        t0 = time.perf_counter()
+        try:
+            finished = self.run_step(plan.to_dict(), on_token=on_token)
+            self.healthy, self._reset = True, False
+        except Exception as exc:  # the step failed somewhere: every job in the slots fails
+            self.healthy = isinstance(exc, CommandError)  # the ranks answered: reachable
+            self._reset = True  # every rank forgets its slots on the next step
+            with self._cv:
+                jobs = self._slot_jobs()
+                self._slots[:] = [None] * len(self._slots)
+                self._running = []
+                self._cv.notify_all()
+            for job in jobs:
+                job.cancelled.set()
+                _fail(job, exc)
+            return
+        finally:
+            metrics.running_batch_size = sum(o is not None for o in slots)
+        prompt = sum(len(d["prompt_token_ids"]) for _, d in joins)
+        metrics.observe_batch(len(joins), prompt, layers, time.perf_counter() - t0)
+        with self._cv:
+            done: list[_Job] = []
+            for fin in finished:
+                owner = slots[fin.slot]
+                slots[fin.slot] = None
+                self._last.pop(fin.slot, None)
+                if owner is None:
+                    continue
+                job, k = owner
+                if fin.error is not None:  # a rejected prompt fails its job (400)
+                    job.cancelled.set()  # its other prompts leave their slots
+                    _fail(job, InferenceError(fin.error))
+                    continue
+                job.results[k] = fin.result
+                if all(r is not None for r in job.results):
+                    done.append(job)
+            for job in done:  # answered right away: the HTTP response goes out now
+                with contextlib.suppress(InvalidStateError):
+                    job.future.set_result(list(job.results))
+            self._running = self._slot_jobs()
+            metrics.running_batch_size = sum(o is not None for o in slots)
+            self._cv.notify_all()
