@@ -20,13 +20,13 @@ import torch
 
 from megatron.early_exit.checkpoint.files import read_checkpoint_args, read_tracker
 from megatron.early_exit.checkpoint.integrity import checked_checkpoint_dir, read_common_state
-from megatron.early_exit.config import EXIT_HEAD_FIELDS, RunConfig
+from megatron.early_exit.config import EXIT_HEAD_FIELDS, ExitConfig, RunConfig
 from megatron.early_exit.data import Batch
 from megatron.early_exit.errors import CheckpointError, ConfigError
 from megatron.early_exit.model import EarlyExitGPTModel, ExitForwardOutput, ExitState
 from megatron.early_exit.pipeline.losses import (
     add_weighted_exit_losses,
-    lm_loss_and_teacher,
+    final_outputs,
     lm_loss_key,
     masked_mean,
 )
@@ -87,11 +87,13 @@ def make_exit_tuning_loss_func(
     def loss_func(out: ExitForwardOutput):
         mask = batch.loss_mask
         metrics: dict[str, torch.Tensor] = {}
-        teacher = None
+        teacher = top1 = None
         if has_lm_loss:
             per_token = out.output.detach()
-            if exit_distillation:
-                per_token, teacher = lm_loss_and_teacher(model, per_token, batch.labels)
+            if model.config.early_exit.needs_final_logits or exit_distillation:
+                per_token, teacher, top1 = final_outputs(
+                    model, per_token, batch.labels, exit_distillation
+                )
             metrics[lm_loss_key()] = masked_mean(per_token, mask)
         detached = {
             layer: ExitState(state.hidden.detach(), state.attention_mask, state.rotary_pos_emb)
@@ -106,6 +108,7 @@ def make_exit_tuning_loss_func(
             dynamic_exit_weight,
             metrics,
             teacher_log_probs=teacher,
+            final_top1=top1,
         )
         return total, metrics
 
@@ -136,7 +139,9 @@ def check_checkpoint_exits(run: RunConfig) -> None:
             raise CheckpointError(f"--tune-exit: {exc}") from exc
         return  # no recorded flags: the tensor check at load time still names mismatches
     # The flags that shape the heads' parameters (a temperature only rescales logits).
-    theirs = {k: saved.get(k) for k in EXIT_HEAD_FIELDS}
+    # A field newer than the checkpoint (e.g. exit_confidence_head) has its default there.
+    defaults = ExitConfig()
+    theirs = {k: saved.get(k, getattr(defaults, k)) for k in EXIT_HEAD_FIELDS}
     ours = {k: getattr(run.exits, k) for k in EXIT_HEAD_FIELDS}
     if not theirs["exit_layer_nums"]:
         raise CheckpointError(
