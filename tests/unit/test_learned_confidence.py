@@ -233,3 +233,20 @@ def test_pipeline_parallel_training_is_refused():
     with pytest.raises(ConfigError, match="--exit-confidence-head trains on the final layer"):
         run.validate()
     run.validate(needs_data=False)  # inference runs the heads at any PP
+
+
+def test_ee_tuning_trains_the_estimators_next_to_the_exits(dist_world):
+    from megatron.early_exit.tuning.session import freeze_backbone, make_exit_tuning_loss_func
+
+    model = _train_model()  # norm exits, tied projection (the frozen embedding)
+    trainable = {id(p) for p in freeze_backbone(model)}
+    batch = _batch()
+    with torch.no_grad():  # EE-Tuning runs the backbone without autograd
+        out = model(batch.tokens, batch.position_ids, None, labels=None)
+    loss_func = make_exit_tuning_loss_func(batch, model, {1: 1.0, 2: 1.0}, False, True)
+    loss, metrics = loss_func(out)
+    loss.backward()
+    assert {"exit_conf_1", "exit_agree_2", "lm_loss"} <= set(metrics)
+    for name, p in model.named_parameters():
+        has = p.grad is not None and bool(p.grad.abs().sum() > 0)
+        assert has == (id(p) in trainable), name  # exit norms and estimators, nothing else
