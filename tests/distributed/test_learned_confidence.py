@@ -1,8 +1,9 @@
-"""Learned exit confidence at TP=2 (slow: four small launches).
+"""Learned exit confidence at TP=2 (slow: five small launches).
 
 * training with --exit-confidence-head gives the same losses, confidence BCE and exit
   agreement at TP=2 with sequence parallelism as at TP=1 (vocab-parallel top-1 target);
-* generation with metric "learned" gives the same tokens and exit layers at TP=2 as at TP=1.
+* generation with metric "learned" gives the same tokens and exit layers at TP=2 and with
+  pipeline-based decoding at PP=2 as at TP=1.
 """
 
 import json
@@ -34,13 +35,13 @@ def _train(tmp, tp, sp, save=None):
     return [json.loads(line) for line in metrics.read_text().splitlines()]
 
 
-def _generate(ckpt, tmp, tp, threshold):
-    out = tmp / f"gen_{tp}.json"
+def _generate(ckpt, tmp, tp, threshold, pp=1, *extra):
+    out = tmp / f"gen_{tp}_{pp}.json"
     prompts = [a for p in PROMPTS for a in ("--prompt-ids", p)]
-    torchrun(tp, GENERATE, [
-        "--load", str(ckpt), *layout_args(tp, 1), *prompts, "--max-new-tokens", "12",
+    torchrun(tp * pp, GENERATE, [
+        "--load", str(ckpt), *layout_args(tp, pp), *prompts, "--max-new-tokens", "12",
         "--ignore-eos", "--mode", "early_exit", "--metric", "learned",
-        "--threshold", threshold, "--output-json", str(out),
+        "--threshold", threshold, "--output-json", str(out), *extra,
     ])  # fmt: skip
     return json.loads(out.read_text())
 
@@ -56,8 +57,11 @@ def test_tp2_equals_tp1(tmp_path):
         assert last["exit_agreement"][k] == pytest.approx(two[-1]["exit_agreement"][k])
     ref = _generate(ckpt, tmp_path, 1, "0.5")
     got = _generate(ckpt, tmp_path, 2, "0.5")
-    for a, b in zip(ref, got):
-        assert a["token_ids"] == b["token_ids"] and a["exit_layers"] == b["exit_layers"]
+    # pipeline-based decoding: the exits are decided on their own stages
+    piped = _generate(ckpt, tmp_path, 1, "0.5", 2, "--method", "pipeline")
+    for a, b, c in zip(ref, got, piped):
+        assert a["token_ids"] == b["token_ids"] == c["token_ids"]
+        assert a["exit_layers"] == b["exit_layers"] == c["exit_layers"]
     # At this threshold exit 3 fires (projection) after exits 1 and 2 were evaluated and
     # declined (no projection): both paths run at TP=2.
     assert {e for r in ref for e in r["exit_layers"]} == {3}

@@ -91,7 +91,7 @@ def _merged_args(opts: AddExitsOptions):
     clash = sorted(set(old) & set(new))
     if clash:
         raise AddExitsError(f"the checkpoint already has exits at layers {clash}")
-    if old:
+    if old and new:  # with no new exits the head flags are the checkpoint's
         differ = [f for f in _HEAD_FLAGS if bool(saved.get(f)) != bool(getattr(opts, f))]
         if differ:
             raise AddExitsError(
