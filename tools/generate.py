@@ -117,9 +117,15 @@ def _report(state: dict) -> None:
         d["prompt_token_ids"] = p
         out.append(d)
         st = r.stats
+        spec = ""
+        if st.verify_passes:  # self_speculative
+            spec = (
+                f", drafted {st.drafted_tokens}, accepted {st.accepted_tokens} "
+                f"(acceptance {st.acceptance_rate:.2f}, {st.verify_passes} verifications)"
+            )
         print(
             f"--- prompt ({len(p)} tokens) -> {r.finish_reason}, {len(r.token_ids)} tokens, "
-            f"avg layers {st.avg_layers_used:.2f}, {st.tokens_per_s:.1f} tok/s"
+            f"avg layers {st.avg_layers_used:.2f}, {st.tokens_per_s:.1f} tok/s{spec}"
         )
         print(r.text if r.text is not None else r.token_ids)
     if state["gen"].output_json:

@@ -40,10 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--early-exit", action="store_true", help="shorthand for --mode early_exit")
     g.add_argument("--mode", choices=["none", "early_exit", "self_speculative"], default=None)
     g.add_argument("--threshold", type=float, default=None)
-    g.add_argument("--metric", choices=["max_prob", "margin", "entropy"], default=None)
+    g.add_argument("--metric", choices=["max_prob", "margin", "entropy", "learned"], default=None,
+                   help="learned: the exits' confidence heads (if the model has them)")  # fmt: skip
     g.add_argument("--exit-layers", type=int, nargs="+", default=None)
     g.add_argument("--method", choices=["auto", "kv_recompute", "pipeline"], default=None)
     g.add_argument("--draft-length", type=int, default=None)
+    g.add_argument("--draft-threshold", type=float, default=None,
+                   help="self_speculative: stop drafting below this draft confidence")  # fmt: skip
     g.add_argument("--draft-vocab-size", type=int, default=None,
                    help="self_speculative: draft over the N most frequent tokens")  # fmt: skip
     g.add_argument("--print-exits", action="store_true", help="show each token's exit layer")
@@ -74,7 +77,7 @@ def megatron_body(args, prompts: list[str]) -> dict:
             "add_BOS": args.add_bos}  # fmt: skip
     optional = {"top_k": args.top_k, "top_p": args.top_p, "random_seed": args.seed,
                 "stop_sequences": args.stop, "early_exit_thres": args.threshold,
-                "exit_layers": args.exit_layers}  # fmt: skip
+                "exit_layers": args.exit_layers, "early_exit_metric": args.metric}  # fmt: skip
     for key, value in optional.items():
         if value is not None:
             body[key] = value
@@ -98,7 +101,7 @@ def openai_body(args, prompts: list[str]) -> dict:
     mode = args.mode or ("early_exit" if args.early_exit else None)
     ee = {"mode": mode} if mode else {}
     for key in ("threshold", "metric", "exit_layers", "method", "draft_length",
-                "draft_vocab_size"):  # fmt: skip
+                "draft_threshold", "draft_vocab_size"):  # fmt: skip
         if getattr(args, key) is not None:
             ee[key] = getattr(args, key)
     if ee:
@@ -114,6 +117,16 @@ def request(args, method: str, path: str, body: dict):
     conn.request(method, url.path.rstrip("/") + path, body=json.dumps(body),
                  headers={"Content-Type": "application/json"})  # fmt: skip
     return conn, conn.getresponse()
+
+
+def _stats_line(st: dict) -> str:
+    line = f"avg layers {st.get('avg_layers_used', 0.0):.2f}"
+    if st.get("verify_passes"):
+        line += (
+            f", drafted {st['drafted_tokens']}, accepted {st['accepted_tokens']} "
+            f"(acceptance {st['acceptance_rate']:.2f}, {st['verify_passes']} verifications)"
+        )
+    return line
 
 
 def _fail(resp) -> int:
@@ -140,6 +153,7 @@ def run(args) -> int:
             print(f"=== [{i}] {text}")
             if args.print_exits and out.get("exit_layers"):
                 print(f"    exit layers: {out['exit_layers'][i]}")
+                print(f"    {_stats_line((out.get('early_exit_stats') or [{}])[i])}")
         return 0
     conn, resp = request(args, "POST", "/v1/completions", openai_body(args, prompts))
     if resp.status != 200:
@@ -153,6 +167,8 @@ def run(args) -> int:
             print(f"=== [{c['index']}] ({c['finish_reason']}) {c['text']}")
             if args.print_exits:
                 print(f"    exit layers: {c.get('exit_layers')}")
+            if c.get("early_exit_stats"):
+                print(f"    {_stats_line(c['early_exit_stats'])}")
         u = out.get("usage") or {}
         print(f"--- usage: {u.get('prompt_tokens')} prompt + {u.get('completion_tokens')} tokens")
         return 0

@@ -101,6 +101,17 @@ class ExitConfig:
         help="gradual curriculum: iterations until every exit has a loss (default: --train-iters)",
     )
 
+    exit_confidence_head: bool = flag(
+        False,
+        help="a learned confidence estimator per exit (linear hidden -> 1 on the exit's normed "
+        "hidden state) for the 'learned' inference metric; trained on whether the exit's top-1 "
+        "equals the final layer's (needs PP=1)",
+        tags=(HEADS, RECORDED),
+    )
+    exit_confidence_loss_weight: float = flag(
+        1.0, help="weight of the confidence heads' BCE loss (it reaches only those heads)"
+    )
+
     @property
     def num_exits(self) -> int:
         return len(self.exit_layer_nums)
@@ -111,6 +122,12 @@ class ExitConfig:
         if len(self.exit_layer_temperature) == 1:
             return self.exit_layer_temperature[0]
         return self.exit_layer_temperature[index]
+
+    @property
+    def needs_final_logits(self) -> bool:
+        """The training forward returns the final logits (not the per-token LM loss): exit
+        distillation's teacher and the confidence heads' targets come from them."""
+        return self.exit_distillation or self.exit_confidence_head
 
     def target_weight(self, index: int) -> float:
         return self.exit_layer_weight[index] if self.exit_layer_weight else 1.0
@@ -169,6 +186,15 @@ class ExitConfig:
         _require(
             self.exit_loss_curriculum_iters is None or self.exit_loss_curriculum_iters >= 0,
             "--exit-loss-curriculum-iters must be >= 0",
+        )
+        _require(
+            self.exit_confidence_loss_weight >= 0
+            and math.isfinite(self.exit_confidence_loss_weight),
+            f"--exit-confidence-loss-weight must be >= 0, got {self.exit_confidence_loss_weight}",
+        )
+        _require(
+            not self.exit_confidence_head or bool(nums),
+            "--exit-confidence-head adds a head per exit but there are no --exit-layer-nums",
         )
         _require(
             self.exit_layer_weight_warmup_style in ("linear", "cosine"),
@@ -868,6 +894,8 @@ class RunConfig:
         self.exits.validate(self.model.num_layers)
         self._validate_exit_tuning()
         self._validate_exit_distillation()
+        if needs_data:  # training: inference runs the heads at any PP
+            self._validate_exit_confidence()
         self.training.validate(self.parallel.data_parallel_size, device_is_cuda)
         self.data.validate(needs_data)
         self.checkpoint.validate()
@@ -951,6 +979,25 @@ class RunConfig:
                 "--teacher-cache: activation recomputation has nothing to recompute; drop "
                 "--recompute-granularity",
             )
+
+    def _validate_exit_confidence(self) -> None:
+        if not self.exits.exit_confidence_head:
+            return
+        pp = self.parallel.pipeline_model_parallel_size
+        k = self.parallel.tune_exit_pipeline_parallel_size
+        _require(
+            (k is None or k == pp) and pp == 1,
+            "--exit-confidence-head trains on the final layer's top-1 token, which lives on the "
+            f"last pipeline stage; with --pipeline-model-parallel-size {pp} the exits are "
+            "elsewhere (train it with PP=1; tensor and data parallelism work; inference with "
+            "'learned' works at any PP)",
+        )
+        t = self.training
+        _require(
+            not (t.tune_exit_truncate_backbone or t.teacher_cache is not None),
+            "--exit-confidence-head trains on the final layer's top-1 token; "
+            "--tune-exit-truncate-backbone and --teacher-cache run no final layer",
+        )
 
     def _validate_exit_distillation(self) -> None:
         top_k = self.exits.exit_distillation_top_k

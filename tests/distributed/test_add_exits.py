@@ -86,6 +86,24 @@ def test_mlp_and_block_heads_copy_their_sources(bases, tmp_path):
     assert "heads 2 3" in run_worker(mixed, "heads", 2, 3)
 
 
+@pytest.mark.slow  # make test time budget
+def test_confidence_heads_join_existing_exits(bases, tmp_path):
+    import json
+
+    gpt, _ = bases
+    exits = tmp_path / "exits"
+    add_exits(gpt, exits, "--exit-layer-nums", "1", "3", "--use-exit-norm")
+    conf = tmp_path / "conf"
+    add_exits(exits, conf, "--exit-confidence-head")  # no new layers: estimators only
+    args = json.loads((conf / "iter_0000000" / "ee_args.json").read_text())
+    assert args["exit_confidence_head"] is True and args["exit_layer_nums"] == [1, 3]
+    # the exits are unchanged, the estimators start at zero (sigmoid 0.5)
+    assert "exact 1 3" in run_worker(conf, "exact", 1, 3)
+    assert "zero 1 3" in run_worker(conf, "zero", 1, 3)
+    proc = add_exits(conf, tmp_path / "again", "--exit-confidence-head", check=False)
+    assert proc.returncode == 2 and "no exits to add" in proc.stderr
+
+
 def test_corrupt_checkpoint_leaves_nothing(bases, tmp_path):
     import shutil
 
@@ -137,6 +155,10 @@ def _worker(ckpt: str, args: list[str]) -> None:
                     head = model.exit_heads.get(n)
                     got = model.exit_logits(n, state_n) * head.temperature
                     assert torch.equal(got, expected), (n, (got - expected).abs().max())
+            if mode == "zero":  # confidence heads added by add_exits
+                for n in layers:
+                    for p in model.exit_heads.get(n).confidence.parameters():
+                        assert not p.any(), n
             if mode == "heads":  # first exit copied, second random
                 for n, copied in zip(layers, (True, False)):
                     head = model.exit_heads.get(n)

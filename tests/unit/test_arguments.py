@@ -36,6 +36,8 @@ EXPECTED_FLAGS = [
     "--dry-run",
     "--eval-interval",
     "--eval-iters",
+    "--exit-confidence-head",
+    "--exit-confidence-loss-weight",
     "--exit-distillation",
     "--exit-distillation-top-k",
     "--exit-interval",

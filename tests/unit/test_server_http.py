@@ -174,6 +174,7 @@ def test_print_max_prob_returns_exit_layers(server):
     assert status == 200, out
     assert len(out["exit_layers"][0]) == len(out["tokens"][0])
     assert set(out["exit_layers"][0]) <= {2, 4}
+    assert out["early_exit_stats"][0]["drafted_tokens"] == 0  # extension: per-prompt stats
 
 
 @pytest.mark.parametrize(
@@ -193,6 +194,12 @@ def test_print_max_prob_returns_exit_layers(server):
         ({"prompts": ["a"], "bogus": 1}, "bogus"),
         ({"prompts": ["a" * 300], "tokens_to_generate": 1}, "context"),
         ({"prompts": [""]}, "prompts"),
+        ({"prompts": ["a"], "early_exit_metric": "fast"}, "early_exit_metric"),
+        # no confidence heads in this model
+        (
+            {"prompts": ["a"], "use_early_exit": True, "early_exit_metric": "learned"},
+            "early_exit.metric 'learned'",
+        ),
     ],
 )
 def test_megatron_api_rejects(server, body, fragment):
@@ -371,6 +378,30 @@ def test_completions_reject(server, body):
     status, out = call(port, "POST", "/v1/completions", body)
     assert status == 400, out
     assert out["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "early_exit, field",
+    [
+        ({"metric": "learned"}, "early_exit.metric 'learned'"),  # no confidence heads here
+        ({"metric": "guess"}, "metric"),
+        ({"mode": "self_speculative", "draft_threshold": 1.5}, "draft_threshold"),
+        ({"mode": "self_speculative", "draft_threshold": -0.1}, "draft_threshold"),
+    ],
+)
+def test_completions_early_exit_fields_are_named(server, early_exit, field):
+    port, _ = server
+    status, out = call(port, "POST", "/v1/completions", {"prompt": "a", "early_exit": early_exit})
+    assert status == 400, out
+    assert field in out["error"]["message"]
+
+
+def test_completions_report_early_exit_stats(server):
+    port, _ = server
+    body = {"prompt": "ab", "max_tokens": 3, "early_exit": {"mode": "early_exit"}}
+    status, out = call(port, "POST", "/v1/completions", body)
+    assert status == 200, out
+    assert set(out["choices"][0]["early_exit_stats"]) >= {"drafted_tokens", "acceptance_rate"}
 
 
 def test_concurrent_requests_are_serialised_and_equal(server):

@@ -25,7 +25,13 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--load", required=True, help="source checkpoint root (with ee_args.json)")
     p.add_argument("--save", required=True, help="new checkpoint root (must not exist or be empty)")
     p.add_argument(
-        "--exit-layer-nums", type=int, nargs="+", required=True, help="1-based layers to add"
+        "--exit-layer-nums", type=int, nargs="*", default=[], help="1-based layers to add"
+    )
+    p.add_argument(
+        "--exit-confidence-head",
+        action="store_true",
+        help="a learned confidence estimator per exit (zero-initialised; train it with "
+        "--tune-exit --exit-confidence-head); alone, adds them to the existing exits",
     )
     p.add_argument("--use-exit-norm", action="store_true")
     p.add_argument("--use-exit-mlp", action="store_true")
@@ -69,11 +75,15 @@ def main(argv=None) -> int:
         random_init=args.random_init,
         seed=args.seed,
         zero_mlp_output=not args.copy_mlp_output,
+        exit_confidence_head=args.exit_confidence_head,
     )
 
     def run() -> int:
         path = add_exits(opts)
-        print(f"added exits at layers {sorted(args.exit_layer_nums)}: {path}")
+        what = f"exits at layers {sorted(args.exit_layer_nums)}" if args.exit_layer_nums else ""
+        if args.exit_confidence_head:
+            what += (" with " if what else "") + "confidence heads"
+        print(f"added {what}: {path}")
         return 0
 
     try:  # run_cli turns user errors (AddExitsError, ConfigError, ...) into `error:` + exit 2

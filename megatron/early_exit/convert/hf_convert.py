@@ -179,6 +179,10 @@ def megatron_to_hf(root: str, out: str, overwrite: bool = False) -> dict[str, An
             if rows[vocab:].any():
                 padding[name] = rows[vocab:]
             full[name] = rows[:vocab]
+    # The exits' confidence estimators (--exit-confidence-head) are not exported: the HF
+    # early-exit model has no use for them (inference with metric "learned" is ours).
+    flags["exit_confidence_head"] = False
+    full = {k: v for k, v in full.items() if ".confidence." not in k}
     exits = {k: v for k, v in full.items() if k.startswith(EXIT_PREFIX)}
     backbone = {k: v for k, v in full.items() if not k.startswith(EXIT_PREFIX)}
     hf = ours_to_hf(family, flags, backbone)

@@ -26,6 +26,13 @@ softmax at the sampling temperature 1 (raw exit logits):
 - "max_prob": p_top1.
 - "margin": p_top1 - p_top2.
 - "entropy": 1 - H(p) / log(V).
+- "learned": sigmoid of the exit's confidence head (checkpoints trained with
+  --exit-confidence-head), an estimate that the exit's top-1 equals the full model's.
+  It is computed from the exit's hidden state *before* the vocabulary projection, which
+  then runs only for tokens where it fires (over the full vocabulary, so the token is
+  exactly the exit's argmax); threshold 0: every token exits at the first enabled exit;
+  1.0: never (the full model). In self_speculative mode a draft it scores below
+  `draft_threshold` is not made (other metrics draft it, then stop).
 """
 
 from __future__ import annotations
@@ -39,13 +46,13 @@ from megatron.early_exit.errors import InferenceError
 
 Mode = Literal["none", "early_exit", "self_speculative"]
 Method = Literal["kv_recompute", "pipeline"]
-Metric = Literal["max_prob", "margin", "entropy"]
+Metric = Literal["max_prob", "margin", "entropy", "learned"]
 FinishReason = Literal["length", "eos", "stop", "cancelled"]
 
 MAX_TOP_LOGPROBS = 20  # alternatives per position (as vLLM's default bound)
 MODES = ("none", "early_exit", "self_speculative")
 METHODS = ("kv_recompute", "pipeline")
-METRICS = ("max_prob", "margin", "entropy")
+METRICS = ("max_prob", "margin", "entropy", "learned")
 
 
 @dataclass
@@ -163,6 +170,7 @@ class ModelLimits:
     vocab_size: int
     pipeline_parallel_size: int = 1
     has_token_counts: bool = False  # draft_vocab_size needs them
+    has_confidence_heads: bool = False  # metric "learned" needs them
 
 
 def _fail(msg: str) -> None:
@@ -219,6 +227,12 @@ def validate_request(req: GenerationRequest, limits: ModelLimits) -> None:
         _fail(f"early_exit.method must be one of {METHODS} or null, got {e.method!r}")
     if e.metric not in METRICS:
         _fail(f"early_exit.metric must be one of {METRICS}, got {e.metric!r}")
+    if e.metric == "learned" and not limits.has_confidence_heads:
+        _fail(
+            "early_exit.metric 'learned' needs exit confidence heads, but this checkpoint has "
+            "none: add them with tools/checkpoint/add_exits.py --exit-confidence-head and train "
+            "them (--tune-exit --exit-confidence-head)"
+        )
     if not isinstance(e.threshold, (int, float)) or not 0.0 <= e.threshold <= 1.0:
         _fail(f"early_exit.threshold must be in [0, 1], got {e.threshold!r}")
     if not isinstance(e.draft_threshold, (int, float)) or not 0.0 <= e.draft_threshold <= 1.0:

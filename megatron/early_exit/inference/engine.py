@@ -82,6 +82,7 @@ class InferenceEngine:
             max_sequence_length=max_sequence_length,
             vocab_size=vocab_size,
             pipeline_parallel_size=self.pipe.size,
+            has_confidence_heads=cfg.early_exit.exit_confidence_head,
         )
         self.eos = None
         if tokenizer is not None:
@@ -90,6 +91,10 @@ class InferenceEngine:
             except Exception:  # noqa: BLE001  (tokenizers without an EOD)
                 self.eos = None
         self.last_state: StageState | None = None  # the last group's caches, for inspection
+        # Metric "learned", summed over generate calls on this rank's stage: exit
+        # evaluations whose vocabulary projection ran / was skipped (the estimator said no).
+        self.exit_projections_run = 0
+        self.exit_projections_skipped = 0
         self.token_counts = token_counts
 
     @property
@@ -224,6 +229,8 @@ class InferenceEngine:
                 decoder.run(st, seqs, ee)
         elapsed = time.perf_counter() - t0
         self.last_state = st
+        self.exit_projections_run += st.projections_run
+        self.exit_projections_skipped += st.projections_skipped
         return [self._result(s, elapsed) for s in seqs], decoder.on_token
 
     def decoder(self, kind: type[D] = Decoder, on_token: OnToken | None = None) -> D:

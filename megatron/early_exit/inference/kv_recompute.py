@@ -110,8 +110,11 @@ class KVRecompute(Decoder):
             running, [seqs[i].cache_len[layer] for i in running], [seqs[i].pos for i in running]
         )
         last_rows = chunk.valid.sum(dim=1) - 1
-        logits = st.exit_logits(layer, chunk, last_rows)
-        out = self.decide(st, seqs, running, logits, layer, ran_upto, ee, False)
+        fired, logits = st.exit_decisions(
+            layer, chunk, last_rows, list(range(len(running))), ee.metric, ee.threshold
+        )
+        rows = [running[r] for r in fired]
+        out = self.decide(st, seqs, rows, logits, layer, ran_upto, ee, True) if fired else {}
         decided.update(out)
         return [i for i in running if i not in out]
 

@@ -29,7 +29,7 @@ from megatron.early_exit.inference.decode_state import (
     Decoder,
     chunk_tokens,
 )
-from megatron.early_exit.inference.sampling import confidence, sample
+from megatron.early_exit.inference.sampling import sample
 
 _STOP, _STEP = 0, 1
 _COLS = 7
@@ -61,13 +61,11 @@ def _run_local(decoder, st, seqs, active, starts, ends, undecided, steps, ee) ->
         if not live:
             st.exit_block_fill(layer, chunk)
             return
-        logits = st.exit_logits(layer, chunk, last_rows)
-        conf = confidence(logits, ee.metric)
-        for r in live:
-            if float(conf[r]) >= ee.threshold:
-                decided[active[r]] = _sample(
-                    decoder, seqs, active[r], logits[r], layer, ran_upto, steps
-                )
+        fired, logits = st.exit_decisions(layer, chunk, last_rows, live, ee.metric, ee.threshold)
+        for j, r in enumerate(fired):
+            decided[active[r]] = _sample(
+                decoder, seqs, active[r], logits[j], layer, ran_upto, steps
+            )
 
     for layer in st.global_layers:
         if pre and layer in exits:

@@ -17,7 +17,8 @@ _STEP_STRIDE = 1_000_003
 
 
 def confidence(logits: torch.Tensor, metric: str) -> torch.Tensor:
-    """[n, V] logits -> [n] confidence in [0, 1] (see api.py for the definitions)."""
+    """[n, V] logits -> [n] confidence in [0, 1] (see api.py for the definitions).
+    "learned" is not a function of the logits (StageState.exit_confidence)."""
     probs = torch.softmax(logits.float(), dim=-1)
     if metric == "max_prob":
         return probs.max(dim=-1).values

@@ -22,7 +22,10 @@ from the subset and rejection sampling stays exact (accept min(1, p/q); the resi
 max(0, p - q) equals p outside the subset). Greedy output is unchanged (the full model
 decides every token). The adaptive stop (`draft_threshold`) uses the confidence of the
 subset distribution (its max_prob/margin are renormalised over N tokens, entropy is
-normalised by log N), which is higher than the full-vocabulary one.
+normalised by log N), which is higher than the full-vocabulary one. With metric "learned"
+the exit's confidence estimator decides before the projection: a token it scores below
+`draft_threshold` is not drafted at all (the round verifies what it has), so a declined
+draft costs no projection.
 """
 
 from __future__ import annotations
@@ -81,26 +84,40 @@ def _forward(decoder, st, i, s, from_layer: int, upto: int) -> None:
 
 
 def _draft(decoder, st, i, s, k, ee, step: int) -> tuple[int, torch.Tensor, float]:
-    """(draft token, its processed log-distribution q [V], exit confidence), on every rank."""
+    """(draft token, its processed log-distribution q [V], exit confidence), on every rank.
+
+    Metric "learned": the estimator runs before the projection; below `draft_threshold`
+    nothing is drafted (token -1, no projection), since a rejection is expected."""
     sp = s.req.sampling
     V = decoder.limits.vocab_size
     box = torch.zeros(V + 2, dtype=torch.float64)
     owner = _owner(st, k)
     if decoder.pipe.stage == owner:
-        logits = _exit_logits(st, k, i, s, decoder.device)  # [1, V] or [1, N] (draft vocab)
-        q = processed_logprobs(logits[0], sp)
-        if sp.greedy:
-            tok = int(torch.argmax(q))
+        # an exit block sees every position its own cache lacks (hbuf holds layer-k outputs)
+        chunk = st.chunk([i], [s.xcache_len if k in st.exit_caches else s.pos], [s.pos])
+        h = st.exit_features(k, chunk, chunk.valid.sum(dim=1) - 1)
+        learned = float(st.exit_confidence(k, h)[0]) if ee.metric == "learned" else None
+        if learned is not None and learned < ee.draft_threshold:
+            st.projections_skipped += 1
+            box[0], box[1] = -1, learned
         else:
-            tok = int(torch.multinomial(q.exp(), 1, generator=generator_for(sp.seed, step)))
-        box[0], box[1] = tok, float(confidence(logits, ee.metric)[0])
-        if st.draft_ids is not None:  # back to vocabulary ids; q is 0 outside the subset
-            ids = st.draft_ids_cpu
-            box[0] = int(ids[tok])
-            box[2:] = float("-inf")
-            box[2:][ids] = q.double()
-        else:
-            box[2:] = q.double()
+            if learned is not None:
+                st.projections_run += 1
+            logits = st.exit_project(k, h, draft=True)  # [1, V] or [1, N] (draft vocab)
+            q = processed_logprobs(logits[0], sp)
+            if sp.greedy:
+                tok = int(torch.argmax(q))
+            else:
+                tok = int(torch.multinomial(q.exp(), 1, generator=generator_for(sp.seed, step)))
+            box[0] = tok
+            box[1] = learned if learned is not None else float(confidence(logits, ee.metric)[0])
+            if st.draft_ids is not None:  # back to vocabulary ids; q is 0 outside the subset
+                ids = st.draft_ids_cpu
+                box[0] = int(ids[tok])
+                box[2:] = float("-inf")
+                box[2:][ids] = q.double()
+            else:
+                box[2:] = q.double()
     s.xcache_len = s.pos + 1
     box = decoder.pipe.broadcast(box.to(decoder.device), owner).cpu()
     return int(box[0]), box[2:].float(), float(box[1])
@@ -113,17 +130,22 @@ def _round(decoder, st, i, s, k, ee) -> None:
     budget = sp.max_new_tokens - len(s.gen) - 1  # room for drafts + the full model's token
     drafts: list[int] = []
     qs: list[torch.Tensor] = []
+    fed = False  # the newest token already went through 1..k (a declined "learned" draft)
     for j in range(min(ee.draft_length, budget)):
         _forward(decoder, st, i, s, 1, k)
         tok, q, conf = _draft(decoder, st, i, s, k, ee, 3 * (len(s.gen) + j) + 1)
+        if tok < 0:
+            fed = True
+            break
         drafts.append(tok)
         qs.append(q)
         s.tokens.append(tok)
         if ee.draft_threshold > 0 and conf < ee.draft_threshold:
             break
     # verification: the newest token through 1..k, everything pending through k+1..L
-    _forward(decoder, st, i, s, 1, k)
-    if decoder.pipe.stage == _owner(st, k) and k in st.exit_caches:
+    if not fed:
+        _forward(decoder, st, i, s, 1, k)
+    if decoder.pipe.stage == _owner(st, k) and k in st.exit_caches and s.xcache_len <= s.pos:
         st.exit_block_fill(k, st.chunk([i], [s.xcache_len], [s.pos]))
     s.xcache_len = s.pos + 1
     _forward(decoder, st, i, s, k + 1, L)
@@ -162,12 +184,6 @@ def _round(decoder, st, i, s, k, ee) -> None:
             break
     # the tokens list keeps the pending token at the end, like kv_recompute expects
     s.tokens = s.tokens[: len(s.req.prompt_token_ids) + len(s.gen)]
-
-
-def _exit_logits(st, k, i, s, device):
-    # an exit block sees every position its own cache lacks (hbuf holds layer-k outputs)
-    chunk = st.chunk([i], [s.xcache_len if k in st.exit_caches else s.pos], [s.pos])
-    return st.exit_logits(k, chunk, chunk.valid.sum(dim=1) - 1, draft=True)
 
 
 def _accept(drafts, qs, full, sp, step0):

@@ -15,6 +15,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 
 from megatron.early_exit.inference.layers import Chunk, KVCache, layer_forward, new_cache
 from megatron.early_exit.inference.projection import project
+from megatron.early_exit.inference.sampling import confidence
 
 
 def make_chunk(seqs: list[int], starts: list[int], ends: list[int], device) -> Chunk:
@@ -74,6 +75,10 @@ class StageState:
         self.draft_ids: torch.Tensor | None = None  # self_speculative draft vocabulary
         self.draft_ids_cpu: torch.Tensor | None = None
         self._draft_proj: dict[int, tuple] = {}  # exit layer -> (slots, W[ids], bias[ids])
+        # Metric "learned": exit evaluations (one per sequence and exit) whose vocabulary
+        # projection ran / was skipped because the estimator did not fire (this rank).
+        self.projections_run = 0
+        self.projections_skipped = 0
 
     def set_draft_vocab(self, ids: torch.Tensor | None) -> None:
         """Restrict `exit_logits(..., draft=True)` to these token ids (ascending)."""
@@ -166,6 +171,47 @@ class StageState:
         An exit block (a transformer layer in the head) sees the whole chunk so that its
         own KV cache stays in step with the backbone layer it hangs on.
         """
+        h = self.exit_features(layer_number, chunk, last_rows)
+        return self.exit_project(layer_number, h, draft)
+
+    def exit_decisions(
+        self,
+        layer_number: int,
+        chunk: Chunk,
+        last_rows: torch.Tensor,
+        rows: list[int],
+        metric: str,
+        threshold: float,
+    ) -> tuple[list[int], torch.Tensor | None]:
+        """Which of `rows` (chunk rows) exit here, and their full-vocabulary logits [n, V]
+        (None when none fires). Metrics on the exit's distribution project every row first;
+        "learned" asks the estimator first and projects only the rows that fire, so the
+        emitted token is still exactly the exit's argmax."""
+        if metric != "learned":
+            logits = self.exit_logits(layer_number, chunk, last_rows)
+            conf = confidence(logits, metric).tolist()
+            fired = [r for r in rows if conf[r] >= threshold]
+            return fired, (logits[fired] if fired else None)
+        h = self.exit_features(layer_number, chunk, last_rows)
+        conf = self.exit_confidence(layer_number, h).tolist()
+        fired = [r for r in rows if conf[r] >= threshold]
+        self.projections_run += len(fired)
+        self.projections_skipped += len(rows) - len(fired)
+        if not fired:
+            return fired, None
+        return fired, self.exit_project(layer_number, h[:, fired])
+
+    def exit_confidence(self, layer_number: int, h: torch.Tensor) -> torch.Tensor:
+        """The learned estimator on `exit_features` [1, b, h]: [b] float in [0, 1] (the same
+        on every TP rank: the features are)."""
+        head = self.model.exit_heads.get(layer_number)
+        return torch.sigmoid(head.confidence_logit(h[0]).float())
+
+    def exit_features(
+        self, layer_number: int, chunk: Chunk, last_rows: torch.Tensor
+    ) -> torch.Tensor:
+        """The exit head's hidden state before its projection, newest position of each chunk
+        sequence: [1, b, h] (the exit block, if any, runs on the whole chunk)."""
         head = self.model.exit_heads.get(layer_number)
         b = chunk.seq_idx.shape[0]
         if head.block is not None:
@@ -180,6 +226,13 @@ class StageState:
             h = h + (out if bias is None else out + bias)
         if head.norm is not None:
             h = head.norm(h)
+        return h
+
+    def exit_project(self, layer_number: int, h: torch.Tensor, draft: bool = False) -> torch.Tensor:
+        """Vocabulary projection of `exit_features` rows [1, b, h]: [b, V] (or [b, N] with
+        `draft` and a draft vocabulary), on every TP rank."""
+        head = self.model.exit_heads.get(layer_number)
+        b = h.shape[1]
         if draft and self.draft_ids is not None:
             slots, w, bias = self._draft_projection(layer_number, head)
             logits = project(h[0], w, bias)  # [b, N/tp-ish]: only this rank's draft ids

@@ -3,6 +3,12 @@
 The norm sits right before the projection, like the final norm before the LM head, so
 an exit that copies the final norm and the output embedding computes exactly what the
 full model's head would compute on that layer's hidden state.
+
+With --exit-confidence-head the head also holds a confidence estimator (CALM's learned
+"classifier" measure): one linear map hidden -> 1 on the same normed hidden state the
+output projection sees, whose sigmoid predicts whether the exit's top-1 token equals the
+final layer's. It costs h + 1 parameters (well under 1% of a layer) and lets inference
+decide before paying for the vocabulary projection (metric "learned").
 """
 
 from __future__ import annotations
@@ -62,6 +68,14 @@ class ExitHead(MegatronModule):
             gather_output=False,
             skip_weight_param_allocation=tied,
         )
+        self.confidence = None
+        if ee.exit_confidence_head:
+            # Zero init: sigmoid 0.5 everywhere until trained, and the same at any layout.
+            self.confidence = torch.nn.Linear(
+                config.hidden_size, 1, bias=True, dtype=config.params_dtype
+            )
+            torch.nn.init.zeros_(self.confidence.weight)
+            torch.nn.init.zeros_(self.confidence.bias)
 
     def forward(
         self,
@@ -71,6 +85,16 @@ class ExitHead(MegatronModule):
         output_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden [s, b, h] (sequence-parallel: [s/tp, b, h]) -> logits [s, b, V/tp]."""
+        h = self.features(hidden_states, attention_mask, rotary_pos_emb)
+        return self.project(h, output_weight)
+
+    def features(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        rotary_pos_emb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The hidden state the output projection (and the confidence estimator) sees."""
         h = hidden_states
         if self.block is not None:
             h, _ = self.block(
@@ -81,9 +105,18 @@ class ExitHead(MegatronModule):
             h = h + (out if bias is None else out + bias)
         if self.norm is not None:
             h = self.norm(h)
+        return h
+
+    def project(self, h: torch.Tensor, output_weight: torch.Tensor | None = None) -> torch.Tensor:
         if self.tied and output_weight is None:
             raise ValueError(f"exit at layer {self.layer_number} is tied but got no weight")
         logits, _ = self.output_layer(h, weight=output_weight if self.tied else None)
         if self.temperature != 1.0:
             logits = logits / self.temperature
         return logits
+
+    def confidence_logit(self, h: torch.Tensor) -> torch.Tensor:
+        """[..., h] features -> [...] logit of P(exit top-1 == final top-1)."""
+        if self.confidence is None:
+            raise ValueError(f"exit at layer {self.layer_number} has no confidence head")
+        return self.confidence(h).squeeze(-1)

@@ -26,6 +26,7 @@ from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
@@ -412,6 +413,42 @@ class EarlyExitGPTModel(GPTModel):
             return kl, ce, max_prob
 
         return self._exit_head_call(head_and_loss, state.hidden)
+
+    def exit_confidence_loss(
+        self, layer_number: int, state: ExitState, final_top1: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token BCE [b, s] of the exit's confidence head and its target [b, s] (1.0 where
+        the exit's top-1 equals `final_top1` [b, s], the final layer's top-1 ids).
+
+        The exit head runs without autograd and the target is detached: this loss reaches
+        the confidence head only, never the backbone or the exit's own layers/projection.
+        (It costs one more exit forward per exit; the estimator itself is cheap.)"""
+        head = self.exit_heads.get(layer_number)
+        with torch.no_grad():
+            h = head.features(state.hidden.detach(), state.attention_mask, state.rotary_pos_emb)
+            weight = self._tied_exit_weight_in_forward() if head.tied else None
+            exit_top1 = vocab_parallel_argmax(head.project(h, weight))  # [s, b]
+            if self.config.sequence_parallel:
+                # h holds this rank's s/tp positions; every TP rank scores all positions, so
+                # the head's grads are the same full sums on each (no TP all-reduce needed).
+                h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)
+            target = (exit_top1 == final_top1.transpose(0, 1)).float()
+        logit = head.confidence_logit(h.detach()).float()  # [s, b]
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logit, target, reduction="none")
+        return bce.transpose(0, 1), target.transpose(0, 1)
+
+
+@torch.no_grad()
+def vocab_parallel_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Global top-1 token ids over a vocabulary split across TP ranks: [.., V/tp] -> [..]
+    (ties: the smallest id, as torch.argmax over the whole vocabulary)."""
+    local_max, local_idx = logits.float().max(dim=-1)
+    global_max = _tp_all_reduce(local_max.clone(), dist.ReduceOp.MAX)
+    offset = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+    none = torch.full_like(local_idx, torch.iinfo(torch.long).max)
+    return _tp_all_reduce(
+        torch.where(local_max == global_max, local_idx + offset, none), dist.ReduceOp.MIN
+    )
 
 
 def _tp_all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:

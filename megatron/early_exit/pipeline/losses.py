@@ -13,6 +13,7 @@ from megatron.early_exit.model import EarlyExitGPTModel, ExitForwardOutput
 from megatron.early_exit.model.gpt_model import (
     TopKTeacher,
     exit_stage,
+    vocab_parallel_argmax,
     vocab_parallel_log_softmax,
     vocab_parallel_top_k_teacher,
 )
@@ -30,6 +31,14 @@ def exit_kl_key(layer_number: int) -> str:
     return f"exit_kl_{layer_number}"
 
 
+def exit_confidence_key(layer_number: int) -> str:
+    return f"exit_conf_{layer_number}"
+
+
+def exit_agreement_key(layer_number: int) -> str:
+    return f"exit_agree_{layer_number}"
+
+
 def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
@@ -42,11 +51,32 @@ def lm_loss_and_teacher(
     the detached final log-probabilities [s, b, V/tp] (the exit logits' layout)."""
     # First: megatron's CE below works in place on the logits.
     teacher = vocab_parallel_log_softmax(logits.detach()).transpose(0, 1)
+    return lm_loss_from_logits(model, logits, labels), teacher
+
+
+def lm_loss_from_logits(
+    model: EarlyExitGPTModel, logits: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Per-token LM loss [b, s] from final logits [b, s, V/tp] (in place on the logits)."""
     # compute_language_model_loss is per token in any layout: it transposes the labels in
     # and the loss out ([s, b] <-> [b, s]). Labels given as [s, b] thus match these [b, s]
     # logits, which spares an s*b*V copy back to its usual [s, b] logit layout.
-    lm = model.compute_language_model_loss(labels.transpose(0, 1), logits).transpose(0, 1)
-    return lm, teacher
+    return model.compute_language_model_loss(labels.transpose(0, 1), logits).transpose(0, 1)
+
+
+def final_outputs(
+    model: EarlyExitGPTModel, logits: torch.Tensor, labels: torch.Tensor, exit_distillation: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """From the final logits of a forward without labels (ExitConfig.needs_final_logits):
+    the per-token LM loss [b, s], the distillation teacher (or None) and, with confidence
+    heads, the final layer's top-1 ids [b, s] (their detached target; else None)."""
+    top1 = None
+    if model.config.early_exit.exit_confidence_head:
+        top1 = vocab_parallel_argmax(logits.detach())  # before the in-place CE
+    if exit_distillation:
+        lm, teacher = lm_loss_and_teacher(model, logits, labels)
+        return lm, teacher, top1
+    return lm_loss_from_logits(model, logits, labels), None, top1
 
 
 @dataclass
@@ -123,14 +153,17 @@ def make_loss_func(
 
     def loss_func(out: ExitForwardOutput):
         total = None
-        teacher = None
+        teacher = top1 = None
         metrics: dict[str, torch.Tensor] = {}
         mask = batch.loss_mask
         if model.post_process:
             per_token = out.output
-            if exit_distillation:
-                per_token, dense = lm_loss_and_teacher(model, out.output, batch.labels)
-                teacher, box.teacher = distillation_teachers(model, dense)
+            if model.config.early_exit.needs_final_logits or exit_distillation:
+                per_token, dense, top1 = final_outputs(
+                    model, out.output, batch.labels, exit_distillation
+                )
+                if exit_distillation:
+                    teacher, box.teacher = distillation_teachers(model, dense)
             lm = masked_mean(per_token, mask)
             metrics[lm_loss_key()] = lm.detach()
             total = lm
@@ -145,6 +178,7 @@ def make_loss_func(
             dynamic_exit_weight,
             metrics,
             teacher_log_probs=teacher,
+            final_top1=top1,
         )
         return total, metrics
 
@@ -162,6 +196,7 @@ def add_weighted_exit_losses(
     dynamic_exit_weight: bool,
     metrics: dict[str, torch.Tensor],
     teacher_log_probs: torch.Tensor | TopKTeacher | None = None,
+    final_top1: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """`total` plus this stage's weighted exit losses, added one by one in layer order (None
     when both are absent); records each exit's unweighted cross entropy in `metrics`.
@@ -169,6 +204,11 @@ def add_weighted_exit_losses(
     With `teacher_log_probs` (exit distillation, see `lm_loss_and_teacher`) an exit's loss
     is its per-token KL from the teacher; its cross entropy stays the reported metric (so
     numbers compare with runs without distillation) and its mean KL is added as a metric.
+
+    With `final_top1` (the final layer's top-1 ids [b, s]; confidence heads) each exit's
+    confidence BCE, weighted by --exit-confidence-loss-weight, is added too; it reaches only
+    the confidence heads (GPT model's exit_confidence_loss). Metrics: the BCE and the
+    exit's agreement with the final layer's top-1.
     """
     mask = batch.loss_mask
     for layer, state in sorted(exit_states.items()):
@@ -188,4 +228,10 @@ def add_weighted_exit_losses(
         weighted = masked_mean(per_token * max_prob, mask) if dynamic_exit_weight else loss
         term = exit_weights[layer] * weighted
         total = term if total is None else total + term
+        if final_top1 is not None:
+            bce, agree = model.exit_confidence_loss(layer, state, final_top1)
+            conf = masked_mean(bce, mask)
+            metrics[exit_confidence_key(layer)] = conf.detach()
+            metrics[exit_agreement_key(layer)] = masked_mean(agree, mask)
+            total = total + model.config.early_exit.exit_confidence_loss_weight * conf
     return total

@@ -124,6 +124,8 @@ def megatron_requests(req: MegatronRequest, codec: TextCodec) -> list[Generation
             ee.threshold = req.early_exit_thres
         if req.exit_layers is not None:
             ee.exit_layers = list(req.exit_layers)
+        if req.early_exit_metric is not None:
+            ee.metric = req.early_exit_metric
     else:
         ee = EarlyExitParams(mode="none")
         if req.exit_layers is not None:  # still checked: an unknown layer is a client error
@@ -163,7 +165,20 @@ def megatron_response(
         out["exit_layers"] = exits
         confidences = [getattr(r, "confidences", None) for r in results]
         out["max_probs"] = confidences if any(c is not None for c in confidences) else None
+        out["early_exit_stats"] = [early_exit_stats(r) for r in results]
     return out
+
+
+def early_exit_stats(r: GenerationResult) -> dict:
+    """The response extension with a request's decoding statistics (schemas.EarlyExitStats)."""
+    st = r.stats
+    return {
+        "avg_layers_used": st.avg_layers_used,
+        "drafted_tokens": int(st.drafted_tokens),
+        "accepted_tokens": int(st.accepted_tokens),
+        "acceptance_rate": st.acceptance_rate,
+        "verify_passes": int(st.verify_passes),
+    }
 
 
 # ---- POST /v1/completions (OpenAI) -----------------------------------------------------
@@ -275,6 +290,8 @@ def completion_response(
                 "token_ids": list(r.token_ids),
             }
         )
+        if req.early_exit is not None:
+            choices[-1]["early_exit_stats"] = early_exit_stats(r)
     prompt_tokens = sum(len(g.prompt_token_ids) for g in gen)
     completion_tokens = sum(len(r.token_ids) for r in results)
     return {

@@ -38,8 +38,11 @@ class EarlyExitOptions(BaseModel):
         description="none: full model; early_exit: lossy per-token exit; "
         "self_speculative: exits draft, the full model verifies (lossless)",
     )
-    metric: Literal["max_prob", "margin", "entropy"] | None = Field(
-        None, description="confidence metric; the engine default when omitted"
+    metric: Literal["max_prob", "margin", "entropy", "learned"] | None = Field(
+        None,
+        description="confidence metric; the engine default when omitted. learned: the exit's "
+        "confidence head (checkpoints with exit confidence heads), computed before the "
+        "vocabulary projection, which then runs only where it fires",
     )
     threshold: float | None = Field(
         None, ge=0.0, le=1.0, description="exit when confidence >= threshold (1.0 = never)"
@@ -57,7 +60,12 @@ class EarlyExitOptions(BaseModel):
         None, ge=1, le=64, description="self_speculative: max tokens drafted per step"
     )
     draft_threshold: float | None = Field(
-        None, ge=0.0, le=1.0, description="self_speculative: stop drafting below this"
+        None,
+        ge=0.0,
+        le=1.0,
+        description="self_speculative: stop drafting below this draft confidence (adaptive "
+        "draft length, capped by draft_length; with learned, a draft scored below it is "
+        "not made)",
     )
     draft_vocab_size: int | None = Field(
         None,
@@ -90,6 +98,11 @@ class MegatronRequest(BaseModel):
         description="confidence threshold (engine default when omitted); 1.0 never exits",
     )
     exit_layers: list[ExitLayer] | None = Field(None, max_length=1024)
+    early_exit_metric: Literal["max_prob", "margin", "entropy", "learned"] | None = Field(
+        None,
+        description="confidence metric of use_early_exit (engine default when omitted); "
+        "learned needs exit confidence heads",
+    )
     print_max_prob: bool = Field(
         False, description="return per-token exit layer and confidence (EE-LLM printed them)"
     )
@@ -217,6 +230,16 @@ class TokenExitInfo(BaseModel):
     confidence: float | None = Field(None, description="value of the exit metric")
 
 
+class EarlyExitStats(BaseModel):
+    """Per-request decoding statistics (response extension)."""
+
+    avg_layers_used: float = Field(..., description="mean layer of the head that chose a token")
+    drafted_tokens: int = Field(..., description="self_speculative: tokens drafted")
+    accepted_tokens: int = Field(..., description="self_speculative: drafts accepted")
+    acceptance_rate: float = Field(..., description="self_speculative: accepted / drafted")
+    verify_passes: int = Field(..., description="self_speculative: verification passes")
+
+
 class MegatronResponse(BaseModel):
     text: list[str] = Field(..., description="prompt + generated text, per prompt")
     segments: list[list[str]] = Field(..., description="token strings (prompt + generated)")
@@ -230,6 +253,9 @@ class MegatronResponse(BaseModel):
         None, description="confidence of each generated token (print_max_prob)"
     )
     tokens: list[list[int]] = Field(..., description="generated token ids")
+    early_exit_stats: list[EarlyExitStats] | None = Field(
+        None, description="per prompt (print_max_prob)"
+    )
 
 
 class CompletionLogprobs(BaseModel):
@@ -246,6 +272,9 @@ class CompletionChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None
     exit_layers: list[int] | None = Field(None, description="exit layer of each generated token")
     token_ids: list[int] | None = Field(None, description="generated token ids")
+    early_exit_stats: EarlyExitStats | None = Field(
+        None, description="decoding statistics (requests with early_exit)"
+    )
 
 
 class Usage(BaseModel):

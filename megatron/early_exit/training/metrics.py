@@ -10,7 +10,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron.early_exit.pipeline.losses import exit_kl_key, exit_loss_key, lm_loss_key
+from megatron.early_exit.pipeline.losses import (
+    exit_agreement_key,
+    exit_confidence_key,
+    exit_kl_key,
+    exit_loss_key,
+    lm_loss_key,
+)
 
 
 def reduce_losses(
@@ -28,6 +34,17 @@ def reduce_exit_kl(
     """Mean KL(final || exit) of every exit (exit distillation), like `reduce_losses`."""
     means = _reduce_means(per_microbatch, [exit_kl_key(n) for n in exit_layers], device)
     return dict(zip(exit_layers, means))
+
+
+def reduce_exit_confidence(
+    per_microbatch: list[dict[str, torch.Tensor]], exit_layers: list[int], device: torch.device
+) -> tuple[dict[int, float | None], dict[int, float | None]]:
+    """Mean confidence-head BCE and mean top-1 agreement with the final layer, per exit."""
+    keys = [exit_confidence_key(n) for n in exit_layers]
+    keys += [exit_agreement_key(n) for n in exit_layers]
+    means = _reduce_means(per_microbatch, keys, device)
+    n = len(exit_layers)
+    return dict(zip(exit_layers, means[:n])), dict(zip(exit_layers, means[n:]))
 
 
 def _reduce_means(
@@ -91,6 +108,12 @@ def format_log_line(record: dict) -> str:
     if kls:
         parts.append(
             "exit KL " + " ".join(f"L{k}: {v:.4f}" for k, v in kls.items() if v is not None)
+        )
+    agree = record.get("exit_agreement") or {}
+    if agree:  # confidence heads: how often the exit's top-1 is the final layer's
+        parts.append(
+            "exit agreement "
+            + " ".join(f"L{k}: {v:.3f}" for k, v in agree.items() if v is not None)
         )
     if record.get("grad_norm") is not None:
         parts.append(f"grad norm {record['grad_norm']:.4f}")

@@ -30,7 +30,12 @@ from megatron.early_exit.model.layer_dropout import LayerDropout
 from megatron.early_exit.pipeline import ExitLossWeights, bubble_filling, fill_plan
 from megatron.early_exit.platform import Platform
 from megatron.early_exit.progress import progress
-from megatron.early_exit.training.metrics import MetricsWriter, reduce_exit_kl, reduce_losses
+from megatron.early_exit.training.metrics import (
+    MetricsWriter,
+    reduce_exit_confidence,
+    reduce_exit_kl,
+    reduce_losses,
+)
 from megatron.early_exit.training.mode import Pretraining, TrainingMode
 from megatron.early_exit.training.monitor import RunMonitor
 from megatron.early_exit.training.setup import TrainState, setup_training
@@ -139,9 +144,9 @@ class Trainer:
         with self.monitor.time("batch-generator"):
             batch = next(data_iterator).to(self.device)
         exits = self.run.exits
-        # Exit distillation needs the final logits (the teacher): the loss function then
-        # computes the LM loss from them.
-        labels = None if exits.exit_distillation else batch.labels
+        # Exit distillation (the teacher) and confidence heads (their target) need the final
+        # logits: the loss function then computes the LM loss from them.
+        labels = None if exits.needs_final_logits else batch.labels
         # A mode may produce the output without the model (EE-Tuning from a teacher cache).
         forward = getattr(self.mode, "forward", None)
         output = forward(self.state.unwrapped, batch) if forward is not None else None
@@ -219,6 +224,7 @@ class Trainer:
             per_microbatch, self.run.exits.exit_layer_nums, self.device
         )
         kl = self._exit_kl(per_microbatch)
+        kl.update(self._exit_confidence(per_microbatch))
         elapsed = time.perf_counter() - start
         return {
             "split": "train",
@@ -233,6 +239,18 @@ class Trainer:
             "iteration_time_s": elapsed,
             "tokens_per_s": self.global_batch_size * self.run.model.seq_length / elapsed,
             "fill_microbatches": self.fill_schedule.num_fill if self.fill_schedule else 0,
+        }
+
+    def _exit_confidence(self, per_microbatch: list[dict]) -> dict:
+        """{"exit_confidence_bce": .., "exit_agreement": ..} per exit with confidence heads."""
+        if not self.run.exits.exit_confidence_head:
+            return {}
+        bce, agree = reduce_exit_confidence(
+            per_microbatch, self.run.exits.exit_layer_nums, self.device
+        )
+        return {
+            "exit_confidence_bce": {str(k): v for k, v in bce.items()},
+            "exit_agreement": {str(k): v for k, v in agree.items()},
         }
 
     def _exit_kl(self, per_microbatch: list[dict]) -> dict:
@@ -328,6 +346,7 @@ class Trainer:
             "lm_loss": lm_loss,
             "exit_losses": {str(k): v for k, v in exit_losses.items()},
             **self._exit_kl(per_microbatch),
+            **self._exit_confidence(per_microbatch),
             "eval_time_s": time.perf_counter() - start,
         }
         self.writer.log(record)

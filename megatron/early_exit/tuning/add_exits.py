@@ -9,6 +9,10 @@ Copy initialisation (the default) makes every new head start from the model's ow
 final norm -> exit norm, output embedding -> untied exit output (tied exits use the
 embeddings anyway), layer n's MLP -> exit MLP, last layer -> exit block. An exit with a
 norm and an output projection therefore starts as "the LM head applied at layer n".
+
+`exit_confidence_head` gives every exit (old and new) a learned confidence estimator
+(model/exit_head.py), zero-initialised (sigmoid 0.5) until EE-Tuning trains it; with no
+new layers it adds just those estimators to a checkpoint's existing exits.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class AddExitsOptions:
     # normalised input, so an exact copy fed with the raw residual stream starts far worse
     # (SmolLM2: validation loss ~16-24 at add time instead of the logit-lens loss).
     zero_mlp_output: bool = True
+    exit_confidence_head: bool = False  # estimators for every exit (kept if already there)
 
 
 def _per_exit(values: list[float], n: int, what: str) -> list[float]:
@@ -69,8 +74,13 @@ def _merged_args(opts: AddExitsOptions):
     args = parse_args(["--load", opts.load])
     num_layers = args.num_layers
     new = list(opts.exit_layer_nums)
-    if not new:
-        raise AddExitsError("no exits to add: pass --exit-layer-nums")
+    old = list(saved.get("exit_layer_nums") or [])
+    had_conf = bool(saved.get("exit_confidence_head"))
+    if not new and not (opts.exit_confidence_head and old and not had_conf):
+        raise AddExitsError(
+            "no exits to add: pass --exit-layer-nums (or --exit-confidence-head for a "
+            "checkpoint whose exits have no confidence heads yet)"
+        )
     if len(set(new)) != len(new):
         raise AddExitsError(f"--exit-layer-nums has duplicates: {new}")
     for n in new:
@@ -78,11 +88,10 @@ def _merged_args(opts: AddExitsOptions):
             raise AddExitsError(
                 f"exit layer {n} is out of range: the model has layers 1..{num_layers} (1-based)"
             )
-    old = list(saved.get("exit_layer_nums") or [])
     clash = sorted(set(old) & set(new))
     if clash:
         raise AddExitsError(f"the checkpoint already has exits at layers {clash}")
-    if old:
+    if old and new:  # with no new exits the head flags are the checkpoint's
         differ = [f for f in _HEAD_FLAGS if bool(saved.get(f)) != bool(getattr(opts, f))]
         if differ:
             raise AddExitsError(
@@ -101,7 +110,8 @@ def _merged_args(opts: AddExitsOptions):
     args.exit_layer_nums = merged
     args.exit_layer_temperature = [] if set(temps) == {1.0} else temps
     for f in _HEAD_FLAGS:
-        setattr(args, f, getattr(opts, f))
+        setattr(args, f, getattr(opts, f) if new else bool(saved.get(f)))
+    args.exit_confidence_head = had_conf or opts.exit_confidence_head
     args.tensor_model_parallel_size = 1
     args.pipeline_model_parallel_size = 1
     args.num_layers_per_virtual_pipeline_stage = None
@@ -208,9 +218,14 @@ def add_exits(opts: AddExitsOptions) -> str:
     model = unwrap(build_stage_model(run, config, platform, use_te=False))
 
     new_prefixes = tuple(f"exit_heads.{n}." for n in new)
-    sharded = {
-        k: v for k, v in model.sharded_state_dict().items() if not k.startswith(new_prefixes)
-    }
+
+    def fresh(key: str) -> bool:  # not in the source checkpoint: initialised here
+        return key.startswith(new_prefixes) or (not had_conf and ".confidence." in key)
+
+    from megatron.early_exit.checkpoint.files import read_checkpoint_args
+
+    had_conf = bool((read_checkpoint_args(opts.load) or {}).get("exit_confidence_head"))
+    sharded = {k: v for k, v in model.sharded_state_dict().items() if not fresh(k)}
     try:
         check_checkpoint_files(src)
         loaded = dist_checkpointing.load(sharded, src)
@@ -223,7 +238,7 @@ def add_exits(opts: AddExitsOptions) -> str:
     # The load also returns the checkpoint's common (non-tensor) entries: keep model keys.
     result = model.load_state_dict({k: loaded[k] for k in sharded if k in loaded}, strict=False)
     unexpected = list(result.unexpected_keys)
-    missing = [k for k in result.missing_keys if not k.startswith(new_prefixes)]
+    missing = [k for k in result.missing_keys if not fresh(k)]
     if missing or unexpected:
         raise AddExitsError(
             f"checkpoint {src} does not match its recorded flags: missing {missing[:3]}, "

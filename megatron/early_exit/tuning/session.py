@@ -24,7 +24,7 @@ import torch
 
 from megatron.early_exit.checkpoint.files import read_checkpoint_args, read_tracker
 from megatron.early_exit.checkpoint.integrity import checked_checkpoint_dir, read_common_state
-from megatron.early_exit.config import EXIT_HEAD_FIELDS, RunConfig
+from megatron.early_exit.config import EXIT_HEAD_FIELDS, ExitConfig, RunConfig
 from megatron.early_exit.data import Batch
 from megatron.early_exit.errors import CheckpointError, ConfigError
 from megatron.early_exit.model import EarlyExitGPTModel, ExitForwardOutput, ExitState
@@ -32,7 +32,7 @@ from megatron.early_exit.pipeline.losses import (
     TeacherBox,
     add_weighted_exit_losses,
     distillation_teachers,
-    lm_loss_and_teacher,
+    final_outputs,
     lm_loss_key,
     masked_mean,
 )
@@ -98,12 +98,15 @@ def make_exit_tuning_loss_func(
     def loss_func(out: ExitForwardOutput):
         mask = batch.loss_mask
         metrics: dict[str, torch.Tensor] = {}
-        teacher = None
+        teacher = top1 = None
         if has_lm_loss:
             per_token = out.output.detach()
-            if exit_distillation:
-                per_token, dense = lm_loss_and_teacher(model, per_token, batch.labels)
-                teacher, box.teacher = distillation_teachers(model, dense)
+            if model.config.early_exit.needs_final_logits or exit_distillation:
+                per_token, dense, top1 = final_outputs(
+                    model, per_token, batch.labels, exit_distillation
+                )
+                if exit_distillation:
+                    teacher, box.teacher = distillation_teachers(model, dense)
             metrics[lm_loss_key()] = masked_mean(per_token, mask)
         elif exit_distillation and out.exit_states:
             teacher = box.take()  # sent by the last stage (pipeline/teacher.py)
@@ -120,6 +123,7 @@ def make_exit_tuning_loss_func(
             dynamic_exit_weight,
             metrics,
             teacher_log_probs=teacher,
+            final_top1=top1,
         )
         return total, metrics
 
@@ -162,7 +166,9 @@ def check_checkpoint_exits(run: RunConfig) -> None:
             raise CheckpointError(f"--tune-exit: {exc}") from exc
         return  # no recorded flags: the tensor check at load time still names mismatches
     # The flags that shape the heads' parameters (a temperature only rescales logits).
-    theirs = {k: saved.get(k) for k in EXIT_HEAD_FIELDS}
+    # A field newer than the checkpoint (e.g. exit_confidence_head) has its default there.
+    defaults = ExitConfig()
+    theirs = {k: saved.get(k, getattr(defaults, k)) for k in EXIT_HEAD_FIELDS}
     ours = {k: getattr(run.exits, k) for k in EXIT_HEAD_FIELDS}
     if not theirs["exit_layer_nums"]:
         raise CheckpointError(
