@@ -315,6 +315,10 @@ class ParallelConfig:
         help="layers per virtual pipeline stage: the interleaved 1F1B schedule, each rank "
         "holding (layers per stage / this) model chunks",
     )
+    # Megatron-LM's other spelling; from --num-layers-per-virtual-pipeline-stage if given.
+    virtual_pipeline_model_parallel_size: int | None = flag(
+        None, help="model chunks per pipeline rank (the interleaved schedule)"
+    )
     sequence_parallel: bool = flag(False, help="sequence parallelism (needs TP > 1)")
     use_distributed_optimizer: bool = flag(False, help="shard optimizer state over DP")
     batch_p2p_comm: bool = flag(
@@ -326,8 +330,7 @@ class ParallelConfig:
         help="with --tune-exit: run (and load) only the first k pipeline stages; all exits "
         "must live there (world size TP x k x DP)",
     )
-    # Not flags: from --num-layers-per-virtual-pipeline-stage, and from the launcher.
-    virtual_pipeline_model_parallel_size: int | None = None
+    # Not a flag: from the launcher.
     world_size: int = 1
 
     @property
@@ -372,20 +375,23 @@ class ParallelConfig:
         split = self.stage_split(num_layers)
         split.counts()  # raises ConfigError naming the split flags
         vpp = self.virtual_pipeline_model_parallel_size
+        flags = "--num-layers-per-virtual-pipeline-stage / --virtual-pipeline-model-parallel-size"
         _require(
             vpp is None or not split.uneven,
             "--decoder-first/last-pipeline-num-layers and --account-for-*-in-pipeline-split "
-            "are not supported with --num-layers-per-virtual-pipeline-stage",
+            f"are not supported with {flags}",
         )
         if vpp is not None:
-            _require(
-                pp > 1,
-                "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1",
-            )
+            _require(pp > 1, f"{flags} needs --pipeline-model-parallel-size > 1")
             _require(
                 vpp > 1,
-                "--num-layers-per-virtual-pipeline-stage equals the layers per pipeline stage "
-                "(one virtual stage): drop it or make it smaller",
+                f"{flags}: one virtual stage per pipeline stage is the plain schedule; drop the "
+                "flag or use more virtual stages",
+            )
+            _require(
+                num_layers % (pp * vpp) == 0,
+                f"--num-layers {num_layers} is not divisible by --pipeline-model-parallel-size "
+                f"{pp} x --virtual-pipeline-model-parallel-size {vpp}",
             )
             # Upstream megatron-core pairs the forward and backward messages between the two
             # ranks of PP=2 wrongly in batched p2p (silently wrong losses); refuse it.

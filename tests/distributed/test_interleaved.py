@@ -7,7 +7,7 @@ stages load chunk by chunk.
 
 import pytest
 
-from tests.distributed.launch import TINY, assert_close_records, layout_args, train
+from tests.distributed.launch import assert_close_records, layout_args, train
 from tests.distributed.test_parity import ITERS, UNTIED, _reference
 
 pytestmark = pytest.mark.distributed

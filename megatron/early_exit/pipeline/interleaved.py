@@ -58,7 +58,9 @@ def forward_backward_interleaved(
             f"the interleaved schedule needs microbatches ({num_microbatches}) divisible by "
             f"the pipeline size {pp}"
         )
-    p2p = P2PCommunicator(pp_group=parallel_state.get_pipeline_model_parallel_group(), config=config)
+    p2p = P2PCommunicator(
+        pp_group=parallel_state.get_pipeline_model_parallel_group(), config=config
+    )
     tp = parallel_state.get_tensor_model_parallel_world_size()
     seq = seq_length // tp if config.sequence_parallel else seq_length
     shape = (seq, micro_batch_size, config.hidden_size)
