@@ -249,9 +249,16 @@ CASES = [
     (
         "interleaved-tied-exits",
         _with_base(
-            "--num-layers", "8", "--pipeline-model-parallel-size", "4",
-            "--num-layers-per-virtual-pipeline-stage", "1", "--exit-layer-nums", "3",
-            "--global-batch-size", "8",
+            "--num-layers",
+            "8",
+            "--pipeline-model-parallel-size",
+            "4",
+            "--num-layers-per-virtual-pipeline-stage",
+            "1",
+            "--exit-layer-nums",
+            "3",
+            "--global-batch-size",
+            "8",
         ),
         4,
         ["--num-layers-per-virtual-pipeline-stage needs --untie-exit-output-weights"],
@@ -265,29 +272,49 @@ CASES = [
     (
         "interleaved-layers-not-divisible",
         _with_base(
-            "--num-layers", "6", "--pipeline-model-parallel-size", "2",
-            "--virtual-pipeline-model-parallel-size", "2", "--no-batch-p2p-comm",
+            "--num-layers",
+            "6",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--virtual-pipeline-model-parallel-size",
+            "2",
+            "--no-batch-p2p-comm",
         ),
         2,
-        ["--num-layers 6 is not divisible by --pipeline-model-parallel-size 2 x "
-         "--virtual-pipeline-model-parallel-size 2"],
+        [
+            "--num-layers 6 is not divisible by --pipeline-model-parallel-size 2 x "
+            "--virtual-pipeline-model-parallel-size 2"
+        ],
     ),
     (
         "interleaved-both-flags-disagree",
         _with_base(
-            "--num-layers", "8", "--pipeline-model-parallel-size", "2",
-            "--num-layers-per-virtual-pipeline-stage", "2",
-            "--virtual-pipeline-model-parallel-size", "4",
+            "--num-layers",
+            "8",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--num-layers-per-virtual-pipeline-stage",
+            "2",
+            "--virtual-pipeline-model-parallel-size",
+            "4",
         ),
         2,
-        ["--virtual-pipeline-model-parallel-size 4 disagrees with "
-         "--num-layers-per-virtual-pipeline-stage 2"],
+        [
+            "--virtual-pipeline-model-parallel-size 4 disagrees with "
+            "--num-layers-per-virtual-pipeline-stage 2"
+        ],
     ),
     (
         "interleaved-bubble-filling",
         _with_base(
-            "--num-layers", "8", "--pipeline-model-parallel-size", "4",
-            "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "8",
+            "--num-layers",
+            "8",
+            "--pipeline-model-parallel-size",
+            "4",
+            "--num-layers-per-virtual-pipeline-stage",
+            "1",
+            "--global-batch-size",
+            "8",
             "--fill-explicit-bubbles",
         ),
         4,
@@ -296,8 +323,14 @@ CASES = [
     (
         "interleaved-overlap-grad-reduce",
         _with_base(
-            "--num-layers", "8", "--pipeline-model-parallel-size", "4",
-            "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "8",
+            "--num-layers",
+            "8",
+            "--pipeline-model-parallel-size",
+            "4",
+            "--num-layers-per-virtual-pipeline-stage",
+            "1",
+            "--global-batch-size",
+            "8",
             "--overlap-grad-reduce",
         ),
         4,
