@@ -509,6 +509,20 @@ def test_interleaved_layout_parses_with_either_flag():
     # Layer ownership with virtual stages: rank r holds chunks r and r + 4 (one layer each).
     split = a.parallel.stage_split(8)
     assert [split.stage_of(n) for n in range(1, 9)] == [0, 1, 2, 3, 0, 1, 2, 3]
+    # --dry-run's layout and stage costs follow the chunks.
+    from megatron.early_exit import perf_model
+    from megatron.early_exit.training.layout import describe_run
+
+    run = parse_run_config(
+        [*layout, "--virtual-pipeline-model-parallel-size", "2", "--exit-layer-nums", "2", "5",
+         "--untie-exit-output-weights"], 4
+    )  # fmt: skip
+    stages = describe_run(run).stages
+    assert stages[0].chunks == [(1, 1), (5, 5)] and stages[0].exit_layers == [5]
+    assert stages[1].exit_layers == [2] and stages[3].exit_layers == []
+    costs = perf_model.stage_costs(run)
+    assert costs[0].exits == costs[1].exits > 0 and costs[2].exits == 0
+    assert "suggested_split" not in perf_model.to_dict(run)
 
 
 def test_build_transformer_config_carries_exits():
