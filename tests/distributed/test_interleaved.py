@@ -1,4 +1,5 @@
-"""The interleaved (virtual-stage) schedule with exit losses equals the plain one.
+"""The interleaved (virtual-stage) schedule with exit losses equals the plain one (slow;
+the PP=2 x 2 layout of make test is test_parity.py::test_parity_interleaved_pp2_vpp2).
 
 Same LM loss, every exit loss and grad norm (the grad norm covers every parameter's
 gradient) as a single process, from one reference checkpoint that the model chunks load
@@ -8,9 +9,9 @@ chunk by chunk; validation (the forward-only interleaved schedule) too.
 import pytest
 
 from tests.distributed.launch import TINY, assert_close_records, layout_args, train
-from tests.distributed.test_parity import ITERS, UNTIED, _reference
+from tests.distributed.test_parity import ITERS, _reference
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 EVAL = ["--eval-interval", "2", "--eval-iters", "1"]
 
@@ -26,19 +27,6 @@ def _assert_close_validation(a: list[dict], b: list[dict], label: str) -> None:
             assert abs(x - y) <= 1e-5 * abs(x), f"{label} validation {name}: {x} vs {y}"
 
 
-def test_interleaved_pp2_vpp2_matches_pp1(tmp_path_factory, tmp_path):
-    """PP=2 x 2 chunks of one layer: exit 1 on rank 0's first chunk (with the embedding),
-    exit 3 on rank 0's second chunk; the LM head on rank 1's second chunk. 4 microbatches
-    (warm-up, steady state and cool-down)."""
-    ckpt = _reference(tmp_path_factory, "vpp2", UNTIED)
-    args = [*UNTIED, *ITERS, *EVAL, "--load", str(ckpt)]
-    base = train(1, args, tmp_path / "pp1.jsonl")
-    vpp = ["--num-layers-per-virtual-pipeline-stage", "1", "--no-batch-p2p-comm"]
-    got = train(2, [*args, *layout_args(1, 2), *vpp], tmp_path / "vpp.jsonl")
-    assert_close_records(base, got, rel=1e-5, label="PP2 VPP2")
-    _assert_close_validation(base, got, "PP2 VPP2")
-
-
 # 8 layers: with PP=4 x 2 chunks, exits on a middle rank's first chunk (2), on the first
 # rank's second chunk (5) and on the third rank's second chunk (7); tied LM head.
 EIGHT = [
@@ -48,7 +36,6 @@ EIGHT = [
 ]  # fmt: skip
 
 
-@pytest.mark.slow
 def test_interleaved_pp4_vpp2_matches_pp1_and_saves(tmp_path_factory, tmp_path):
     """PP=4 x 2 chunks with 8 microbatches (steady state on every rank), then the
     interleaved run's checkpoint evaluates like the single process's."""

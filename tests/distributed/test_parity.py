@@ -119,3 +119,17 @@ def test_parity_uneven_stages_with_full_recompute(untied_ref, tmp_path):
         2, [*UNTIED, *ITERS, "--load", str(ckpt), *layout_args(1, 2), *extra], tmp_path / "m.jsonl"
     )
     assert_close_records(base, got, rel=1e-5, label="uneven PP2 + full recompute")
+
+
+def test_parity_interleaved_pp2_vpp2(untied_ref, tmp_path):
+    """Interleaved schedule, PP=2 x 2 model chunks of one layer: exit 1 on rank 0's first
+    chunk (with the embedding), exit 3 on rank 0's second chunk, the tied LM head on rank
+    1's second chunk; 4 microbatches (warm-up, steady state, cool-down). The chunks load
+    the PP=1 checkpoint. PP=4 x 2, validation and saving: tests/distributed/
+    test_interleaved.py (slow)."""
+    ckpt, base = untied_ref
+    vpp = ["--num-layers-per-virtual-pipeline-stage", "1", "--no-batch-p2p-comm"]
+    got = train(
+        2, [*UNTIED, *ITERS, "--load", str(ckpt), *layout_args(1, 2), *vpp], tmp_path / "m.jsonl"
+    )
+    assert_close_records(base, got, rel=1e-5, label="PP2 VPP2")
