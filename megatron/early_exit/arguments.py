@@ -36,16 +36,26 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
 
 
 def _virtual_stages(args: argparse.Namespace) -> int | None:
-    """Megatron's arithmetic: layers per stage / layers per virtual stage."""
+    """Megatron's arithmetic: layers per stage / layers per virtual stage (or the count
+    given by --virtual-pipeline-model-parallel-size)."""
     n = args.num_layers_per_virtual_pipeline_stage
+    given = args.virtual_pipeline_model_parallel_size
     pp = args.pipeline_model_parallel_size
+    if given is not None and given < 1:
+        raise ConfigError(f"--virtual-pipeline-model-parallel-size must be >= 1, got {given}")
     if n is None or pp <= 0 or args.num_layers % pp:
-        return None
+        return given
     per_stage = args.num_layers // pp
     if n <= 0 or per_stage % n:
         raise ConfigError(
             f"--num-layers-per-virtual-pipeline-stage {n} must divide the {per_stage} "
             "layers of each pipeline stage"
+        )
+    if given is not None and given != per_stage // n:
+        raise ConfigError(
+            f"--virtual-pipeline-model-parallel-size {given} disagrees with "
+            f"--num-layers-per-virtual-pipeline-stage {n} ({per_stage} layers per stage "
+            f"make {per_stage // n} virtual stages); give one of them"
         )
     return per_stage // n
 

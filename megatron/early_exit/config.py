@@ -372,7 +372,13 @@ class ParallelConfig:
         False, help="count the LM head and loss as one layer of the last stage in the even split"
     )
     num_layers_per_virtual_pipeline_stage: int | None = flag(
-        None, help="interleaved schedule (refused: not supported with exit losses)"
+        None,
+        help="layers per virtual pipeline stage: the interleaved 1F1B schedule, each rank "
+        "holding (layers per stage / this) model chunks",
+    )
+    # Megatron-LM's other spelling; from --num-layers-per-virtual-pipeline-stage if given.
+    virtual_pipeline_model_parallel_size: int | None = flag(
+        None, help="model chunks per pipeline rank (the interleaved schedule)"
     )
     sequence_parallel: bool = flag(False, help="sequence parallelism (needs TP > 1)")
     use_distributed_optimizer: bool = flag(False, help="shard optimizer state over DP")
@@ -385,8 +391,7 @@ class ParallelConfig:
         help="with --tune-exit: run (and load) only the first k pipeline stages; all exits "
         "must live there (world size TP x k x DP)",
     )
-    # Not flags: from --num-layers-per-virtual-pipeline-stage, and from the launcher.
-    virtual_pipeline_model_parallel_size: int | None = None
+    # Not a flag: from the launcher.
     world_size: int = 1
 
     @property
@@ -401,6 +406,7 @@ class ParallelConfig:
             last=self.decoder_last_pipeline_num_layers,
             account_for_embedding=self.account_for_embedding_in_pipeline_split,
             account_for_loss=self.account_for_loss_in_pipeline_split,
+            virtual=self.virtual_pipeline_model_parallel_size,
         )
 
     @property
@@ -430,23 +436,36 @@ class ParallelConfig:
         split = self.stage_split(num_layers)
         split.counts()  # raises ConfigError naming the split flags
         vpp = self.virtual_pipeline_model_parallel_size
+        flags = "--num-layers-per-virtual-pipeline-stage / --virtual-pipeline-model-parallel-size"
         _require(
             vpp is None or not split.uneven,
             "--decoder-first/last-pipeline-num-layers and --account-for-*-in-pipeline-split "
-            "are not supported with --num-layers-per-virtual-pipeline-stage",
+            f"are not supported with {flags}",
         )
         if vpp is not None:
-            # Upstream megatron-core gives silently wrong losses for PP=2 + interleaving with
-            # batched p2p; refuse it rather than train on wrong gradients.
+            _require(pp > 1, f"{flags} needs --pipeline-model-parallel-size > 1")
+            _require(
+                vpp > 1,
+                f"{flags}: one virtual stage per pipeline stage is the plain schedule; drop the "
+                "flag or use more virtual stages",
+            )
+            _require(
+                num_layers % (pp * vpp) == 0,
+                f"--num-layers {num_layers} is not divisible by --pipeline-model-parallel-size "
+                f"{pp} x --virtual-pipeline-model-parallel-size {vpp}",
+            )
+            # Upstream megatron-core pairs the forward and backward messages between the two
+            # ranks of PP=2 wrongly in batched p2p (silently wrong losses); refuse it.
             _require(
                 not (pp == 2 and self.batch_p2p_comm),
                 "interleaved pipeline (virtual stages) with --pipeline-model-parallel-size 2 and "
                 "batched p2p communication gives wrong losses in megatron-core 0.16.1; "
                 "pass --no-batch-p2p-comm",
             )
-            raise ConfigError(
-                "the interleaved (virtual) pipeline schedule is not supported with early-exit "
-                "losses yet; drop --num-layers-per-virtual-pipeline-stage"
+            _require(
+                self.tune_exit_pipeline_parallel_size is None,
+                "--tune-exit-pipeline-parallel-size is not supported with "
+                "--num-layers-per-virtual-pipeline-stage",
             )
         if self.sequence_parallel and tp == 1:
             warnings.warn("--sequence-parallel has no effect with TP=1; disabling it", stacklevel=2)
@@ -907,7 +926,38 @@ class RunConfig:
             not (self.layer_dropout.enabled and self.training.tune_exit),
             "--layer-dropout-rate trains the backbone; --tune-exit freezes it",
         )
+        self._validate_virtual_pipeline()
         return self
+
+    def _validate_virtual_pipeline(self) -> None:
+        """What the interleaved schedule (pipeline/interleaved.py) does not do yet."""
+        p = self.parallel
+        if p.virtual_pipeline_model_parallel_size is None:
+            return
+        flag_ = "--num-layers-per-virtual-pipeline-stage"
+        _require(
+            self.exits.num_exits == 0 or self.exits.untie_exit_output_weights,
+            f"{flag_} needs --untie-exit-output-weights: tied exit heads on model chunks "
+            "without the embedding are not supported with virtual pipeline stages",
+        )
+        _require(not self.training.tune_exit, f"--tune-exit is not supported with {flag_}")
+        _require(
+            not self.exits.exit_distillation,
+            f"--exit-distillation is not supported with {flag_} (the teacher's upstream sends "
+            "ride on the non-interleaved 1F1B schedule)",
+        )
+        _require(
+            not (self.overlap.overlap_grad_reduce or self.overlap.overlap_param_gather),
+            f"--overlap-grad-reduce / --overlap-param-gather are not supported with {flag_}",
+        )
+        pp = p.pipeline_model_parallel_size
+        m = self.training.num_microbatches(p.data_parallel_size)
+        _require(
+            m % pp == 0,
+            f"{flag_}: the interleaved schedule needs the number of microbatches ({m} = global "
+            f"batch / (micro batch x data-parallel size)) divisible by "
+            f"--pipeline-model-parallel-size {pp}",
+        )
 
     def _validate_exit_tuning(self) -> None:
         k = self.parallel.tune_exit_pipeline_parallel_size
@@ -1083,6 +1133,7 @@ def build_transformer_config(run: RunConfig, use_te: bool = False) -> EarlyExitT
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
         sequence_parallel=p.sequence_parallel,
         batch_p2p_comm=p.batch_p2p_comm,
         # Free sent activations' data (autograd keeps only grad_fn); see pipeline/schedules.py.

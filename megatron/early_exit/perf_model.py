@@ -67,11 +67,12 @@ def costs_for_split(
 ) -> list[StageCost]:
     out = []
     pp = split.pipeline_size
-    for stage, (first, last) in enumerate(split.ranges()):
-        n_exits = sum(first <= n <= last for n in exit_layers) if with_exits else 0
+    for stage, count in enumerate(split.counts()):
+        # stage_of knows virtual stages (a stage's layers are then not contiguous).
+        n_exits = sum(split.stage_of(n) == stage for n in exit_layers) if with_exits else 0
         out.append(
             StageCost(
-                layers=(last - first + 1) * units.layer / units.tp,
+                layers=count * units.layer / units.tp,
                 exits=n_exits * units.exit_head / units.tp,
                 lm_head=units.lm_head / units.tp if stage == pp - 1 else 0.0,
             )
@@ -169,17 +170,23 @@ def suggest_split(run: RunConfig) -> SplitSuggestion:
 
 def format_stage_costs(run: RunConfig) -> str:
     """--dry-run lines: each stage's forward TFLOP per microbatch and the suggested split."""
+    from megatron.early_exit.training.layout import describe_run
+
     costs = stage_costs(run)
-    ranges = run.parallel.stage_split(run.model.num_layers).ranges()
+    layout = describe_run(run)
     slowest = max(c.total for c in costs)
     lines = ["forward TFLOP per microbatch per GPU (layers + exit heads + LM head):"]
-    for stage, (c, (first, last)) in enumerate(zip(costs, ranges)):
+    for c, st in zip(costs, layout.stages):
         mark = "  <- slowest" if c.total == slowest and len(costs) > 1 else ""
+        spans = st.chunks or [(st.first_layer, st.last_layer)]
         lines.append(
-            f"  stage {stage} (layers {first}-{last}): {c.total / 1e12:.3f} = "
-            f"{c.layers / 1e12:.3f} + {c.exits / 1e12:.3f} + {c.lm_head / 1e12:.3f}{mark}"
+            f"  stage {st.stage} (layers {', '.join(f'{a}-{b}' for a, b in spans)}): "
+            f"{c.total / 1e12:.3f} = {c.layers / 1e12:.3f} + {c.exits / 1e12:.3f} + "
+            f"{c.lm_head / 1e12:.3f}{mark}"
         )
-    if len(costs) > 1:
+    if run.parallel.virtual_pipeline_model_parallel_size is not None:
+        lines.append("suggested split: none (uneven splits need the non-interleaved schedule)")
+    elif len(costs) > 1:
         s = suggest_split(run)
         if s.gain <= 0:
             lines.append(
@@ -324,7 +331,7 @@ def to_dict(run: RunConfig) -> dict:
             for e in memory_estimate(run)
         ],
     }
-    if len(costs) > 1:
+    if len(costs) > 1 and run.parallel.virtual_pipeline_model_parallel_size is None:
         s = suggest_split(run)
         out["suggested_split"] = {
             "flags": s.flags(),

@@ -25,6 +25,9 @@ class StageSplit:
     last: int | None = None  # --decoder-last-pipeline-num-layers
     account_for_embedding: bool = False
     account_for_loss: bool = False
+    # Virtual stages (interleaved schedule, even split only): rank r holds the model chunks
+    # r, r + pp, r + 2 pp, ... of num_layers / (pp * virtual) layers each.
+    virtual: int | None = None
 
     @property
     def uneven(self) -> bool:
@@ -137,6 +140,9 @@ class StageSplit:
 
     def stage_of(self, layer_number: int) -> int:
         """Pipeline stage owning the (1-based) layer."""
+        if self.virtual is not None and 1 <= layer_number <= self.num_layers:
+            per_chunk = self.num_layers // (self.pipeline_size * self.virtual)
+            return (layer_number - 1) // per_chunk % self.pipeline_size
         for stage, (first, last) in enumerate(self.ranges()):
             if first <= layer_number <= last:
                 return stage
@@ -161,6 +167,7 @@ def split_of_config(config) -> StageSplit:
         last=getattr(config, "num_layers_in_last_pipeline_stage", None),
         account_for_embedding=bool(getattr(config, "account_for_embedding_in_pipeline_split", 0)),
         account_for_loss=bool(getattr(config, "account_for_loss_in_pipeline_split", False)),
+        virtual=getattr(config, "virtual_pipeline_model_parallel_size", None),
     )
 
 

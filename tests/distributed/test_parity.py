@@ -137,3 +137,17 @@ def test_parity_layer_dropout_and_exit_curriculum(untied_ref, tmp_path):
     assert base[0]["lm_loss"] != plain[0]["lm_loss"] or base[1]["lm_loss"] != plain[1]["lm_loss"]
     got = train(4, [*args, *layout_args(2, 2)], tmp_path / "b.jsonl")
     assert_close_records(base, got, rel=1e-5, label="layer dropout TP2PP2")
+
+
+def test_parity_interleaved_pp2_vpp2(untied_ref, tmp_path):
+    """Interleaved schedule, PP=2 x 2 model chunks of one layer: exit 1 on rank 0's first
+    chunk (with the embedding), exit 3 on rank 0's second chunk, the tied LM head on rank
+    1's second chunk; 4 microbatches (warm-up, steady state, cool-down). The chunks load
+    the PP=1 checkpoint. PP=4 x 2, validation and saving: tests/distributed/
+    test_interleaved.py (slow)."""
+    ckpt, base = untied_ref
+    vpp = ["--num-layers-per-virtual-pipeline-stage", "1", "--no-batch-p2p-comm"]
+    got = train(
+        2, [*UNTIED, *ITERS, "--load", str(ckpt), *layout_args(1, 2), *vpp], tmp_path / "m.jsonl"
+    )
+    assert_close_records(base, got, rel=1e-5, label="PP2 VPP2")

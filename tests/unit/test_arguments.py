@@ -131,6 +131,7 @@ EXPECTED_FLAGS = [
     "--use-exit-mlp",
     "--use-exit-norm",
     "--use-rope-scaling",
+    "--virtual-pipeline-model-parallel-size",
     "--vocab-file",
     "--vocab-size",
     "--wandb-exp-name",
@@ -499,21 +500,41 @@ def test_sequence_parallel_with_tp1_is_disabled_with_warning():
 
 
 def test_virtual_pipeline_flag_maps_to_virtual_stage_count():
-    # Parse without validation: the interleaved schedule itself is refused (see
-    # test_config_errors), but the flag arithmetic must be Megatron's.
+    # Megatron's arithmetic: 4 layers per stage / 2 layers per virtual stage.
     args = build_parser().parse_args(
-        [
-            *BASE,
-            "--num-layers",
-            "8",
-            "--pipeline-model-parallel-size",
-            "2",
-            "--num-layers-per-virtual-pipeline-stage",
-            "2",
-        ]
-    )
+        [*BASE, "--num-layers", "8", "--pipeline-model-parallel-size", "2",
+         "--num-layers-per-virtual-pipeline-stage", "2"]
+    )  # fmt: skip
     run = config_from_args(args, world_size=2)
-    assert run.parallel.virtual_pipeline_model_parallel_size == 2  # 4 layers/stage / 2
+    assert run.parallel.virtual_pipeline_model_parallel_size == 2
+
+
+def test_interleaved_layout_parses_with_either_flag():
+    layout = [*BASE, "--num-layers", "8", "--pipeline-model-parallel-size", "4",
+              "--global-batch-size", "16", "--micro-batch-size", "2"]  # fmt: skip
+    a = parse_run_config([*layout, "--num-layers-per-virtual-pipeline-stage", "1"], 4)
+    b = parse_run_config([*layout, "--virtual-pipeline-model-parallel-size", "2"], 4)
+    assert a.parallel.virtual_pipeline_model_parallel_size == 2
+    assert b.parallel.virtual_pipeline_model_parallel_size == 2
+    config = build_transformer_config(a)
+    assert config.virtual_pipeline_model_parallel_size == 2
+    # Layer ownership with virtual stages: rank r holds chunks r and r + 4 (one layer each).
+    split = a.parallel.stage_split(8)
+    assert [split.stage_of(n) for n in range(1, 9)] == [0, 1, 2, 3, 0, 1, 2, 3]
+    # --dry-run's layout and stage costs follow the chunks.
+    from megatron.early_exit import perf_model
+    from megatron.early_exit.training.layout import describe_run
+
+    run = parse_run_config(
+        [*layout, "--virtual-pipeline-model-parallel-size", "2", "--exit-layer-nums", "2", "5",
+         "--untie-exit-output-weights"], 4
+    )  # fmt: skip
+    stages = describe_run(run).stages
+    assert stages[0].chunks == [(1, 1), (5, 5)] and stages[0].exit_layers == [5]
+    assert stages[1].exit_layers == [2] and stages[3].exit_layers == []
+    costs = perf_model.stage_costs(run)
+    assert costs[0].exits == costs[1].exits > 0 and costs[2].exits == 0
+    assert "suggested_split" not in perf_model.to_dict(run)
 
 
 def test_build_transformer_config_carries_exits():

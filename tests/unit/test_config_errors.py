@@ -235,7 +235,7 @@ CASES = [
         ["interleaved", "batched p2p", "wrong losses", "--no-batch-p2p-comm"],
     ),
     (
-        "interleaved-pp2-no-batch-p2p",
+        "interleaved-microbatches-not-divisible",
         _with_base(
             "--pipeline-model-parallel-size",
             "2",
@@ -244,10 +244,10 @@ CASES = [
             "--no-batch-p2p-comm",
         ),
         2,
-        ["interleaved", "not supported with early-exit losses yet"],
+        ["number of microbatches (1", "divisible by --pipeline-model-parallel-size 2"],
     ),
     (
-        "interleaved-pp4",
+        "interleaved-tied-exits",
         _with_base(
             "--num-layers",
             "8",
@@ -255,9 +255,105 @@ CASES = [
             "4",
             "--num-layers-per-virtual-pipeline-stage",
             "1",
+            "--exit-layer-nums",
+            "3",
+            "--global-batch-size",
+            "8",
         ),
         4,
-        ["not supported with early-exit losses yet"],
+        ["--num-layers-per-virtual-pipeline-stage needs --untie-exit-output-weights"],
+    ),
+    (
+        "interleaved-exit-distillation",
+        _with_base(
+            "--num-layers",
+            "8",
+            "--pipeline-model-parallel-size",
+            "4",
+            "--num-layers-per-virtual-pipeline-stage",
+            "1",
+            "--exit-layer-nums",
+            "3",
+            "--untie-exit-output-weights",
+            "--exit-distillation",
+            "--global-batch-size",
+            "8",
+        ),  # fmt: skip
+        4,
+        ["--exit-distillation is not supported with --num-layers-per-virtual-pipeline-stage"],
+    ),
+    (
+        "interleaved-pp1",
+        _with_base("--virtual-pipeline-model-parallel-size", "2"),
+        1,
+        ["--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size > 1"],
+    ),
+    (
+        "interleaved-layers-not-divisible",
+        _with_base(
+            "--num-layers",
+            "6",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--virtual-pipeline-model-parallel-size",
+            "2",
+            "--no-batch-p2p-comm",
+        ),
+        2,
+        [
+            "--num-layers 6 is not divisible by --pipeline-model-parallel-size 2 x "
+            "--virtual-pipeline-model-parallel-size 2"
+        ],
+    ),
+    (
+        "interleaved-both-flags-disagree",
+        _with_base(
+            "--num-layers",
+            "8",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--num-layers-per-virtual-pipeline-stage",
+            "2",
+            "--virtual-pipeline-model-parallel-size",
+            "4",
+        ),
+        2,
+        [
+            "--virtual-pipeline-model-parallel-size 4 disagrees with "
+            "--num-layers-per-virtual-pipeline-stage 2"
+        ],
+    ),
+    (
+        "interleaved-bubble-filling",
+        _with_base(
+            "--num-layers",
+            "8",
+            "--pipeline-model-parallel-size",
+            "4",
+            "--num-layers-per-virtual-pipeline-stage",
+            "1",
+            "--global-batch-size",
+            "8",
+            "--fill-explicit-bubbles",
+        ),
+        4,
+        ["--fill-explicit-bubbles", "--num-layers-per-virtual-pipeline-stage"],
+    ),
+    (
+        "interleaved-overlap-grad-reduce",
+        _with_base(
+            "--num-layers",
+            "8",
+            "--pipeline-model-parallel-size",
+            "4",
+            "--num-layers-per-virtual-pipeline-stage",
+            "1",
+            "--global-batch-size",
+            "8",
+            "--overlap-grad-reduce",
+        ),
+        4,
+        ["--overlap-grad-reduce", "not supported with --num-layers-per-virtual-pipeline-stage"],
     ),
     (
         "virtual-stage-does-not-divide-stage",

@@ -42,7 +42,7 @@ from megatron.early_exit.checkpoint.files import (
 )
 from megatron.early_exit.checkpoint.integrity import checked_checkpoint_dir, read_common_state
 from megatron.early_exit.errors import CheckpointError
-from megatron.early_exit.model.build import unwrap
+from megatron.early_exit.model.build import unwrap_chunks
 
 _OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -104,8 +104,14 @@ def _restore_rng(state: dict) -> None:
 def _sharded_state(
     model, optimizer, is_loading: bool, with_optimizer: bool, with_rng: bool, hook=None
 ) -> dict:
-    # Keys from the bare model: independent of DDP/Float16Module wrapping.
-    model_sd = unwrap(model).sharded_state_dict()
+    # Keys from the bare model: independent of DDP/Float16Module wrapping. Model chunks
+    # (virtual stages) use global layer numbers, so their tensors' keys are the same as
+    # without virtual stages and one checkpoint loads into either layout.
+    bare = unwrap_chunks(model)
+    if len(bare) == 1:
+        model_sd = bare[0].sharded_state_dict()
+    else:
+        model_sd = {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(bare)}
     if hook is not None:  # e.g. EE-Tuning of the first k stages: full-model global shapes
         model_sd = hook.model_sd(model_sd, is_loading)
     sd = {"model": model_sd}
@@ -242,8 +248,10 @@ def load_checkpoint(
         with_rng=load_rng and same_layout,
         hook=hook,
     )
-    bare = unwrap(model)
-    _check_model_keys(bare, sd["model"], path)
+    bare = unwrap_chunks(model)
+    model_sds = [sd["model"]] if len(bare) == 1 else list(sd["model"].values())
+    for chunk, chunk_sd in zip(bare, model_sds):
+        _check_model_keys(chunk, chunk_sd, path)
     try:
         # A partial run (hook) reads only a subset of the layers: no full-coverage check.
         loaded = dist_checkpointing.load(sd, path, validate_access_integrity=hook is None)
@@ -252,7 +260,11 @@ def load_checkpoint(
             f"could not load {path}: {exc}. Was it saved from a model with the same "
             "architecture and exit layers?"
         ) from exc
-    bare.load_state_dict(loaded["model"], strict=True)
+    if len(bare) == 1:
+        bare[0].load_state_dict(loaded["model"], strict=True)
+    else:
+        for i, chunk in enumerate(bare):
+            chunk.load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
     if hook is not None:
         hook.source = path
     if load_optimizer:

@@ -74,6 +74,12 @@ def inference_run_config(argv: Sequence[str] | None, device_is_cuda: bool = Fals
         iter_dir = checked_checkpoint_dir(args.load)
         recorded = read_checkpoint_args(args.load) is not None
     run = config_from_args(args, world_size_from_env())
+    if run.parallel.virtual_pipeline_model_parallel_size is not None:
+        raise ConfigError(
+            "inference runs one model chunk per pipeline stage: drop "
+            "--num-layers-per-virtual-pipeline-stage / --virtual-pipeline-model-parallel-size "
+            "(checkpoints load into any layout)"
+        )
     try:
         return run.validate(device_is_cuda=device_is_cuda, needs_data=False)
     except ConfigError as exc:

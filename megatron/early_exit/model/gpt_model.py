@@ -155,9 +155,11 @@ class EarlyExitGPTModel(GPTModel):
         rope_scaling: bool = False,
         rope_scaling_factor: float = 8.0,
         parallel_output: bool = True,
+        vp_stage: int | None = None,
     ) -> None:
-        # megatron-core's own count for this stage (uneven first/last stages included).
-        num_local_layers = get_num_layers_to_build(config)
+        # megatron-core's own count for this stage (uneven first/last stages included) or,
+        # with virtual stages, for this model chunk (`vp_stage`; layer numbers stay global).
+        num_local_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
         super().__init__(
             config=config,
             transformer_layer_spec=specs.block(num_local_layers),
@@ -172,9 +174,10 @@ class EarlyExitGPTModel(GPTModel):
             rope_scaling=rope_scaling,
             rope_scaling_factor=rope_scaling_factor,
             parallel_output=parallel_output,
+            vp_stage=vp_stage,
         )
         ee = config.early_exit
-        self.layer_offset = get_transformer_layer_offset(config)
+        self.layer_offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
         self.num_local_layers = len(self.decoder.layers)
         self.local_exit_layers = [
             n
@@ -252,6 +255,8 @@ class EarlyExitGPTModel(GPTModel):
         GPTModel already did this for the first and last stages when the LM head is tied;
         the remaining members of the embedding group join here, in the same group order.
         """
+        if self.vp_stage is not None:
+            return  # virtual stages: tied exits are refused, GPTModel syncs a tied LM head
         group = self._embedding_group_with_peers()
         if group is None:
             return
@@ -629,20 +634,29 @@ def build_model(
     rope_scaling: bool = False,
     rope_scaling_factor: float = 8.0,
     use_te: bool = False,
+    vp_stage: int | None = None,
 ) -> EarlyExitGPTModel:
-    """Build this rank's pipeline stage (parallel state must be initialised)."""
+    """Build this rank's pipeline stage, or its model chunk `vp_stage` of the interleaved
+    schedule (parallel state must be initialised). The embedding lives on the first chunk
+    of the first stage, the LM head on the last chunk of the last stage."""
     specs = get_layer_specs(config, use_te)
+    virtual = vp_stage is not None
     return EarlyExitGPTModel(
         config=config,
         specs=specs,
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(
+            ignore_virtual=not virtual, vp_stage=vp_stage
+        ),
+        post_process=parallel_state.is_pipeline_last_stage(
+            ignore_virtual=not virtual, vp_stage=vp_stage
+        ),
         share_embeddings_and_output_weights=share_embeddings_and_output_weights,
         position_embedding_type=position_embedding_type,
         rotary_base=rotary_base,
         rotary_percent=rotary_percent,
         rope_scaling=rope_scaling,
         rope_scaling_factor=rope_scaling_factor,
+        vp_stage=vp_stage,
     )

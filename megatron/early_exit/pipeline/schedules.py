@@ -38,12 +38,6 @@ LossFunc = Callable[[Any], tuple[torch.Tensor | None, dict[str, torch.Tensor]]]
 ForwardStepFunc = Callable[[Iterator, torch.nn.Module], tuple[Any, LossFunc]]
 
 
-def get_forward_backward_func(pipeline_parallel_size: int | None = None):
-    if pipeline_parallel_size is None:
-        pipeline_parallel_size = parallel_state.get_pipeline_model_parallel_world_size()
-    return forward_backward_1f1b if pipeline_parallel_size > 1 else forward_backward_no_pipelining
-
-
 def _sent_tensor(output: Any) -> torch.Tensor:
     return output.output if hasattr(output, "output") else output
 

@@ -24,6 +24,7 @@ def initialize_distributed(
     tensor_model_parallel_size: int,
     pipeline_model_parallel_size: int,
     seed: int,
+    virtual_pipeline_model_parallel_size: int | None = None,
     get_embedding_ranks: Callable[[list[int], int | None], list[int]] | None = None,
 ) -> None:
     """Create the process group (torchrun env or a single process) and megatron's groups.
@@ -53,6 +54,7 @@ def initialize_distributed(
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
             get_embedding_ranks=get_embedding_ranks,
         )
     torch.manual_seed(seed)

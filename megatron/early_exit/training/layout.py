@@ -23,6 +23,8 @@ class StageLayout:
     embedding: bool  # owns the word (and position) embeddings
     lm_head: bool  # final norm + output layer
     params: int  # held by this stage, summed over its TP ranks, incl. tied-weight copies
+    # Virtual stages: the (first, last) layers of each model chunk (first/last_layer span them).
+    chunks: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -67,7 +69,11 @@ class RunLayout:
             f"{self.padded_vocab_size})",
         ]
         for s in self.stages:
-            parts = [f"layers {s.first_layer}-{s.last_layer}"]
+            if s.chunks:
+                spans = ", ".join(f"{a}-{b}" for a, b in s.chunks)
+                parts = [f"{len(s.chunks)} model chunks, layers {spans}"]
+            else:
+                parts = [f"layers {s.first_layer}-{s.last_layer}"]
             if s.embedding:
                 parts.append("embedding")
             parts += [f"exit after layer {n}" for n in s.exit_layers]
@@ -138,18 +144,25 @@ def describe_run(run: RunConfig) -> RunLayout:
     tied_lm = not m.untie_embeddings_and_output_weights
     tied_exits = not run.exits.untie_exit_output_weights
     stages = []
+    vpp = p.virtual_pipeline_model_parallel_size
     for s in range(pp):
         first, last = ranges[s]
-        exits = [n for n in run.exits.exit_layer_nums if first <= n <= last]
+        chunks = []
+        if vpp is not None:  # chunk c of stage s holds virtual stage c * pp + s
+            per = m.num_layers // (pp * vpp)
+            chunks = [((c * pp + s) * per + 1, (c * pp + s + 1) * per) for c in range(vpp)]
+            first, last = chunks[0][0], chunks[-1][1]
+        held = chunks or [(first, last)]
+        exits = [n for n in run.exits.exit_layer_nums if any(a <= n <= b for a, b in held)]
         embedding, lm_head = s == 0, s == pp - 1
-        n = (last - first + 1) * layer_params(run) + len(exits) * exit_head_params(run)
+        n = sum(b - a + 1 for a, b in held) * layer_params(run) + len(exits) * exit_head_params(run)
         if embedding:
             n += word + positions
         if lm_head:  # tied LM head off the first stage: megatron-core keeps a copy
             n += norm_params(run) + (0 if tied_lm and embedding else word)
         if exits and tied_exits and not embedding and not (lm_head and tied_lm):
             n += word  # this stage's copy of the word embeddings for its tied exits
-        stages.append(StageLayout(s, first, last, exits, embedding, lm_head, n))
+        stages.append(StageLayout(s, first, last, exits, embedding, lm_head, n, chunks))
     backbone = (
         word
         + positions

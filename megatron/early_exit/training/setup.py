@@ -11,7 +11,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron.early_exit.config import EarlyExitTransformerConfig, RunConfig
 from megatron.early_exit.model import EarlyExitGPTModel
-from megatron.early_exit.model.build import build_stage_model, unwrap
+from megatron.early_exit.model.build import ModelChunks, build_stage_model, unwrap
 from megatron.early_exit.platform import Platform
 from megatron.early_exit.training.mode import TrainingMode, finalize_grads
 
@@ -21,7 +21,8 @@ _NO_CLIP = 1e30
 
 @dataclass
 class TrainState:
-    model: torch.nn.Module  # DDP(Float16Module?(EarlyExitGPTModel))
+    # DDP(Float16Module?(EarlyExitGPTModel)), or ModelChunks of those (virtual stages)
+    model: torch.nn.Module
     optimizer: MegatronOptimizer
     scheduler: OptimizerParamScheduler
 
@@ -41,9 +42,6 @@ def setup_training(
 
     `mode.prepare` (e.g. EE-Tuning's frozen backbone) runs before DDP and the optimizer see
     the parameters; `mode.finalize_grads` reduces each step's gradients."""
-    model = build_stage_model(run, config, platform, use_te)
-    if mode is not None:
-        mode.prepare(unwrap(model))
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=run.overlap.overlap_grad_reduce,
@@ -51,7 +49,22 @@ def setup_training(
         bucket_size=run.overlap.ddp_bucket_size,
         use_distributed_optimizer=run.parallel.use_distributed_optimizer,
     )
-    model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    vpp = run.parallel.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp) if vpp is not None else [None]:
+        chunk = build_stage_model(run, config, platform, use_te, vp_stage=vp_stage)
+        if mode is not None:
+            mode.prepare(unwrap(chunk))
+        # As Megatron-LM: one bucket for chunks after the first (their grads are ready last).
+        chunks.append(
+            DistributedDataParallel(
+                config=config,
+                ddp_config=ddp_config,
+                module=chunk,
+                disable_bucketing=bool(vp_stage),
+            )
+        )
+    model = chunks[0] if vpp is None else ModelChunks(chunks)
     config.finalize_model_grads_func = finalize_grads if mode is None else mode.finalize_grads
 
     t = run.training
@@ -73,7 +86,7 @@ def setup_training(
             use_distributed_optimizer=run.parallel.use_distributed_optimizer,
             overlap_param_gather=run.overlap.overlap_param_gather,
         ),
-        [model],
+        chunks,
     )
     if t.fp16:
         config.grad_scale_func = optimizer.scale_loss

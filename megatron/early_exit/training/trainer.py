@@ -25,7 +25,8 @@ from megatron.early_exit.data.gpt_data import (
     samples_per_split,
 )
 from megatron.early_exit.data.tokenizers import Tokenizer, build_tokenizer
-from megatron.early_exit.model import init_model_parallel
+from megatron.early_exit.model import init_model_parallel, unwrap
+from megatron.early_exit.model.build import ModelChunks
 from megatron.early_exit.model.layer_dropout import LayerDropout
 from megatron.early_exit.pipeline import ExitLossWeights, bubble_filling, fill_plan
 from megatron.early_exit.platform import Platform
@@ -154,7 +155,7 @@ class Trainer:
             output = model(batch.tokens, batch.position_ids, None, labels=labels)
         loss_func = self.mode.loss_func(
             batch,
-            self.state.unwrapped,
+            unwrap(model),  # this model chunk (virtual stages) or the stage
             exit_weights,
             exits.use_dynamic_exit_layer_weight,
             exits.exit_distillation,
@@ -188,6 +189,11 @@ class Trainer:
         )
 
     def _microbatches(self, iteration: int, dataset=None):
+        if isinstance(self.state.model, ModelChunks):  # each chunk reads every microbatch
+            return [self._microbatch_iterator(iteration, dataset) for _ in self.state.model]
+        return self._microbatch_iterator(iteration, dataset)
+
+    def _microbatch_iterator(self, iteration: int, dataset=None):
         return microbatch_iterator(
             self.dataset if dataset is None else dataset,
             iteration,

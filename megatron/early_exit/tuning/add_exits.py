@@ -115,6 +115,7 @@ def _merged_args(opts: AddExitsOptions):
     args.tensor_model_parallel_size = 1
     args.pipeline_model_parallel_size = 1
     args.num_layers_per_virtual_pipeline_stage = None
+    args.virtual_pipeline_model_parallel_size = None
     args.sequence_parallel = False
     args.use_distributed_optimizer = False
     args.seed = opts.seed
