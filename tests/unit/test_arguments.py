@@ -161,6 +161,7 @@ EXPECTED_GENERATE_FLAGS = [
     "--prompts-file",
     "--sampling-seed",
     "--stop",
+    "--target-agreement",
     "--temperature",
     "--threshold",
     "--top-k",

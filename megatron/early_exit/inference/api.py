@@ -84,6 +84,19 @@ class EarlyExitParams:
     # self_speculative: the draft scores only the N most frequent tokens (needs the engine's
     # token counts, tools/count_tokens.py); None: the whole vocabulary. Still lossless.
     draft_vocab_size: int | None = None
+    # early_exit: instead of `threshold`, per-exit thresholds calibrated for this token
+    # agreement with the full model (tools/calibrate_exits.py; the checkpoint's
+    # exit_calibration.json must hold `metric` at this target); the calibration's exits.
+    target_agreement: float | None = None
+    # set by the engine from target_agreement (layer -> threshold); not a request field
+    exit_thresholds: dict[int, float] | None = None
+
+
+def exit_threshold(ee: EarlyExitParams, layer: int) -> float:
+    """The threshold the exit at `layer` fires at."""
+    if ee.exit_thresholds is not None:
+        return ee.exit_thresholds.get(layer, 2.0)
+    return ee.threshold
 
 
 @dataclass
@@ -163,6 +176,8 @@ class ModelLimits:
     vocab_size: int
     pipeline_parallel_size: int = 1
     has_token_counts: bool = False  # draft_vocab_size needs them
+    # (metric, target agreement) pairs the checkpoint's exit_calibration.json holds
+    calibrations: tuple[tuple[str, float], ...] = ()
 
 
 def _fail(msg: str) -> None:
@@ -223,6 +238,23 @@ def validate_request(req: GenerationRequest, limits: ModelLimits) -> None:
         _fail(f"early_exit.threshold must be in [0, 1], got {e.threshold!r}")
     if not isinstance(e.draft_threshold, (int, float)) or not 0.0 <= e.draft_threshold <= 1.0:
         _fail(f"early_exit.draft_threshold must be in [0, 1], got {e.draft_threshold!r}")
+    t = e.target_agreement
+    if t is not None:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0:
+            _fail(f"early_exit.target_agreement must be a number in (0, 1] or null, got {t!r}")
+        if e.mode != "early_exit":
+            _fail(f"early_exit.target_agreement needs mode 'early_exit', got mode {e.mode!r}")
+        if e.exit_layers is not None:
+            _fail("early_exit.target_agreement picks its own exits: do not give exit_layers")
+        if not any(m == e.metric and abs(x - t) < 1e-9 for m, x in limits.calibrations):
+            have = ", ".join(f"{m} {x:g}" for m, x in limits.calibrations) or "none"
+            _fail(
+                f"early_exit.target_agreement {t:g}: the checkpoint has no calibration for "
+                f"metric {e.metric!r} at this target (calibrated: {have}; run "
+                "tools/calibrate_exits.py)"
+            )
+    if e.exit_thresholds is not None:
+        _fail("early_exit.exit_thresholds is set by the engine, not by requests")
     if e.exit_layers is not None:
         for n in e.exit_layers:
             if not _is_int(n) or n not in limits.exit_layers:
@@ -320,5 +352,6 @@ __all__ = [
     "SamplingParams",
     "TokenEvent",
     "validate_batch",
+    "exit_threshold",
     "validate_request",
 ]

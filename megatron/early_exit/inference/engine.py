@@ -63,6 +63,7 @@ class InferenceEngine:
         max_sequence_length: int,
         tokenizer=None,
         token_counts: torch.Tensor | None = None,
+        calibration: dict | None = None,
     ):
         """`model`: this rank's bare EarlyExitGPTModel stage (eval mode is set here).
         `token_counts`: int [vocab] token frequencies (tools/count_tokens.py) for
@@ -89,6 +90,19 @@ class InferenceEngine:
                 self.eos = None
         self.last_state: StageState | None = None  # the last group's caches, for inspection
         self.token_counts = token_counts
+        self.calibration = calibration
+
+    @property
+    def calibration(self) -> dict | None:
+        """The checkpoint's exit_calibration.json (inference/calibration.py), if any."""
+        return self._calibration
+
+    @calibration.setter
+    def calibration(self, data: dict | None) -> None:
+        from megatron.early_exit.inference.calibration import available
+
+        self._calibration = data
+        self.limits = dataclasses.replace(self.limits, calibrations=available(data))
 
     @property
     def token_counts(self) -> torch.Tensor | None:
@@ -179,7 +193,16 @@ class InferenceEngine:
     def _effective(self, e: EarlyExitParams, batch: int) -> EarlyExitParams:
         exits = list(self.limits.exit_layers) if e.exit_layers is None else sorted(e.exit_layers)
         mode = e.mode
-        if mode == "early_exit" and (e.threshold >= 1.0 or not exits):
+        per_exit = None
+        if mode == "early_exit" and e.target_agreement is not None:
+            from megatron.early_exit.inference.calibration import lookup
+
+            # validated: the calibration holds (metric, target); exits that never fire drop
+            per_exit = lookup(self._calibration, e.metric, e.target_agreement) or {}
+            exits = sorted(k for k, t in per_exit.items() if t <= 1.0 and k in exits)
+            if not exits:
+                mode = "none"
+        elif mode == "early_exit" and (e.threshold >= 1.0 or not exits):
             mode = "none"  # 1.0 never exits: exactly the full model
         method = e.method
         if mode == "early_exit" and method is None:
@@ -196,6 +219,8 @@ class InferenceEngine:
             draft_length=e.draft_length,
             draft_threshold=e.draft_threshold,
             draft_vocab_size=e.draft_vocab_size if mode == "self_speculative" else None,
+            target_agreement=e.target_agreement if mode == "early_exit" else None,
+            exit_thresholds=per_exit if mode == "early_exit" else None,
         )
 
     def _generate_group(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron.early_exit.inference.api import exit_threshold
 from megatron.early_exit.inference.decode_state import (
     DECIDED,
     INACTIVE,
@@ -64,7 +65,7 @@ def _run_local(decoder, st, seqs, active, starts, ends, undecided, steps, ee) ->
         logits = st.exit_logits(layer, chunk, last_rows)
         conf = confidence(logits, ee.metric)
         for r in live:
-            if float(conf[r]) >= ee.threshold:
+            if float(conf[r]) >= exit_threshold(ee, layer):
                 decided[active[r]] = _sample(
                     decoder, seqs, active[r], logits[r], layer, ran_upto, steps
                 )
