@@ -243,7 +243,7 @@ def worker(args) -> None:
                 variants.append(({"method": method, "threshold": None, "metric": args.metric,
                                   "target_agreement": target},
                                  EarlyExitParams(mode="early_exit", method=method,
-                                                 metric=args.metric, threshold=None,
+                                                 metric=args.metric,
                                                  target_agreement=target)))  # fmt: skip
         if pp == 1 and batch == 1:
             for k, nv, dl in drafts:
@@ -307,7 +307,14 @@ def _calibration_meta(load: str) -> dict | None:
     cal = find_calibration(load)
     if cal is None:
         return None
-    return {k: v for k, v in cal.items() if k != "entries"}
+    out = {k: v for k, v in cal.items() if k != "entries"}
+    out["targets"] = [
+        {"metric": e["metric"], "target": e["target"],
+         "thresholds": {str(k): (None if t > 1 else t) for k, t in e["thresholds"].items()},
+         "test_agreement": e.get("test", {}).get("agreement")}
+        for e in cal.get("entries", [])
+    ]  # fmt: skip
+    return out
 
 
 def _hf_compare(args, prompts, full, time_ours) -> dict:
@@ -404,10 +411,16 @@ def _label(r: dict) -> str:
 def texts_line(meta: dict) -> str:
     """Which texts were used for what (the issue asks every results file to say so)."""
     cal = meta.get("calibration")
-    cal_txt = (
-        f"calibration: {cal.get('texts')} ({cal.get('metric')}, targets "
-        f"{cal.get('targets')})" if cal else "calibration: none in the checkpoint"
-    )  # fmt: skip
+    if cal:
+        texts = cal.get("texts") or {}
+        targets = ", ".join(
+            f"{t['metric']} {t['target']:g} -> thresholds {t['thresholds']} (held-out "
+            f"agreement {t['test_agreement']:.3f})" if t.get("test_agreement") is not None
+            else f"{t['metric']} {t['target']:g}" for t in cal.get("targets", [])
+        )  # fmt: skip
+        cal_txt = f"calibrated on {texts.get('corpora', texts)}: {targets}"
+    else:
+        cal_txt = "calibration: none in the checkpoint"
     src = meta.get("prompts_file") or "Shakespeare (built-in)"
     return (
         f"Texts: measured on corpus **{meta.get('corpus')}** (split: {meta.get('split')}; "
