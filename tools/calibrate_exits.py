@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the test split must reach target - tolerance")  # fmt: skip
     p.add_argument("--margin", type=float, default=0.0,
                    help="calibrate for target + margin (safety)")  # fmt: skip
+    p.add_argument("--min-coverage", type=float, default=0.05,
+                   help="turn off exits firing for less than this share of tokens (their "
+                   "head costs more than they save)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="the calibration/test split")
     p.add_argument("--save-to", default=None, help="folder for exit_calibration.json")
     p.add_argument("--dry-run", action="store_true", help="report only, write nothing")
@@ -73,8 +76,8 @@ def check_args(args) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
     if args.num_prompts < 2:
         raise ConfigError("--num-prompts must be >= 2 (a calibration and a test part)")
-    if not 0.0 <= args.tolerance < 1.0 or not 0.0 <= args.margin < 1.0:
-        raise ConfigError("--tolerance and --margin must be in [0, 1)")
+    if not all(0.0 <= x < 1.0 for x in (args.tolerance, args.margin, args.min_coverage)):
+        raise ConfigError("--tolerance, --margin and --min-coverage must be in [0, 1)")
 
 
 def collect(engine, prompts: list[list[int]], new_tokens: int, metric: str) -> list[dict]:
@@ -146,13 +149,20 @@ def run(args) -> dict:
     prompts = [engine.tokenize(t)[: args.prompt_tokens] for t in texts]
     samples = collect(engine, prompts, args.new_tokens, args.metric)
     entries, sizes = calibrate(
-        samples, args.targets, args.test_fraction, args.seed, args.margin, args.tolerance
+        samples,
+        args.targets,
+        args.test_fraction,
+        args.seed,
+        args.margin,
+        args.tolerance,
+        args.min_coverage,
     )
     rows_info = _corpus_info(args.prompts_file)
     for e in entries:
         e["metric"] = args.metric
         e["tolerance"] = args.tolerance
         e["margin"] = args.margin
+        e["min_coverage"] = args.min_coverage
         e["split_sizes"] = {
             k: {**v, "tokens": e[k]["tokens"]} for k, v in sizes.items()
         }  # fmt: skip

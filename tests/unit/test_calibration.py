@@ -52,6 +52,14 @@ def test_greedy_thresholds_two_exits_known_answer():
         agr, cov, per = cal.agreement(conf, match, th)
         assert (agr, cov, per) == (1.0, 1.0, {1: 0.0, 2: 1.0})
     assert cal.choose_thresholds(conf, match, 0.7)[1] > 0.9  # all-or-nothing: 0.0 < 0.7
+    # exit 1 can fire only on its one right token (1 in 10): kept at min_coverage 0.1,
+    # turned off at 0.2; exit 2 is always wrong
+    conf3 = {1: [0.9] + [0.1] * 9, 2: [0.0] * 10}
+    match3 = {1: [True] + [False] * 9, 2: [False] * 10}
+    th = cal.choose_thresholds(conf3, match3, 0.99, min_coverage=0.1)
+    assert 0.1 < th[1] <= 0.9 and th[2] > 1
+    th = cal.choose_thresholds(conf3, match3, 0.99, min_coverage=0.2)
+    assert th == {1: cal.NEVER, 2: cal.NEVER}  # exit 1 would fire for 1 token in 10
 
 
 def test_calibration_file_roundtrip_and_merge(tmp_path):
