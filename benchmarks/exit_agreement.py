@@ -1,8 +1,11 @@
 """How good are a checkpoint's exits for early exit and self-speculative decoding?
 
     python benchmarks/exit_agreement.py --load CKPT [--out DIR | --write-results] [--name NAME]
+        [--prompts-file FILE.jsonl --prompt-field prompt]
 
-One process. The full model greedily continues real text prompts (Shakespeare); then one
+One process. The full model greedily continues real text prompts (Shakespeare, or the
+JSONL --prompts-file from tools/make_prompts.py: one corpus per run, results per corpus;
+--write-results refuses to replace a committed NAME.json unless --overwrite); then one
 teacher-forced pass over prompt + continuation gives, at every generated position, each
 exit's top-1 token and confidence next to the full model's token (which is the token the
 full model generated there). From these:
@@ -47,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-agreement", type=float, default=0.95)
     p.add_argument("--draft-vocab-size", type=int, default=2048,
                    help="also: acceptance needed with a draft vocabulary this small")  # fmt: skip
+    sys.path.insert(0, HERE)
+    from inference_early_exit import add_prompt_args
+
+    add_prompt_args(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --write-results: replace an existing committed result")  # fmt: skip
     return p
 
 
@@ -65,7 +74,7 @@ def _setup_single_process() -> None:
 def collect(args) -> dict:
     """Per generated position: full-model token, and each exit's top-1 and max probability."""
     import torch
-    from inference_early_exit import shakespeare_prompts
+    from inference_early_exit import load_prompts
 
     from megatron.early_exit.inference.api import EarlyExitParams, GenerationRequest, SamplingParams
     from megatron.early_exit.inference.cost_model import calibrate
@@ -78,7 +87,7 @@ def collect(args) -> dict:
     exits = list(engine.limits.exit_layers)
     if not exits:
         raise SystemExit(f"error: {args.load} has no exits")
-    prompts = shakespeare_prompts(engine, args.num_prompts, args.prompt_tokens)
+    prompts = load_prompts(engine, args)
     sp = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     reqs = [GenerationRequest(p, sp, EarlyExitParams(mode="none")) for p in prompts]
     rows = {"full": [], **{str(e): [] for e in exits}, **{f"conf{e}": [] for e in exits}}
@@ -224,8 +233,10 @@ def write_md(path: str, meta: dict, res: dict) -> None:
     lines = [
         f"# Exit agreement ({meta['load']})",
         "",
-        f"{res['tokens']} greedy full-model tokens from {meta['num_prompts']} Shakespeare "
-        f"prompts; teacher-forced exit predictions at every generated position. Cost model "
+        f"{res['tokens']} greedy full-model tokens from {meta['num_prompts']} prompts of "
+        f"corpus **{meta.get('corpus', 'shakespeare')}** (split: {meta.get('split', 'tune')}; "
+        f"{meta.get('prompts_file') or 'Shakespeare, built-in'}); teacher-forced exit "
+        "predictions at every generated position. Cost model "
         f"(measured on this machine, inference/cost_model.py), in units of one layer step "
         f"({u['layer_ms']:.3f} ms): an exit head = "
         + ", ".join(f"{v:.2f} (exit {e})" for e, v in u["exit_head"].items())
@@ -327,7 +338,19 @@ def plot(path: str, res: dict) -> None:
 
 
 def main() -> None:
+    sys.path.insert(0, HERE)
+    from inference_early_exit import prompts_info, refuse_overwrite
+
     args = build_parser().parse_args()
+    refuse_overwrite(args, HERE)
+    if args.prompts_file:
+        from megatron.early_exit.data.text_prompts import read_prompts_file
+        from megatron.early_exit.errors import ConfigError
+
+        try:
+            read_prompts_file(args.prompts_file, args.prompt_field)
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
     data = collect(args)
     res = analyse(data, args.target_agreement, args.draft_vocab_size)
     for key in (
@@ -336,7 +359,8 @@ def main() -> None:
         "acceptance_needed_for_1_5x_draft_vocab",
     ):
         res[key] = {str(k): v for k, v in res[key].items()}
-    meta = {"load": args.load, "num_prompts": args.num_prompts, "target": args.target_agreement}
+    meta = {"load": args.load, "num_prompts": args.num_prompts, "target": args.target_agreement,
+            "new_tokens": args.new_tokens, **prompts_info(args)}  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, args.name)
     with open(base + ".json", "w") as f:

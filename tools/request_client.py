@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--early-exit", action="store_true", help="shorthand for --mode early_exit")
     g.add_argument("--mode", choices=["none", "early_exit", "self_speculative"], default=None)
     g.add_argument("--threshold", type=float, default=None)
+    g.add_argument("--target-agreement", type=float, default=None,
+                   help="calibrated per-exit thresholds for this agreement (instead of "
+                   "--threshold)")  # fmt: skip
     g.add_argument("--metric", choices=["max_prob", "margin", "entropy", "learned"], default=None,
                    help="learned: the exits' confidence heads (if the model has them)")  # fmt: skip
     g.add_argument("--exit-layers", type=int, nargs="+", default=None)
@@ -77,7 +80,8 @@ def megatron_body(args, prompts: list[str]) -> dict:
             "add_BOS": args.add_bos}  # fmt: skip
     optional = {"top_k": args.top_k, "top_p": args.top_p, "random_seed": args.seed,
                 "stop_sequences": args.stop, "early_exit_thres": args.threshold,
-                "exit_layers": args.exit_layers, "early_exit_metric": args.metric}  # fmt: skip
+                "exit_layers": args.exit_layers, "early_exit_metric": args.metric,
+                "target_agreement": args.target_agreement}  # fmt: skip
     for key, value in optional.items():
         if value is not None:
             body[key] = value
@@ -101,7 +105,7 @@ def openai_body(args, prompts: list[str]) -> dict:
     mode = args.mode or ("early_exit" if args.early_exit else None)
     ee = {"mode": mode} if mode else {}
     for key in ("threshold", "metric", "exit_layers", "method", "draft_length",
-                "draft_threshold", "draft_vocab_size"):  # fmt: skip
+                "draft_threshold", "draft_vocab_size", "target_agreement"):  # fmt: skip
         if getattr(args, key) is not None:
             ee[key] = getattr(args, key)
     if ee:

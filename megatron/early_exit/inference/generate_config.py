@@ -48,6 +48,11 @@ class GenerateConfig:
     threshold: float = flag(
         0.8, aliases=["--early-exit-thres"], help="exit when the confidence reaches this"
     )
+    target_agreement: float | None = flag(
+        None,
+        help="early_exit: instead of --threshold, the checkpoint's per-exit thresholds "
+        "calibrated for this token agreement (tools/calibrate_exits.py)",
+    )
     exit_layers: list[int] | None = flag(None, help="use only these exits (default: all)")
     draft_exit_layer: int | None = flag(
         None, help="self_speculative: the drafting exit (default: the first)"
@@ -74,6 +79,11 @@ class GenerateConfig:
         ):
             if value is not None and value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
+        t = self.target_agreement
+        if t is not None and not 0.0 < t <= 1.0:
+            raise ConfigError(f"--target-agreement must be in (0, 1], got {t}")
+        if t is not None and self.mode != "early_exit":
+            raise ConfigError("--target-agreement needs --mode early_exit")
         return self
 
     def prompt_texts(self) -> list[str]:
@@ -143,5 +153,6 @@ class GenerateConfig:
             draft_length=self.draft_length,
             draft_threshold=self.draft_threshold,
             draft_vocab_size=self.draft_vocab_size,
+            target_agreement=self.target_agreement,
         )
         return [GenerationRequest(p, SamplingParams(**sampling), ee) for p in prompts]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron.early_exit.inference.api import EarlyExitParams
+from megatron.early_exit.inference.api import EarlyExitParams, exit_threshold
 from megatron.early_exit.inference.decode_state import (
     DECIDED,
     RUNNING,
@@ -111,7 +111,7 @@ class KVRecompute(Decoder):
         )
         last_rows = chunk.valid.sum(dim=1) - 1
         fired, logits = st.exit_decisions(
-            layer, chunk, last_rows, list(range(len(running))), ee.metric, ee.threshold
+            layer, chunk, last_rows, list(range(len(running))), ee.metric, exit_threshold(ee, layer)
         )
         rows = [running[r] for r in fired]
         out = self.decide(st, seqs, rows, logits, layer, ran_upto, ee, True) if fired else {}

@@ -28,16 +28,20 @@ def build_engine(run, platform=None) -> InferenceEngine:
     config = build_transformer_config(run, use_te=use_te)
     init_model_parallel(run, config, platform)
     model = build_stage_model(run, config, platform, use_te)
-    counts = None
+    counts = calibration = None
     if run.checkpoint.load:
+        from megatron.early_exit.inference.calibration import find_calibration
+
         load_checkpoint(run.checkpoint.load, model, load_rng=False)
         counts = _token_counts(run.checkpoint.load, tokenizer.vocab_size)
+        calibration = find_calibration(run.checkpoint.load)
     return InferenceEngine(
         unwrap(model),
         vocab_size=tokenizer.vocab_size,
         max_sequence_length=run.model.resolved_max_position_embeddings(),
         tokenizer=tokenizer,
         token_counts=counts,
+        calibration=calibration,
     )
 
 

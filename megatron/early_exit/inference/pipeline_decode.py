@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron.early_exit.inference.api import exit_threshold
 from megatron.early_exit.inference.decode_state import (
     DECIDED,
     INACTIVE,
@@ -61,7 +62,8 @@ def _run_local(decoder, st, seqs, active, starts, ends, undecided, steps, ee) ->
         if not live:
             st.exit_block_fill(layer, chunk)
             return
-        fired, logits = st.exit_decisions(layer, chunk, last_rows, live, ee.metric, ee.threshold)
+        threshold = exit_threshold(ee, layer)
+        fired, logits = st.exit_decisions(layer, chunk, last_rows, live, ee.metric, threshold)
         for j, r in enumerate(fired):
             decided[active[r]] = _sample(
                 decoder, seqs, active[r], logits[j], layer, ran_upto, steps

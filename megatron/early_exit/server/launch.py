@@ -129,7 +129,7 @@ def _lead(
             ContinuousService,
             {
                 "run_step": run_step,
-                "key": lambda r: batch_key(r, engine.limits),
+                "key": lambda r: batch_key(r, engine.limits, engine.calibration),
             },
         )
     else:

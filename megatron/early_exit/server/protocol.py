@@ -85,6 +85,7 @@ def _early_exit_params(opts: EarlyExitOptions | None) -> EarlyExitParams:
         "draft_length",
         "draft_threshold",
         "draft_vocab_size",
+        "target_agreement",
     ):
         value = getattr(opts, name)
         if value is not None:
@@ -126,10 +127,13 @@ def megatron_requests(req: MegatronRequest, codec: TextCodec) -> list[Generation
             ee.exit_layers = list(req.exit_layers)
         if req.early_exit_metric is not None:
             ee.metric = req.early_exit_metric
+        ee.target_agreement = req.target_agreement
     else:
         ee = EarlyExitParams(mode="none")
         if req.exit_layers is not None:  # still checked: an unknown layer is a client error
             ee.exit_layers = list(req.exit_layers)
+        if req.target_agreement is not None:  # needs use_early_exit: a 400 says so
+            ee.target_agreement = req.target_agreement
     out = [
         GenerationRequest(
             prompt_token_ids=codec.encode_prompt(p, req.add_BOS),

@@ -47,6 +47,14 @@ class EarlyExitOptions(BaseModel):
     threshold: float | None = Field(
         None, ge=0.0, le=1.0, description="exit when confidence >= threshold (1.0 = never)"
     )
+    target_agreement: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="mode early_exit: instead of threshold, the checkpoint's per-exit "
+        "thresholds calibrated for this token agreement with the full model "
+        "(tools/calibrate_exits.py; 400 when it has none for this metric and target)",
+    )
     exit_layers: list[ExitLayer] | None = Field(
         None, max_length=1024, description="exits allowed to fire (default: all)"
     )
@@ -102,6 +110,13 @@ class MegatronRequest(BaseModel):
         None,
         description="confidence metric of use_early_exit (engine default when omitted); "
         "learned needs exit confidence heads",
+    )
+    target_agreement: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="with use_early_exit: the checkpoint's per-exit thresholds calibrated "
+        "for this token agreement (metric max_prob) instead of early_exit_thres",
     )
     print_max_prob: bool = Field(
         False, description="return per-token exit layer and confidence (EE-LLM printed them)"
