@@ -598,6 +598,7 @@ def test_compile_failure_falls_back_to_eager_with_one_log_line(engine, monkeypat
         raise RuntimeError("no C++ compiler found\nsecond line")
 
     monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(layers._STEPS, "_compiled", None)  # compile anew, under `broken`
     layers.set_compile_mode("inductor")
     try:
         with caplog.at_level("WARNING", logger=layers.__name__):

@@ -449,8 +449,8 @@ class _StepRegistry:
     def set_mode(self, mode: str) -> None:
         if mode not in COMPILE_MODES:
             raise ValueError(f"inference compile mode {mode!r}: expected one of {COMPILE_MODES}")
-        if mode != self.mode:
-            self.mode, self._compiled, self.failed = mode, None, None
+        if mode != self.mode:  # the compiled functions are kept: switching back reuses them
+            self.mode, self.failed = mode, None
 
     def get(self) -> _Steps:
         if self.mode == "none" or self.failed is not None:
