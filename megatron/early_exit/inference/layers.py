@@ -469,6 +469,10 @@ class _StepRegistry:
             if self.failed is None:
                 try:
                     if compiled is None:
+                        # One graph per (StepConfig, mask/RoPE/bias presence): a process with
+                        # several models (tests, exit blocks) needs more than dynamo's default 8.
+                        limit = torch._dynamo.config.recompile_limit
+                        torch._dynamo.config.recompile_limit = max(limit, 64)
                         compiled = torch.compile(fn, dynamic=True, fullgraph=True)
                     return compiled(*args)
                 except Exception as exc:  # noqa: BLE001 - any compiler failure: run eager
