@@ -9,7 +9,7 @@ TORCH_PIP_ARGS ?=
 NPROC ?= 2
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-all test-gpu lint format demo bench-exit-overhead bench-server-load bench-inference bench-exit-agreement bench-projection-shapes perf-model bench-bubble-filling bench-ee-tuning clean
+.PHONY: venv test test-all test-gpu lint format demo bench-exit-overhead bench-server-load bench-inference bench-exit-agreement bench-projection-shapes perf-model bench-bubble-filling bench-ee-tuning bench-decode clean
 
 venv: $(STAMP)
 
@@ -68,6 +68,11 @@ bench-inference: venv
 	$(PY) benchmarks/inference_early_exit.py --load $(CKPT) $(BENCH_ARGS)
 
 # Exit quality for early exit / self-speculation, with a cost-model speedup ceiling.
+# Full-model decode speed vs transformers generate on SmolLM2 (the converted checkpoint and
+# its HF folder; DECODE_ARGS=--compile also times the torch.compile'd step).
+bench-decode: venv
+	$(PY) benchmarks/decode_speed.py $(DECODE_ARGS) $(BENCH_ARGS)
+
 bench-exit-agreement: venv
 	$(PY) benchmarks/exit_agreement.py --load $(CKPT) $(BENCH_ARGS)
 

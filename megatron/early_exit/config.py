@@ -698,6 +698,20 @@ class LoggingConfig:
 
 
 @dataclass
+class InferenceConfig:
+    """How the inference engine runs the decode step (inference/layers.py)."""
+
+    FLAG_GROUP: ClassVar[str] = "inference"
+
+    inference_compile: str = flag(
+        "none",
+        choices=["none", "inductor"],
+        help="inductor: torch.compile the per-layer decode step (compiled once per process, "
+        "on the first decode, reused by every request; eager if compiling fails)",
+    )
+
+
+@dataclass
 class RecomputeConfig:
     """Activation recomputation (megatron-core's recompute_granularity/method/num_layers).
 
@@ -897,6 +911,7 @@ class RunConfig:
     overlap: OverlapConfig = field(default_factory=OverlapConfig)
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     layer_dropout: LayerDropoutConfig = field(default_factory=LayerDropoutConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     dry_run: bool = flag(
         False,
         help="parse and validate for WORLD_SIZE GPUs, print the parallel layout and parameter "

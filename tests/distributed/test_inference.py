@@ -87,6 +87,11 @@ def test_pp2_methods_match_pp1(ckpt, tmp_path, reference, method):
     _check_layout(ckpt, tmp_path, reference, 1, 2, method)
 
 
+def test_tp2_matches_pp1(ckpt, tmp_path, reference):
+    """TP=2: the decode step runs split at its two tensor-parallel sums (layers.py)."""
+    _check_layout(ckpt, tmp_path, reference, 2, 1, "kv_recompute")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["kv_recompute", "pipeline"])
 @pytest.mark.parametrize("tp, pp", [(1, 4), (2, 2)])

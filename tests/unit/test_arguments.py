@@ -58,6 +58,7 @@ EXPECTED_FLAGS = [
     "--group-query-attention",
     "--hidden-dropout",
     "--hidden-size",
+    "--inference-compile",
     "--init-method-std",
     "--initial-loss-scale",
     "--kv-channels",

@@ -610,3 +610,64 @@ def test_scoring_equals_full_model_log_softmax(engine, ee):
             assert all(
                 next(iter(d)) == tok for d, tok in zip(res.top_logprobs or [], res.token_ids)
             )
+
+
+# ---------------------------------------------------------------- compiled decode step
+def _all_modes(engine):
+    """Requests of every decode mode: full, lossy exit (kv_recompute), self-speculative."""
+    return [
+        [_req(p) for p in PROMPTS],
+        [_req(p, mode="early_exit", threshold=0.2) for p in PROMPTS],
+        [_req(p, mode="self_speculative", draft_exit_layer=1) for p in PROMPTS],
+    ]
+
+
+def test_compile_failure_falls_back_to_eager_with_one_log_line(engine, monkeypatch, caplog):
+    """A compiler that cannot run (here: torch.compile raising, as without a C++ compiler)
+    leaves decoding on the eager step, same tokens, one warning for the whole process."""
+    from megatron.early_exit.inference import layers
+
+    want = [[r.token_ids for r in engine.generate(reqs)] for reqs in _all_modes(engine)]
+
+    def broken(*_a, **_k):
+        raise RuntimeError("no C++ compiler found\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(layers._STEPS, "_compiled", None)  # compile anew, under `broken`
+    layers.set_compile_mode("inductor")
+    try:
+        with caplog.at_level("WARNING", logger=layers.__name__):
+            got = [[r.token_ids for r in engine.generate(reqs)] for reqs in _all_modes(engine)]
+    finally:
+        layers.set_compile_mode("none")
+    assert got == want
+    lines = [r for r in caplog.records if "compile failed" in r.getMessage()]
+    assert len(lines) == 1 and "no C++ compiler found" in lines[0].getMessage()
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_eager_step(engine):
+    """The torch.compile'd step (inductor) gives the eager step's tokens and logprobs (fp32,
+    1e-5) in every mode, batched with mixed prompt lengths. Slow: compiling takes a minute."""
+    from megatron.early_exit.inference import layers
+
+    def modes():
+        out = _all_modes(engine)
+        for reqs in out:
+            for r in reqs:
+                r.sampling.logprobs = True
+        return out
+
+    want = [engine.generate(reqs) for reqs in modes()]
+    layers.set_compile_mode("inductor")
+    try:
+        got = [engine.generate(reqs) for reqs in modes()]
+        assert layers._STEPS.failed is None
+    finally:
+        layers.set_compile_mode("none")
+    for a, b in zip(want, got):
+        assert [r.token_ids for r in a] == [r.token_ids for r in b]
+        for ra, rb in zip(a, b):
+            torch.testing.assert_close(
+                torch.tensor(ra.logprobs), torch.tensor(rb.logprobs), atol=1e-5, rtol=0
+            )

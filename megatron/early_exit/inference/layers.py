@@ -11,8 +11,10 @@ Attention of a row at position q covers cached keys at positions <= q of its seq
 
 from __future__ import annotations
 
+import logging
 import weakref
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +74,18 @@ class Chunk:
             run = idx == list(range(idx[0], idx[0] + len(idx))) if idx else False
             self._cache["rows"] = slice(idx[0], idx[0] + len(idx)) if run else None
         return self._cache["rows"]
+
+    def step_index(self) -> tuple:
+        """The KV-cache indices of a layer step (see `_attn_part`): (write sequences,
+        write positions, source entries or None for all, read rows or None, first read
+        row, key length)."""
+        if "step" not in self._cache:
+            rows, cols, seq, pos = self.valid_index()
+            w_rows = None if bool(self.valid.all()) else (rows, cols)
+            run = self.rows_slice()
+            r_seq, r_start = (None, run.start) if run is not None else (self.seq_idx, 0)
+            self._cache["step"] = (seq, pos, w_rows, r_seq, r_start, self.max_pos + 1)
+        return self._cache["step"]
 
     def rope(self, freqs: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [n, b, 1, d] of the chunk's positions, shared by every layer."""
@@ -182,19 +196,44 @@ def new_cache(layer, batch: int, max_len: int, dtype, device) -> KVCache:
 
 
 @dataclass(frozen=True)
-class LeanLayer:
-    ln1: torch.nn.Module
-    ln2: torch.nn.Module
-    qkv: torch.nn.Module
-    proj: torch.nn.Module
-    fc1: torch.nn.Module
-    fc2: torch.nn.Module
+class StepConfig:
+    """The static part of a lean layer (same for every layer of a model: one compiled graph)."""
+
     heads: int  # attention heads on this TP rank
     groups: int  # KV groups on this TP rank
     head_dim: int
     scale: float | None
     gated: bool
     act: object
+    rms_norm: bool  # RMSNorm, else LayerNorm
+    norm_shape: tuple[int, ...]
+    eps1: float | None
+    eps2: float | None
+
+
+class StepWeights(NamedTuple):
+    """The layer's parameters (None: no bias / no norm bias)."""
+
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor | None
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor | None
+    proj_w: torch.Tensor
+    proj_b: torch.Tensor | None
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor | None
+    fc1_w: torch.Tensor
+    fc1_b: torch.Tensor | None
+    fc2_w: torch.Tensor
+    fc2_b: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class LeanLayer:
+    cfg: StepConfig
+    w: StepWeights
+    tp_group: object  # tensor-parallel group of the row-parallel reductions
+    tp: int
 
 
 _LEAN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -240,28 +279,33 @@ def _make_plan(layer) -> LeanLayer | None:
     )
     if not ok:
         return None
-    return LeanLayer(
-        ln1=layer.input_layernorm,
-        ln2=layer.pre_mlp_layernorm,
-        qkv=attn.linear_qkv,
-        proj=attn.linear_proj,
-        fc1=mlp.linear_fc1,
-        fc2=mlp.linear_fc2,
+    ln1, ln2 = layer.input_layernorm, layer.pre_mlp_layernorm
+    if type(ln1) is not type(ln2):
+        return None
+    qkv, proj, fc1, fc2 = attn.linear_qkv, attn.linear_proj, mlp.linear_fc1, mlp.linear_fc2
+    cfg_ = StepConfig(
         heads=attn.num_attention_heads_per_partition,
         groups=attn.num_query_groups_per_partition,
         head_dim=attn.hidden_size_per_attention_head,
         scale=getattr(attn.core_attention, "softmax_scale", None),
         gated=cfg.gated_linear_unit,
         act=cfg.activation_func,
+        rms_norm=isinstance(ln1, torch.nn.RMSNorm),
+        norm_shape=tuple(ln1.normalized_shape),
+        eps1=ln1.eps,
+        eps2=ln2.eps,
     )
+    w = StepWeights(
+        ln1.weight, getattr(ln1, "bias", None), qkv.weight, qkv.bias, proj.weight, proj.bias,
+        ln2.weight, getattr(ln2, "bias", None), fc1.weight, fc1.bias, fc2.weight, fc2.bias,
+    )  # fmt: skip
+    return LeanLayer(cfg_, w, proj.tp_group, torch.distributed.get_world_size(proj.tp_group))
 
 
-def _row_parallel(linear, x: torch.Tensor) -> torch.Tensor:
-    """RowParallelLinear (input already split): local matmul, sum over TP, then the bias."""
-    out = F.linear(x, linear.weight)
-    if torch.distributed.get_world_size(linear.tp_group) > 1:
-        out = reduce_from_tensor_model_parallel_region(out, group=linear.tp_group)
-    return out if linear.bias is None else out + linear.bias
+def _norm(c: StepConfig, x: torch.Tensor, w, b, eps) -> torch.Tensor:
+    if c.rms_norm:
+        return F.rms_norm(x, c.norm_shape, w, eps)
+    return F.layer_norm(x, c.norm_shape, w, b, eps)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -273,34 +317,179 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
 
 
+# The step is split at the two tensor-parallel reductions (row-parallel outputs are summed
+# over TP ranks before their bias) into pure tensor functions: `_attn_part` (norm, QKV,
+# RoPE, KV write, attention, output projection) and `_mlp_part`; `_layer_step` is both
+# with TP = 1. Pure functions of tensors (parameters are arguments, not module state) so
+# that one torch.compile'd graph serves every layer of every model with the same shapes.
+
+
+def _attn_part(
+    c: StepConfig,
+    w: StepWeights,
+    hidden: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    w_seq: torch.Tensor,
+    w_pos: torch.Tensor,
+    w_rows: tuple[torch.Tensor, torch.Tensor] | None,
+    r_seq: torch.Tensor | None,
+    r_start: int,
+    length: int,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Attention half of a layer on hidden [n, b, h]: the output projection before its TP
+    sum and bias. K/V of rows (w_seq, w_pos) are written (w_rows: the (b, j) chunk entries
+    they come from; None = every entry, row-major); keys [0, length) of the cache rows
+    r_seq (None: the run r_start.. of b rows) are attended, under `mask` [b, 1, n, T]."""
+    n, b = hidden.shape[0], hidden.shape[1]
+    g, d, per = c.groups, c.head_dim, c.heads // c.groups
+    x = _norm(c, hidden, w.ln1_w, w.ln1_b, c.eps1)
+    mixed = F.linear(x, w.qkv_w, w.qkv_b).view(n, b, g, (per + 2) * d)
+    q, k, v = mixed.split([per * d, d, d], dim=3)
+    q = q.reshape(n, b, c.heads, d)
+    if cos is not None:
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    if w_rows is None:  # [n, b, g, d] -> [b * n, g, d] in (b, j) order
+        k_new, v_new = k.transpose(0, 1).reshape(-1, g, d), v.transpose(0, 1).reshape(-1, g, d)
+    else:
+        k_new, v_new = k[w_rows[1], w_rows[0]], v[w_rows[1], w_rows[0]]
+    k_cache.index_put_((w_seq, w_pos), k_new.to(k_cache.dtype))
+    v_cache.index_put_((w_seq, w_pos), v_new.to(v_cache.dtype))
+    if r_seq is None:
+        kc, vc = k_cache[r_start : r_start + b, :length], v_cache[r_start : r_start + b, :length]
+    else:
+        kc, vc = k_cache[r_seq, :length], v_cache[r_seq, :length]
+    # Grouped-query attention as two batched products per KV group: the `per` query heads
+    # of a group and the chunk's n rows share the group's keys (no repeat_interleave).
+    qg = q.view(n, b, g, per, d).permute(1, 2, 3, 0, 4).reshape(b, g, per * n, d)
+    scores = torch.matmul(qg, kc.permute(0, 2, 3, 1).to(q.dtype))  # [b, g, per * n, T]
+    scores = scores * (c.scale if c.scale is not None else d**-0.5)
+    if mask is not None:
+        scores = scores.view(b, g, per, n, -1).masked_fill(~mask.view(b, 1, 1, n, -1), -torch.inf)
+        scores = scores.view(b, g, per * n, -1)
+    probs = torch.softmax(scores, dim=-1)
+    ctx = torch.matmul(probs, vc.permute(0, 2, 1, 3).to(q.dtype))  # [b, g, per * n, d]
+    ctx = ctx.view(b, g, per, n, d).permute(3, 0, 1, 2, 4).reshape(n, b, c.heads * d)
+    return F.linear(ctx, w.proj_w)
+
+
+def _mlp_part(
+    c: StepConfig, w: StepWeights, hidden: torch.Tensor, attn: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden after the attention residual, the MLP output before its TP sum and bias)."""
+    if w.proj_b is not None:
+        attn = attn + w.proj_b
+    hidden = hidden + attn
+    h = F.linear(_norm(c, hidden, w.ln2_w, w.ln2_b, c.eps2), w.fc1_w, w.fc1_b)
+    if c.gated:
+        gate, lin = h.chunk(2, dim=-1)
+        h = c.act(gate) * lin
+    else:
+        h = c.act(h)
+    return hidden, F.linear(h, w.fc2_w)
+
+
+def _finish(w: StepWeights, hidden: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
+    return hidden + (mlp if w.fc2_b is None else mlp + w.fc2_b)
+
+
+def _layer_step(c: StepConfig, w: StepWeights, hidden: torch.Tensor, *attn_args) -> torch.Tensor:
+    """The whole layer with TP = 1 (no reductions): one graph when compiled."""
+    hidden, mlp = _mlp_part(c, w, hidden, _attn_part(c, w, hidden, *attn_args))
+    return _finish(w, hidden, mlp)
+
+
 def lean_layer_forward(
     p: LeanLayer, hidden: torch.Tensor, chunk: Chunk, cache: KVCache, freqs
 ) -> torch.Tensor:
-    n, b = hidden.shape[0], hidden.shape[1]
-    x = p.ln1(hidden)
-    mixed = F.linear(x, p.qkv.weight, p.qkv.bias)
-    per_group = p.heads // p.groups
-    mixed = mixed.view(n, b, p.groups, (per_group + 2) * p.head_dim)
-    q, k, v = mixed.split([per_group * p.head_dim, p.head_dim, p.head_dim], dim=3)
-    q = q.reshape(n, b, p.heads, p.head_dim)
+    cos = sin = None
     if freqs is not None:
-        cos, sin = chunk.rope(freqs, q.dtype)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-    cache.write(chunk, k, v)
-    kc, vc = cache.read(chunk, chunk.max_pos + 1)  # [b, T, g, d]
-    ctx = F.scaled_dot_product_attention(
-        q.permute(1, 2, 0, 3),
-        kc.permute(0, 2, 1, 3).to(q.dtype),
-        vc.permute(0, 2, 1, 3).to(q.dtype),
-        attn_mask=chunk.attention_mask_or_none(),
-        scale=p.scale,
-        enable_gqa=p.heads != p.groups,
+        cos, sin = chunk.rope(freqs, hidden.dtype)
+    args = (cos, sin, cache.k, cache.v, *chunk.step_index(), chunk.attention_mask_or_none())
+    steps = _STEPS.get()
+    if p.tp == 1:
+        return steps.layer(p.cfg, p.w, hidden, *args)
+    attn = reduce_from_tensor_model_parallel_region(
+        steps.attn(p.cfg, p.w, hidden, *args), group=p.tp_group
     )
-    hidden = hidden + _row_parallel(p.proj, ctx.permute(2, 0, 1, 3).reshape(n, b, -1))
-    h = F.linear(p.ln2(hidden), p.fc1.weight, p.fc1.bias)
-    if p.gated:
-        gate, lin = h.chunk(2, dim=-1)
-        h = p.act(gate) * lin
-    else:
-        h = p.act(h)
-    return hidden + _row_parallel(p.fc2, h)
+    hidden, mlp = steps.mlp(p.cfg, p.w, hidden, attn)
+    return _finish(p.w, hidden, reduce_from_tensor_model_parallel_region(mlp, group=p.tp_group))
+
+
+# ------------------------------------------------------------------ compiled step
+# `compile_mode` "inductor": the step functions above go through torch.compile (inductor
+# C++ on CPU), dynamic shapes so that neither the cache length nor the chunk size
+# recompiles; the graphs are built on the first decode of the process (tens of seconds on
+# a CPU) and reused by every layer, request and engine after that. Any failure (no C++
+# compiler, a dynamo error) falls back to the eager functions with one log line.
+
+log = logging.getLogger(__name__)
+COMPILE_MODES = ("none", "inductor")
+
+
+class _Steps:
+    def __init__(self, layer, attn, mlp):
+        self.layer, self.attn, self.mlp = layer, attn, mlp
+
+
+_EAGER = _Steps(_layer_step, _attn_part, _mlp_part)
+
+
+class _StepRegistry:
+    """Which step functions lean_layer_forward calls: eager, or compiled once per process."""
+
+    def __init__(self):
+        self.mode = "none"
+        self._compiled: _Steps | None = None
+        self.failed: str | None = None  # why compiling was given up (logged once)
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"inference compile mode {mode!r}: expected one of {COMPILE_MODES}")
+        if mode != self.mode:  # the compiled functions are kept: switching back reuses them
+            self.mode, self.failed = mode, None
+
+    def get(self) -> _Steps:
+        if self.mode == "none" or self.failed is not None:
+            return _EAGER
+        if self._compiled is None:
+            self._compiled = _Steps(
+                *(self._guarded(f) for f in (_layer_step, _attn_part, _mlp_part))
+            )
+        return self._compiled
+
+    def _guarded(self, fn):
+        compiled = None
+
+        def call(*args):
+            nonlocal compiled
+            if self.failed is None:
+                try:
+                    if compiled is None:
+                        # One graph per (StepConfig, mask/RoPE/bias presence): a process with
+                        # several models (tests, exit blocks) needs more than dynamo's default 8.
+                        limit = torch._dynamo.config.recompile_limit
+                        torch._dynamo.config.recompile_limit = max(limit, 64)
+                        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+                    return compiled(*args)
+                except Exception as exc:  # noqa: BLE001 - any compiler failure: run eager
+                    self.failed = (
+                        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    )
+                    log.warning(
+                        "inference compile failed (%s); decoding with the eager step", self.failed
+                    )
+            return fn(*args)
+
+        return call
+
+
+_STEPS = _StepRegistry()
+
+
+def set_compile_mode(mode: str) -> None:
+    """ "none" (eager step) or "inductor" (torch.compile'd step, eager on failure)."""
+    _STEPS.set_mode(mode)
