@@ -82,6 +82,7 @@ EXPECTED_FLAGS = [
     "--min-lr",
     "--mock-data",
     "--no-batch-p2p-comm",
+    "--no-inference-column-major-copies",
     "--no-load-optim",
     "--no-load-rng",
     "--norm-epsilon",
