@@ -941,15 +941,6 @@ class RunConfig:
         if p.virtual_pipeline_model_parallel_size is None:
             return
         flag_ = "--num-layers-per-virtual-pipeline-stage"
-        _require(
-            self.exits.num_exits == 0 or self.exits.untie_exit_output_weights,
-            f"{flag_} needs --untie-exit-output-weights: tied exit heads on model chunks "
-            "without the embedding are not supported with virtual pipeline stages",
-        )
-        _require(
-            not (self.overlap.overlap_grad_reduce or self.overlap.overlap_param_gather),
-            f"--overlap-grad-reduce / --overlap-param-gather are not supported with {flag_}",
-        )
         _require(not self.training.tune_exit, f"--tune-exit is not supported with {flag_}")
         _require(
             not self.exits.exit_distillation,
