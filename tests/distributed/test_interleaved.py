@@ -111,7 +111,8 @@ def test_interleaved_overlap_dp2_matches_no_overlap(tmp_path_factory, tmp_path):
               "--train-iters", "3", "--eval-interval", "3", "--eval-iters", "1"]  # fmt: skip
     base = train(1, [*common, "--global-batch-size", "16"], tmp_path / "pp1.jsonl")
     layout = [*layout_args(1, 2, distopt=True), *VPP2, "--no-batch-p2p-comm",
-              "--global-batch-size", "16", "--ddp-bucket-size", "20000"]  # fmt: skip
+              "--decoder-last-pipeline-num-layers", "4", "--global-batch-size", "16",
+              "--ddp-bucket-size", "20000"]  # fmt: skip
     plain = train(4, [*common, *layout], tmp_path / "plain.jsonl")
     over = train(
         4,
