@@ -437,11 +437,6 @@ class ParallelConfig:
         split.counts()  # raises ConfigError naming the split flags
         vpp = self.virtual_pipeline_model_parallel_size
         flags = "--num-layers-per-virtual-pipeline-stage / --virtual-pipeline-model-parallel-size"
-        _require(
-            vpp is None or not split.uneven,
-            "--decoder-first/last-pipeline-num-layers and --account-for-*-in-pipeline-split "
-            f"are not supported with {flags}",
-        )
         if vpp is not None:
             _require(pp > 1, f"{flags} needs --pipeline-model-parallel-size > 1")
             _require(
@@ -449,11 +444,7 @@ class ParallelConfig:
                 f"{flags}: one virtual stage per pipeline stage is the plain schedule; drop the "
                 "flag or use more virtual stages",
             )
-            _require(
-                num_layers % (pp * vpp) == 0,
-                f"--num-layers {num_layers} is not divisible by --pipeline-model-parallel-size "
-                f"{pp} x --virtual-pipeline-model-parallel-size {vpp}",
-            )
+            split.chunk_counts()  # megatron-core's divisibility rules, naming the flags
             # Upstream megatron-core pairs the forward and backward messages between the two
             # ranks of PP=2 wrongly in batched p2p (silently wrong losses); refuse it.
             _require(
@@ -956,20 +947,11 @@ class RunConfig:
         if p.virtual_pipeline_model_parallel_size is None:
             return
         flag_ = "--num-layers-per-virtual-pipeline-stage"
-        _require(
-            self.exits.num_exits == 0 or self.exits.untie_exit_output_weights,
-            f"{flag_} needs --untie-exit-output-weights: tied exit heads on model chunks "
-            "without the embedding are not supported with virtual pipeline stages",
-        )
         _require(not self.training.tune_exit, f"--tune-exit is not supported with {flag_}")
         _require(
             not self.exits.exit_distillation,
             f"--exit-distillation is not supported with {flag_} (the teacher's upstream sends "
             "ride on the non-interleaved 1F1B schedule)",
-        )
-        _require(
-            not (self.overlap.overlap_grad_reduce or self.overlap.overlap_param_gather),
-            f"--overlap-grad-reduce / --overlap-param-gather are not supported with {flag_}",
         )
         pp = p.pipeline_model_parallel_size
         m = self.training.num_microbatches(p.data_parallel_size)
