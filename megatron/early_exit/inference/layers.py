@@ -22,7 +22,7 @@ from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_e
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from megatron.core.transformer.identity_op import IdentityOp
 
-from megatron.early_exit.inference.projection import project
+from megatron.early_exit.inference.projection import MAX_COLUMN_ROWS, column_major, project
 
 
 @dataclass
@@ -228,6 +228,10 @@ class StepWeights(NamedTuple):
     fc1_b: torch.Tensor | None
     fc2_w: torch.Tensor
     fc2_b: torch.Tensor | None
+    # Column-major copies of the wide weights for 1-3-row chunks (projection.column_major),
+    # filled per call so that a compiled step gets them as inputs; None: F.linear.
+    qkv_t: torch.Tensor | None = None
+    fc1_t: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -349,7 +353,7 @@ def _attn_part(
     n, b = hidden.shape[0], hidden.shape[1]
     g, d, per = c.groups, c.head_dim, c.heads // c.groups
     x = _norm(c, hidden, w.ln1_w, w.ln1_b, c.eps1)
-    mixed = project(x, w.qkv_w, w.qkv_b).view(n, b, g, (per + 2) * d)
+    mixed = project(x, w.qkv_w, w.qkv_b, w.qkv_t).view(n, b, g, (per + 2) * d)
     q, k, v = mixed.split([per * d, d, d], dim=3)
     q = q.reshape(n, b, c.heads, d)
     if cos is not None:
@@ -385,7 +389,7 @@ def _mlp_part(
     if w.proj_b is not None:
         attn = attn + w.proj_b
     hidden = hidden + attn
-    h = project(_norm(c, hidden, w.ln2_w, w.ln2_b, c.eps2), w.fc1_w, w.fc1_b)
+    h = project(_norm(c, hidden, w.ln2_w, w.ln2_b, c.eps2), w.fc1_w, w.fc1_b, w.fc1_t)
     if c.gated:
         gate, lin = h.chunk(2, dim=-1)
         h = c.act(gate) * lin
@@ -412,13 +416,16 @@ def lean_layer_forward(
         cos, sin = chunk.rope(freqs, hidden.dtype)
     args = (cos, sin, cache.k, cache.v, *chunk.step_index(), chunk.attention_mask_or_none())
     steps = _STEPS.get()
+    w = p.w
+    if hidden.shape[0] * hidden.shape[1] <= MAX_COLUMN_ROWS:
+        w = w._replace(qkv_t=column_major(w.qkv_w), fc1_t=column_major(w.fc1_w))
     if p.tp == 1:
-        return steps.layer(p.cfg, p.w, hidden, *args)
+        return steps.layer(p.cfg, w, hidden, *args)
     attn = reduce_from_tensor_model_parallel_region(
-        steps.attn(p.cfg, p.w, hidden, *args), group=p.tp_group
+        steps.attn(p.cfg, w, hidden, *args), group=p.tp_group
     )
-    hidden, mlp = steps.mlp(p.cfg, p.w, hidden, attn)
-    return _finish(p.w, hidden, reduce_from_tensor_model_parallel_region(mlp, group=p.tp_group))
+    hidden, mlp = steps.mlp(p.cfg, w, hidden, attn)
+    return _finish(w, hidden, reduce_from_tensor_model_parallel_region(mlp, group=p.tp_group))
 
 
 # ------------------------------------------------------------------ compiled step

@@ -77,12 +77,17 @@ def thin_rows(rows: int, weight: torch.Tensor) -> bool:
 
 
 def project(
-    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    column: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """F.linear(h, weight, bias) for h [..., in], with the kernel chosen by row count."""
+    """F.linear(h, weight, bias) for h [..., in], with the kernel chosen by row count.
+    `column`: the weight's column-major copy if the caller has it (a compiled step, which
+    cannot look it up), else `column_major(weight)` is used."""
     rows = h.numel() // max(1, h.shape[-1])
     if rows <= MAX_COLUMN_ROWS:
-        wt = column_major(weight)
+        wt = column if column is not None else column_major(weight)
         if wt is not None:
             out = torch.matmul(h, wt)
             return out if bias is None else out + bias
