@@ -129,9 +129,11 @@ def earliest_exit_virtual_stage(config) -> int:
 def teacher_goes_upstream(model: EarlyExitGPTModel) -> bool:
     """Whether this (last virtual) stage must send the teacher: an exit lives earlier."""
     pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if pp == 1:
+        return False
     own = (getattr(model, "vp_stage", None) or 0) * pp
     own += parallel_state.get_pipeline_model_parallel_rank()
-    return pp > 1 and earliest_exit_virtual_stage(model.config) < own
+    return earliest_exit_virtual_stage(model.config) < own
 
 
 def distillation_teachers(
