@@ -80,9 +80,9 @@ def layer_micro(engine, threads: int, context: int, reps: int = 30, inner: int =
     """One layer's decode step (b = 1, one row, `context` cached keys) vs its four weight
     products alone (QKV, output, fc1, fc2 on one row), timed in alternation, in us."""
     import torch
-    import torch.nn.functional as F
 
     from megatron.early_exit.inference.layers import lean_layer_forward, lean_plan, new_cache
+    from megatron.early_exit.inference.projection import project
     from megatron.early_exit.inference.stage import StageState, make_chunk
 
     torch.set_num_threads(threads)
@@ -101,11 +101,11 @@ def layer_micro(engine, threads: int, context: int, reps: int = 30, inner: int =
     def step():
         lean_layer_forward(plan, h, chunk, cache, st.freqs)
 
-    def weights():
-        F.linear(h, w.qkv_w)
-        F.linear(h[..., : w.proj_w.shape[1]], w.proj_w)
-        y = F.linear(h, w.fc1_w)
-        F.linear(y[..., :ffn], w.fc2_w)
+    def weights():  # through the kernels the step uses (projection.project)
+        project(h, w.qkv_w)
+        project(h[..., : w.proj_w.shape[1]], w.proj_w)
+        y = project(h, w.fc1_w)
+        project(y[..., :ffn], w.fc2_w)
 
     res = {"step": [], "weights": []}
     with torch.no_grad():

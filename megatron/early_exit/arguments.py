@@ -43,9 +43,22 @@ def _virtual_stages(args: argparse.Namespace) -> int | None:
     pp = args.pipeline_model_parallel_size
     if given is not None and given < 1:
         raise ConfigError(f"--virtual-pipeline-model-parallel-size must be >= 1, got {given}")
-    if n is None or pp <= 0 or args.num_layers % pp:
+    if n is None:
         return given
-    per_stage = args.num_layers // pp
+    if args.decoder_first_pipeline_num_layers is not None or (
+        args.decoder_last_pipeline_num_layers is not None
+    ):  # as Megatron-LM: stages of different sizes have no common chunk size
+        raise ConfigError(
+            "--num-layers-per-virtual-pipeline-stage does not fit uneven stages "
+            "(--decoder-first/last-pipeline-num-layers): give the number of model chunks per "
+            "stage with --virtual-pipeline-model-parallel-size"
+        )
+    # The embedding / loss count as layers of the split (--account-for-*-in-pipeline-split).
+    layers = args.num_layers + bool(args.account_for_embedding_in_pipeline_split)
+    layers += bool(args.account_for_loss_in_pipeline_split)
+    if pp <= 0 or layers % pp:
+        return given
+    per_stage = layers // pp
     if n <= 0 or per_stage % n:
         raise ConfigError(
             f"--num-layers-per-virtual-pipeline-stage {n} must divide the {per_stage} "

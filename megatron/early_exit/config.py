@@ -437,11 +437,6 @@ class ParallelConfig:
         split.counts()  # raises ConfigError naming the split flags
         vpp = self.virtual_pipeline_model_parallel_size
         flags = "--num-layers-per-virtual-pipeline-stage / --virtual-pipeline-model-parallel-size"
-        _require(
-            vpp is None or not split.uneven,
-            "--decoder-first/last-pipeline-num-layers and --account-for-*-in-pipeline-split "
-            f"are not supported with {flags}",
-        )
         if vpp is not None:
             _require(pp > 1, f"{flags} needs --pipeline-model-parallel-size > 1")
             _require(
@@ -449,11 +444,7 @@ class ParallelConfig:
                 f"{flags}: one virtual stage per pipeline stage is the plain schedule; drop the "
                 "flag or use more virtual stages",
             )
-            _require(
-                num_layers % (pp * vpp) == 0,
-                f"--num-layers {num_layers} is not divisible by --pipeline-model-parallel-size "
-                f"{pp} x --virtual-pipeline-model-parallel-size {vpp}",
-            )
+            split.chunk_counts()  # megatron-core's divisibility rules, naming the flags
             # Upstream megatron-core pairs the forward and backward messages between the two
             # ranks of PP=2 wrongly in batched p2p (silently wrong losses); refuse it.
             _require(
@@ -710,6 +701,12 @@ class InferenceConfig:
         help="inductor: torch.compile the per-layer decode step (compiled once per process, "
         "on the first decode, reused by every request; eager if compiling fails)",
     )
+    inference_column_major_copies: bool = flag(
+        True,
+        name="--no-inference-column-major-copies",
+        help="do not keep column-major copies of wide CPU weights (LM/exit heads, QKV, "
+        "gate-up) for 1-3-row products: saves their memory, decodes slower on MKL CPUs",
+    )
 
 
 @dataclass
@@ -951,15 +948,6 @@ class RunConfig:
         if p.virtual_pipeline_model_parallel_size is None:
             return
         flag_ = "--num-layers-per-virtual-pipeline-stage"
-        _require(
-            self.exits.num_exits == 0 or self.exits.untie_exit_output_weights,
-            f"{flag_} needs --untie-exit-output-weights: tied exit heads on model chunks "
-            "without the embedding are not supported with virtual pipeline stages",
-        )
-        _require(
-            not (self.overlap.overlap_grad_reduce or self.overlap.overlap_param_gather),
-            f"--overlap-grad-reduce / --overlap-param-gather are not supported with {flag_}",
-        )
         pp = p.pipeline_model_parallel_size
         m = self.training.num_microbatches(p.data_parallel_size)
         _require(

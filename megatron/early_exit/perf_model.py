@@ -86,10 +86,13 @@ def stage_costs(run: RunConfig, with_exits: bool = True) -> list[StageCost]:
     return costs_for_split(unit_costs(run), split, run.exits.exit_layer_nums, with_exits)
 
 
-def candidate_splits(num_layers: int, pipeline_size: int) -> list[StageSplit]:
+def candidate_splits(
+    num_layers: int, pipeline_size: int, virtual: int | None = None
+) -> list[StageSplit]:
     """Every split megatron-core accepts: even, first and/or last stage sizes, or the
-    account-for-embedding/loss splits."""
-    base = StageSplit(num_layers, pipeline_size)
+    account-for-embedding/loss splits (with `virtual` model chunks per stage: those whose
+    stages divide into them)."""
+    base = StageSplit(num_layers, pipeline_size, virtual=virtual)
     options = [base]
     if pipeline_size == 1:
         return options
@@ -102,7 +105,7 @@ def candidate_splits(num_layers: int, pipeline_size: int) -> list[StageSplit]:
     valid = []
     for split in options:
         try:
-            split.counts()
+            split.chunk_counts()
         except ConfigError:
             continue
         valid.append(split)
@@ -160,9 +163,11 @@ def suggest_split(run: RunConfig) -> SplitSuggestion:
             sum(c.total**2 for c in costs),
         )
 
-    best = min(
-        candidate_splits(run.model.num_layers, run.parallel.pipeline_model_parallel_size), key=key
+    p = run.parallel
+    candidates = candidate_splits(
+        run.model.num_layers, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size
     )
+    best = min(candidates, key=key)
     return SplitSuggestion(
         best, costs_for_split(units, best, exits), max(c.total for c in current_costs)
     )
@@ -184,9 +189,7 @@ def format_stage_costs(run: RunConfig) -> str:
             f"{c.total / 1e12:.3f} = {c.layers / 1e12:.3f} + {c.exits / 1e12:.3f} + "
             f"{c.lm_head / 1e12:.3f}{mark}"
         )
-    if run.parallel.virtual_pipeline_model_parallel_size is not None:
-        lines.append("suggested split: none (uneven splits need the non-interleaved schedule)")
-    elif len(costs) > 1:
+    if len(costs) > 1:
         s = suggest_split(run)
         if s.gain <= 0:
             lines.append(
@@ -331,7 +334,7 @@ def to_dict(run: RunConfig) -> dict:
             for e in memory_estimate(run)
         ],
     }
-    if len(costs) > 1 and run.parallel.virtual_pipeline_model_parallel_size is None:
+    if len(costs) > 1:
         s = suggest_split(run)
         out["suggested_split"] = {
             "flags": s.flags(),

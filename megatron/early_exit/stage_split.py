@@ -25,8 +25,8 @@ class StageSplit:
     last: int | None = None  # --decoder-last-pipeline-num-layers
     account_for_embedding: bool = False
     account_for_loss: bool = False
-    # Virtual stages (interleaved schedule, even split only): rank r holds the model chunks
-    # r, r + pp, r + 2 pp, ... of num_layers / (pp * virtual) layers each.
+    # Virtual stages (interleaved schedule): rank r holds model chunks c = 0..virtual-1, the
+    # virtual stages c * pp + r, each with 1/virtual of the stage's layers (chunk_counts).
     virtual: int | None = None
 
     @property
@@ -126,6 +126,81 @@ class StageSplit:
             )
         return counts
 
+    def chunk_counts(self) -> list[list[int]]:
+        """Layers of each model chunk of each stage (one chunk per stage without virtual
+        stages). megatron-core's rule: a stage's layers, plus the embedding (loss) slot of the
+        first (last) stage with --account-for-*, split evenly over its chunks; the slot is
+        the first (last) chunk's."""
+        counts, v = self.counts(), self.virtual
+        if v is None or v == 1:
+            return [[c] for c in counts]
+        flag = "--virtual-pipeline-model-parallel-size"
+        if self.first is not None and self.last is not None and self.pipeline_size == 2:
+            # megatron-core 0.16.1 divides by the number of middle stages (zero here) in
+            # get_transformer_layer_offset; the other count follows from one of them anyway.
+            raise ConfigError(
+                f"--decoder-first-pipeline-num-layers with --decoder-last-pipeline-num-layers "
+                f"at --pipeline-model-parallel-size 2 fails in megatron-core with {flag} "
+                "(no middle stage); give only one of them"
+            )
+        slots = list(counts)
+        slots[0] += int(self.account_for_embedding)
+        slots[-1] += int(self.account_for_loss)
+        for stage, n in enumerate(slots):
+            if n % v:
+                raise ConfigError(self._chunk_error(stage, n, v))
+        chunks = [[n // v] * v for n in slots]
+        chunks[0][0] -= int(self.account_for_embedding)
+        chunks[-1][-1] -= int(self.account_for_loss)
+        if min(min(c) for c in chunks) < 1:
+            raise ConfigError(
+                f"with --account-for-*-in-pipeline-split and {flag} {v}, a model chunk would "
+                f"get no transformer layer ({chunks}); use fewer virtual stages or more layers"
+            )
+        return chunks
+
+    def _chunk_error(self, stage: int, n: int, v: int) -> str:
+        flag = f"--virtual-pipeline-model-parallel-size {v}"
+        pp = self.pipeline_size
+        if stage == 0 and self.first is not None:
+            return f"--decoder-first-pipeline-num-layers {n} is not divisible by {flag}"
+        if stage == pp - 1 and self.last is not None:
+            return f"--decoder-last-pipeline-num-layers {n} is not divisible by {flag}"
+        if self.account_for_embedding or self.account_for_loss:
+            return (
+                f"with --account-for-*-in-pipeline-split each pipeline stage holds {n} layers "
+                f"(the embedding / loss counted as one), not divisible by {flag}"
+            )
+        if self.first is not None or self.last is not None:
+            return (
+                f"the middle pipeline stages hold {n} layers each, not divisible by {flag} "
+                "(--decoder-first/last-pipeline-num-layers)"
+            )
+        return (
+            f"--num-layers {self.num_layers} is not divisible by --pipeline-model-parallel-size "
+            f"{pp} x {flag}"
+        )
+
+    def chunk_ranges(self) -> list[list[tuple[int, int]]]:
+        """(first, last) 1-based layer numbers of each model chunk of each stage: virtual
+        stage c * pp + r (chunk c of stage r) follows virtual stage c * pp + r - 1."""
+        chunks = self.chunk_counts()
+        out: list[list[tuple[int, int]]] = [[] for _ in chunks]
+        acc = 0
+        for c in range(len(chunks[0])):
+            for stage, per_chunk in enumerate(chunks):
+                out[stage].append((acc + 1, acc + per_chunk[c]))
+                acc += per_chunk[c]
+        return out
+
+    def chunk_of(self, layer_number: int) -> tuple[int, int]:
+        """(stage, model chunk) owning the (1-based) layer."""
+        for stage, ranges in enumerate(self.chunk_ranges()):
+            for chunk, (first, last) in enumerate(ranges):
+                if first <= layer_number <= last:
+                    return stage, chunk
+        raise ValueError(f"layer {layer_number} is outside 1..{self.num_layers}")
+
     def offsets(self) -> list[int]:
         """Layers before each stage (0 for the first)."""
         out, acc = [], 0
@@ -140,9 +215,8 @@ class StageSplit:
 
     def stage_of(self, layer_number: int) -> int:
         """Pipeline stage owning the (1-based) layer."""
-        if self.virtual is not None and 1 <= layer_number <= self.num_layers:
-            per_chunk = self.num_layers // (self.pipeline_size * self.virtual)
-            return (layer_number - 1) // per_chunk % self.pipeline_size
+        if self.virtual is not None:
+            return self.chunk_of(layer_number)[0]
         for stage, (first, last) in enumerate(self.ranges()):
             if first <= layer_number <= last:
                 return stage

@@ -151,3 +151,24 @@ def test_parity_interleaved_pp2_vpp2(untied_ref, tmp_path):
         2, [*UNTIED, *ITERS, "--load", str(ckpt), *layout_args(1, 2), *vpp], tmp_path / "m.jsonl"
     )
     assert_close_records(base, got, rel=1e-5, label="PP2 VPP2")
+
+
+# GPT-2 style (tied LM head and exits), 6 layers: with PP=2 x 2 chunks and the embedding and
+# loss counted in the split, rank 0 holds layers 1 | 4-5 and rank 1 layers 2-3 | 6.
+GPT2_TIED_6 = [*TINY, "--num-layers", "6", "--exit-layer-nums", "2", "4"]
+
+
+def test_parity_interleaved_tied_exits_uneven(tmp_path_factory, tmp_path):
+    """Interleaved PP=2 x 2 with tied exit heads and an uneven split (megatron-core's
+    account-for-embedding/loss chunks): exit 4's copy of the word embeddings sits on rank 0
+    beside the embedding itself, exit 2's on rank 1 beside the tied LM head, so each rank
+    sums its two tied gradients before the embedding all-reduce. Loads the PP=1 checkpoint.
+    Untied LM head, explicit first/last counts, PP=4 and overlap: test_interleaved.py (slow)."""
+    ckpt = _reference(tmp_path_factory, "gpt2_6", GPT2_TIED_6)
+    args = [*GPT2_TIED_6, *ITERS, "--load", str(ckpt)]
+    base = train(1, args, tmp_path / "base.jsonl")
+    vpp = ["--virtual-pipeline-model-parallel-size", "2", "--no-batch-p2p-comm",
+           "--account-for-embedding-in-pipeline-split",
+           "--account-for-loss-in-pipeline-split"]  # fmt: skip
+    got = train(2, [*args, *layout_args(1, 2), *vpp], tmp_path / "m.jsonl")
+    assert_close_records(base, got, rel=1e-5, label="PP2 VPP2 tied exits, uneven")

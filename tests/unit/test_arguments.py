@@ -82,6 +82,7 @@ EXPECTED_FLAGS = [
     "--min-lr",
     "--mock-data",
     "--no-batch-p2p-comm",
+    "--no-inference-column-major-copies",
     "--no-load-optim",
     "--no-load-rng",
     "--norm-epsilon",
@@ -536,7 +537,10 @@ def test_interleaved_layout_parses_with_either_flag():
     assert stages[1].exit_layers == [2] and stages[3].exit_layers == []
     costs = perf_model.stage_costs(run)
     assert costs[0].exits == costs[1].exits > 0 and costs[2].exits == 0
-    assert "suggested_split" not in perf_model.to_dict(run)
+    # The suggestion considers only splits whose stages divide into the 2 model chunks.
+    suggested = perf_model.suggest_split(run).split
+    assert suggested.virtual == 2 and suggested.chunk_counts()
+    assert "suggested split:" in perf_model.format_stage_costs(run)
 
 
 def test_build_transformer_config_carries_exits():

@@ -247,23 +247,6 @@ CASES = [
         ["number of microbatches (1", "divisible by --pipeline-model-parallel-size 2"],
     ),
     (
-        "interleaved-tied-exits",
-        _with_base(
-            "--num-layers",
-            "8",
-            "--pipeline-model-parallel-size",
-            "4",
-            "--num-layers-per-virtual-pipeline-stage",
-            "1",
-            "--exit-layer-nums",
-            "3",
-            "--global-batch-size",
-            "8",
-        ),
-        4,
-        ["--num-layers-per-virtual-pipeline-stage needs --untie-exit-output-weights"],
-    ),
-    (
         "interleaved-tune-exit-first-k-ranks",
         _with_base(
             "--num-layers",
@@ -347,20 +330,82 @@ CASES = [
         ["--fill-explicit-bubbles", "--num-layers-per-virtual-pipeline-stage"],
     ),
     (
-        "interleaved-overlap-grad-reduce",
+        "interleaved-uneven-layers-per-virtual-stage",
         _with_base(
             "--num-layers",
             "8",
             "--pipeline-model-parallel-size",
-            "4",
+            "2",
+            "--decoder-first-pipeline-num-layers",
+            "2",
             "--num-layers-per-virtual-pipeline-stage",
             "1",
-            "--global-batch-size",
+            "--no-batch-p2p-comm",
+        ),  # fmt: skip
+        2,
+        [
+            "--num-layers-per-virtual-pipeline-stage does not fit uneven stages",
+            "--virtual-pipeline-model-parallel-size",
+        ],  # fmt: skip
+    ),
+    (
+        "interleaved-uneven-first-not-divisible",
+        _with_base(
+            "--num-layers",
             "8",
-            "--overlap-grad-reduce",
-        ),
-        4,
-        ["--overlap-grad-reduce", "not supported with --num-layers-per-virtual-pipeline-stage"],
+            "--pipeline-model-parallel-size",
+            "2",
+            "--decoder-first-pipeline-num-layers",
+            "3",
+            "--virtual-pipeline-model-parallel-size",
+            "2",
+            "--no-batch-p2p-comm",
+        ),  # fmt: skip
+        2,
+        [
+            "--decoder-first-pipeline-num-layers 3 is not divisible by "
+            "--virtual-pipeline-model-parallel-size 2"
+        ],  # fmt: skip
+    ),
+    (
+        "interleaved-account-for-not-divisible",
+        _with_base(
+            "--num-layers",
+            "7",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--account-for-embedding-in-pipeline-split",
+            "--virtual-pipeline-model-parallel-size",
+            "3",
+            "--no-batch-p2p-comm",
+        ),  # fmt: skip
+        2,
+        [
+            "--account-for-*-in-pipeline-split",
+            "holds 4 layers",
+            "--virtual-pipeline-model-parallel-size 3",
+        ],  # fmt: skip
+    ),
+    (
+        "interleaved-pp2-first-and-last",
+        _with_base(
+            "--num-layers",
+            "6",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--decoder-first-pipeline-num-layers",
+            "2",
+            "--decoder-last-pipeline-num-layers",
+            "4",
+            "--virtual-pipeline-model-parallel-size",
+            "2",
+            "--no-batch-p2p-comm",
+        ),  # fmt: skip
+        2,
+        [
+            "--decoder-first-pipeline-num-layers with --decoder-last-pipeline-num-layers",
+            "give only one of them",
+        ],  # fmt: skip
     ),
     (
         "virtual-stage-does-not-divide-stage",

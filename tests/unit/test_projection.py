@@ -18,6 +18,7 @@ def test_project_equals_linear_for_every_row_count(bias, monkeypatch):
     assert [projection.thin_rows(r, big) for r in (1, 2, 8, 9)] == [False, True, True, False]
     assert not projection.thin_rows(4, big[:, :512])  # weights in cache stay on F.linear
     monkeypatch.setattr(projection, "MIN_THIN_NUMEL", 0)  # the same kernels on a small weight
+    monkeypatch.setattr(projection, "MIN_COLUMN_NUMEL", 0)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(3000, 256, generator=g) / 16
     b = torch.randn(3000, generator=g) if bias else None
@@ -27,6 +28,29 @@ def test_project_equals_linear_for_every_row_count(bias, monkeypatch):
             out = projection.project(h, w, b)
             assert out.shape == (*shape[:-1], 3000) and out.is_contiguous()
             torch.testing.assert_close(out, F.linear(h, w, b), rtol=1e-5, atol=1e-5)
+    assert projection.column_major(w) is not None  # 1-3 rows above took the copy
+    assert projection.column_major(w.t()) is None  # narrow weights keep F.linear
+
+
+def test_column_major_copy_follows_in_place_changes(monkeypatch):
+    """A weight overwritten in place (a checkpoint loaded into the same model) is copied
+    again: the products never use stale values. Turning the copies off drops them."""
+    monkeypatch.setattr(projection, "MIN_COLUMN_NUMEL", 0)
+    w = torch.nn.Parameter(torch.randn(300, 64), requires_grad=False)
+    h = torch.randn(2, 64)
+    first = projection.column_major(w)
+    assert first is not None and first.shape == (64, 300) and first.is_contiguous()
+    assert projection.column_major(w) is first  # reused while the weight is unchanged
+    with torch.no_grad():
+        w.copy_(torch.randn(300, 64))
+    torch.testing.assert_close(projection.project(h, w), F.linear(h, w), rtol=1e-5, atol=1e-5)
+    assert projection.column_major(w) is not first
+    projection.set_column_major_copies(False)
+    try:
+        assert projection.column_major(w) is None
+        torch.testing.assert_close(projection.project(h, w), F.linear(h, w))
+    finally:
+        projection.set_column_major_copies(True)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +66,9 @@ def engine(dist_world):
 
 
 def test_engine_heads_through_thin_path_equal_linear(engine, monkeypatch):
-    """Every head of a tiny model forced onto W @ x^T: the same tokens and exits (full
-    model, lossy early exit, self-speculative, whose verification projects 4 rows)."""
+    """Every head and layer matmul of a tiny model forced onto W @ x^T (4-8 rows) and the
+    column-major copies (1-3 rows): the same tokens and exits (full model, lossy early
+    exit, self-speculative, whose verification projects 4 rows)."""
     from tests.unit.test_inference import PROMPTS, _req
 
     modes = [
@@ -57,6 +82,12 @@ def test_engine_heads_through_thin_path_equal_linear(engine, monkeypatch):
 
     ref = run()
     monkeypatch.setattr(projection, "MIN_THIN_NUMEL", 0)
+    monkeypatch.setattr(projection, "MIN_COLUMN_NUMEL", 0)
+    copied = []
+    column_major = projection.column_major
+    monkeypatch.setattr(
+        projection, "column_major", lambda w: copied.append(column_major(w)) or copied[-1]
+    )
     calls = []
     thin_rows = projection.thin_rows
     monkeypatch.setattr(
@@ -65,6 +96,7 @@ def test_engine_heads_through_thin_path_equal_linear(engine, monkeypatch):
     thin = run()
     monkeypatch.undo()
     assert any(calls), "the thin path was not taken"
+    assert any(c is not None for c in copied), "no column-major copy was used"
     for a_mode, b_mode in zip(ref, thin):
         for a, b in zip(a_mode, b_mode):
             assert a.token_ids == b.token_ids and a.exit_layers == b.exit_layers

@@ -7,7 +7,8 @@ timed as called during decoding, at 1..8 rows:
 
 - `layer_ms[k]`: one decoder layer on k new positions of one sequence (KV cache, attention,
   norms, MLP: everything `StageState.run_layer` does);
-- `weights_ms[k]`: that layer's weight products alone (F.linear of each 2-D weight), so
+- `weights_ms[k]`: that layer's weight products alone (each 2-D weight through
+  `projection.project`, the kernels the decode step uses), so
   `layer - weights` is the per-call overhead the issue wants gone;
 - `head_ms[k]`: final norm + LM head on k rows (`final_logits`, as verification calls it);
 - `exit_head_ms[e]` / `exit_block_ms[e]`: exit e's head on one row and its exit block alone;
@@ -142,9 +143,9 @@ def _median_ms(fns: dict, rounds: int, best_of: int = 2) -> dict:
 def calibrate(engine, rows=ROWS, rounds: int = 5, tokens: int = 16) -> CostModel:
     """Time the components of `engine` (one stage holding every layer) on this machine."""
     import torch
-    import torch.nn.functional as F
 
     from megatron.early_exit.inference.api import GenerationRequest, SamplingParams
+    from megatron.early_exit.inference.projection import project
     from megatron.early_exit.inference.stage import StageState
 
     model = engine.model
@@ -170,7 +171,7 @@ def calibrate(engine, rows=ROWS, rounds: int = 5, tokens: int = 16) -> CostModel
             chunk = st.chunk([0], [ctx], [ctx + k - 1])
             fns[("layer", k)] = lambda c=chunk: st.run_layer(1, c)
             fns[("weights", k)] = lambda xk=x[k]: [
-                F.linear(xk if w.shape[1] == xk.shape[-1] else _fit(xk, w.shape[1]), w)
+                project(xk if w.shape[1] == xk.shape[-1] else _fit(xk, w.shape[1]), w)
                 for w in weights
             ]
             fns[("head", k)] = lambda k=k: st.final_logits([0] * k, list(range(ctx, ctx + k)))

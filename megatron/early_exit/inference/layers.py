@@ -22,6 +22,8 @@ from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_e
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from megatron.core.transformer.identity_op import IdentityOp
 
+from megatron.early_exit.inference.projection import project
+
 
 @dataclass
 class Chunk:
@@ -347,7 +349,7 @@ def _attn_part(
     n, b = hidden.shape[0], hidden.shape[1]
     g, d, per = c.groups, c.head_dim, c.heads // c.groups
     x = _norm(c, hidden, w.ln1_w, w.ln1_b, c.eps1)
-    mixed = F.linear(x, w.qkv_w, w.qkv_b).view(n, b, g, (per + 2) * d)
+    mixed = project(x, w.qkv_w, w.qkv_b).view(n, b, g, (per + 2) * d)
     q, k, v = mixed.split([per * d, d, d], dim=3)
     q = q.reshape(n, b, c.heads, d)
     if cos is not None:
@@ -373,7 +375,7 @@ def _attn_part(
     probs = torch.softmax(scores, dim=-1)
     ctx = torch.matmul(probs, vc.permute(0, 2, 1, 3).to(q.dtype))  # [b, g, per * n, d]
     ctx = ctx.view(b, g, per, n, d).permute(3, 0, 1, 2, 4).reshape(n, b, c.heads * d)
-    return F.linear(ctx, w.proj_w)
+    return project(ctx, w.proj_w)
 
 
 def _mlp_part(
@@ -383,13 +385,13 @@ def _mlp_part(
     if w.proj_b is not None:
         attn = attn + w.proj_b
     hidden = hidden + attn
-    h = F.linear(_norm(c, hidden, w.ln2_w, w.ln2_b, c.eps2), w.fc1_w, w.fc1_b)
+    h = project(_norm(c, hidden, w.ln2_w, w.ln2_b, c.eps2), w.fc1_w, w.fc1_b)
     if c.gated:
         gate, lin = h.chunk(2, dim=-1)
         h = c.act(gate) * lin
     else:
         h = c.act(h)
-    return hidden, F.linear(h, w.fc2_w)
+    return hidden, project(h, w.fc2_w)
 
 
 def _finish(w: StepWeights, hidden: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:

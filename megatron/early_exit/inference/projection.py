@@ -1,12 +1,19 @@
-"""Projection of a few hidden rows onto a large weight: LM head, exit heads, draft vocabulary.
+"""Products of a few hidden rows with a weight: layer matmuls, LM head, exit heads, drafts.
 
-Decoding projects 1-8 rows (one per sequence, or the k+1 positions a self-speculative
-verification checks) onto a vocabulary-sized weight (SmolLM2-135M: 49152 x 576, 113 MB in
-fp32). That weight streams from memory once per call, so k rows should cost about one row.
-On this project's CPUs (MKL sgemm) `F.linear(x, W)`, i.e. x @ W^T with a short x, does not:
-2-3 rows cost 2-4x one row (benchmarks/projection_shapes.py). The same product computed as
-W @ x^T (a tall weight times a thin matrix, then transposed back) keeps 2-8 rows at about
-one weight read. Same dot products, fp32 results within 1e-5 of F.linear.
+Decoding multiplies 1-8 rows (one per sequence, or the k+1 positions a self-speculative
+verification checks) by weights that stream from memory once per call (SmolLM2-135M's LM
+head: 49152 x 576, 113 MB in fp32), so the product should cost one read of the weight. On
+this project's CPUs (MKL on AVX2, benchmarks/projection_shapes.py) `F.linear(x, W)` with
+W stored [out, in] falls short of that in two ways:
+* 1-3 rows times a wide weight (out > in: LM head, exit heads, QKV, gate-up) run at about
+  half the memory bandwidth. The same product with the weight stored column-major
+  (x @ W^T with W^T [in, out] contiguous) reaches it: the LM head at 1 row goes from about
+  15 to 8 ms. We keep such a copy next to the weight (`column_major`): it costs that
+  weight's memory again, so it is made only on CPU, for wide weights, and can be turned off
+  (`--no-inference-column-major-copies`).
+* 2-8 rows cost 2-4x one row. W @ x^T (a tall weight times a thin matrix, transposed back)
+  keeps 4-8 rows near one weight read.
+All kernels compute the same dot products: fp32 results within 1e-5 of F.linear.
 
 The rule is fixed rather than calibrated at load: a calibration on a shared CPU picks by
 noise, and a fixed rule gives the same kernel, hence the same logits, on every run.
@@ -16,9 +23,47 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 MAX_THIN_ROWS = 8  # up to this many rows use W @ x^T; prefill-sized chunks keep F.linear
 MIN_THIN_NUMEL = 1 << 22  # weights below 4M elements (16 MB fp32) sit in cache: F.linear is fine
+MAX_COLUMN_ROWS = 3  # 1-3 rows use the column-major copy; from 4 rows W @ x^T is faster
+MIN_COLUMN_NUMEL = 1 << 18  # below 256k elements the copy saves too little to keep
+
+_copies_enabled = True
+# weight -> (its _version and data_ptr when copied, the [in, out] copy). A weight changed in
+# place (a checkpoint loaded into the same model) gets a new copy on its next use.
+_COPIES = WeakIdKeyDictionary()
+
+
+def set_column_major_copies(enabled: bool) -> None:
+    """Whether wide CPU weights get a column-major copy for 1-3-row products."""
+    global _copies_enabled
+    _copies_enabled = enabled
+    if not enabled:
+        _COPIES.clear()
+
+
+def column_major(weight: torch.Tensor) -> torch.Tensor | None:
+    """The [in, out] contiguous copy of a wide CPU weight [out, in], or None."""
+    if (
+        not (
+            _copies_enabled
+            and weight.device.type == "cpu"
+            and weight.dim() == 2
+            and weight.shape[0] > weight.shape[1]
+            and weight.numel() >= MIN_COLUMN_NUMEL
+        )
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    key = (weight._version, weight.data_ptr())
+    entry = _COPIES.get(weight)
+    if entry is None or entry[0] != key:
+        with torch.no_grad():
+            entry = (key, weight.detach().t().contiguous())
+        _COPIES[weight] = entry
+    return entry[1]
 
 
 def thin_rows(rows: int, weight: torch.Tensor) -> bool:
@@ -36,6 +81,11 @@ def project(
 ) -> torch.Tensor:
     """F.linear(h, weight, bias) for h [..., in], with the kernel chosen by row count."""
     rows = h.numel() // max(1, h.shape[-1])
+    if rows <= MAX_COLUMN_ROWS:
+        wt = column_major(weight)
+        if wt is not None:
+            out = torch.matmul(h, wt)
+            return out if bias is None else out + bias
     if not thin_rows(rows, weight):
         return F.linear(h, weight, bias)
     x = h.reshape(rows, h.shape[-1])

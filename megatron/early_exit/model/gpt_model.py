@@ -12,7 +12,10 @@ recomputation the exit heads' logits are recomputed in backward.
 Tied exit heads reuse the word embeddings. A pipeline stage without the embedding keeps
 a copy that megatron-core treats like the last stage's tied LM head: it is part of the
 embedding process group (see `tied_embedding_ranks`), starts as the first stage's
-weights, and has its gradient all-reduced with the embedding's every step.
+weights, and has its gradient all-reduced with the embedding's every step. With virtual
+stages each model chunk with tied exits (other than the embedding's and a tied LM head's)
+holds a copy, so a rank may hold several: `sync_tied_weights_init` and
+`allreduce_tied_weight_grads` treat a rank's copies together.
 """
 
 from __future__ import annotations
@@ -104,8 +107,15 @@ class ExitHeads(MegatronModule):
 class TiedExitWeight(MegatronModule):
     """A pipeline stage's copy of the word embeddings for its tied exit heads."""
 
-    def __init__(self, config: EarlyExitTransformerConfig, vocab_size: int, tp_size: int):
+    def __init__(
+        self,
+        config: EarlyExitTransformerConfig,
+        vocab_size: int,
+        tp_size: int,
+        vp_stage: int | None = None,
+    ):
         super().__init__(config=config)
+        self.vp_stage = vp_stage
         self.weight = torch.nn.Parameter(
             torch.zeros(vocab_size // tp_size, config.hidden_size, dtype=config.params_dtype)
         )
@@ -124,9 +134,9 @@ class TiedExitWeight(MegatronModule):
         self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
     ) -> ShardedStateDict:
         # Not saved (the first stage saves the embedding); loaded from the embedding's key.
-        replica_id = (
+        replica_id = (  # never the main replica; distinct per model chunk too
             1 + parallel_state.get_pipeline_model_parallel_rank(),
-            0,
+            self.vp_stage or 0,
             parallel_state.get_data_parallel_rank(with_context_parallel=True),
         )
         return {
@@ -188,9 +198,10 @@ class EarlyExitGPTModel(GPTModel):
         self.tied_exit_weight = None
         if tied and self.local_exit_layers and self._needs_tied_copy():
             tp = parallel_state.get_tensor_model_parallel_world_size()
-            self.tied_exit_weight = TiedExitWeight(config, vocab_size, tp)
-        if tied and self.local_exit_layers and self.pre_process:
-            # The embedding is shared with this stage's exits; give it its own DP bucket too.
+            self.tied_exit_weight = TiedExitWeight(config, vocab_size, tp, vp_stage)
+        if tied and ee.exit_layer_nums and self.pre_process:
+            # The embedding is shared with exits (here or on other stages' copies): its own
+            # distributed-optimizer bucket, so its DP shards line up with the copies'.
             self.embedding.word_embeddings.weight.shared_embedding = True
         heads = {
             n: ExitHead(config, specs, n, ee.exit_layer_nums.index(n), vocab_size, tied)
@@ -256,7 +267,7 @@ class EarlyExitGPTModel(GPTModel):
         the remaining members of the embedding group join here, in the same group order.
         """
         if self.vp_stage is not None:
-            return  # virtual stages: tied exits are refused, GPTModel syncs a tied LM head
+            return  # virtual stages: sync_tied_weights_init, once all chunks exist
         group = self._embedding_group_with_peers()
         if group is None:
             return
@@ -286,6 +297,17 @@ class EarlyExitGPTModel(GPTModel):
         if grad is None:  # frozen or unused: still take part so the group does not hang
             grad = torch.zeros_like(weight)
         dist.all_reduce(grad, group=group)
+
+    def tied_weight_held(self) -> torch.Tensor | None:
+        """The word embeddings or this model's copy of them (for a tied LM head or tied
+        exits), if it holds either."""
+        if self.pre_process:
+            return self.embedding.word_embeddings.weight
+        if self.tied_exit_weight is not None:
+            return self.tied_exit_weight.weight
+        if self.post_process and self.share_embeddings_and_output_weights:
+            return self.output_layer.weight
+        return None
 
     # ----------------------------------------------------------------- exit capture
     def _register_exit_hooks(self, pre_exit: bool) -> None:
@@ -441,6 +463,55 @@ class EarlyExitGPTModel(GPTModel):
         logit = head.confidence_logit(h.detach()).float()  # [s, b]
         bce = torch.nn.functional.binary_cross_entropy_with_logits(logit, target, reduction="none")
         return bce.transpose(0, 1), target.transpose(0, 1)
+
+
+@torch.no_grad()
+def sync_tied_weights_init(chunks: list[EarlyExitGPTModel]) -> None:
+    """Virtual stages: every copy of the word embeddings on this rank starts as the first
+    stage's embedding. Each member of the embedding group takes part in one all-reduce
+    (zeros + the embedding): GPTModel's, made in the constructor of the chunk with the
+    embedding or a tied LM head, or else ours with the rank's first copy. The rank's other
+    copies (chunks with tied exits) then copy locally, e.g. rank 0's from the embedding."""
+    held = [(m, w) for m in chunks if (w := m.tied_weight_held()) is not None]
+    if not held:
+        return
+    by_gpt_model = [
+        w
+        for m, w in held
+        if m.share_embeddings_and_output_weights and (m.pre_process or m.post_process)
+    ]
+    source = by_gpt_model[0] if by_gpt_model else held[0][1]
+    group = held[0][0]._embedding_group_with_peers()
+    if not by_gpt_model and group is not None:
+        dist.all_reduce(source.data, group=group)
+    for _, weight in held:
+        if weight is not source:
+            weight.data.copy_(source.data)
+
+
+@torch.no_grad()
+def allreduce_tied_weight_grads(chunks: list[EarlyExitGPTModel]) -> None:
+    """Virtual stages: the tied word-embedding gradient of this rank's chunks (embedding,
+    tied LM head, tied-exit copies) summed locally, all-reduced over the embedding group,
+    and given to every copy, so all copies take the same step. Replaces megatron-core's
+    embedding all-reduce, which reduces one chunk per rank (the first on middle ranks).
+    Call after the data-parallel reduction (a DP shard of each copy lines up: each tied
+    weight has its own distributed-optimizer bucket)."""
+    weights = [w for m in chunks if (w := m.tied_weight_held()) is not None]
+    if not weights:
+        return
+    grads = [getattr(w, "main_grad", None) for w in weights]  # DDP's buffer, else .grad
+    grads = [w.grad if g is None else g for w, g in zip(weights, grads)]
+    present = [g for g in grads if g is not None]
+    # Frozen (no grad anywhere here): zeros still take part so the group does not hang.
+    total = present[0] if present else torch.zeros_like(weights[0])
+    for g in present[1:]:
+        total.add_(g)
+    group = chunks[0]._embedding_group_with_peers()
+    if group is not None:
+        dist.all_reduce(total, group=group)
+    for g in present[1:]:
+        g.copy_(total)
 
 
 @torch.no_grad()

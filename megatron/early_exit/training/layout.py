@@ -145,12 +145,12 @@ def describe_run(run: RunConfig) -> RunLayout:
     tied_exits = not run.exits.untie_exit_output_weights
     stages = []
     vpp = p.virtual_pipeline_model_parallel_size
+    chunk_ranges = split.chunk_ranges()
     for s in range(pp):
         first, last = ranges[s]
         chunks = []
         if vpp is not None:  # chunk c of stage s holds virtual stage c * pp + s
-            per = m.num_layers // (pp * vpp)
-            chunks = [((c * pp + s) * per + 1, (c * pp + s + 1) * per) for c in range(vpp)]
+            chunks = chunk_ranges[s]
             first, last = chunks[0][0], chunks[-1][1]
         held = chunks or [(first, last)]
         exits = [n for n in run.exits.exit_layer_nums if any(a <= n <= b for a, b in held)]
@@ -160,8 +160,12 @@ def describe_run(run: RunConfig) -> RunLayout:
             n += word + positions
         if lm_head:  # tied LM head off the first stage: megatron-core keeps a copy
             n += norm_params(run) + (0 if tied_lm and embedding else word)
-        if exits and tied_exits and not embedding and not (lm_head and tied_lm):
-            n += word  # this stage's copy of the word embeddings for its tied exits
+        # Each chunk with tied exits holds a copy of the word embeddings, unless it holds
+        # the embedding itself or a tied LM head (megatron-core's copy).
+        for c, (a, b) in enumerate(held):
+            own = (embedding and c == 0) or (lm_head and tied_lm and c == len(held) - 1)
+            if tied_exits and not own and any(a <= e <= b for e in exits):
+                n += word
         stages.append(StageLayout(s, first, last, exits, embedding, lm_head, n, chunks))
     backbone = (
         word

@@ -12,20 +12,45 @@ from typing import Any, Protocol
 
 import torch
 from megatron.core.distributed import finalize_model_grads
-from megatron.core.utils import get_attr_wrapped_model
+from megatron.core.distributed.finalize_model_grads import (
+    _allreduce_non_tensor_model_parallel_grads,
+)
+from megatron.core.utils import get_attr_wrapped_model, get_model_config
 
 from megatron.early_exit.config import RunConfig
 from megatron.early_exit.data import Batch
 from megatron.early_exit.model import EarlyExitGPTModel
+from megatron.early_exit.model.gpt_model import allreduce_tied_weight_grads
 from megatron.early_exit.pipeline import get_forward_backward_func
 from megatron.early_exit.pipeline.losses import make_loss_func
 
 
 def finalize_grads(model_chunks: list[torch.nn.Module]) -> None:
     """megatron-core's DP/TP/embedding grad finalisation, plus tied exits with an untied head."""
+    if len(model_chunks) > 1:
+        finalize_chunk_grads(model_chunks)
+        return
     finalize_model_grads(model_chunks)
     for chunk in model_chunks:
         get_attr_wrapped_model(chunk, "allreduce_tied_exit_grads")()
+
+
+def finalize_chunk_grads(model_chunks: list[torch.nn.Module]) -> None:
+    """Virtual stages: finalize_model_grads' DP and TP steps, then the tied word embeddings
+    of all the rank's chunks together (megatron-core would reduce one chunk's per rank)."""
+    config = get_model_config(model_chunks[0])
+    timers = config.timers
+    if timers is not None:
+        timers("all-grads-sync", log_level=1).start(barrier=config.barrier_with_L1_time)
+    for chunk in model_chunks:
+        chunk.finish_grad_sync()
+    if timers is not None:
+        timers("all-grads-sync").stop()
+    _allreduce_non_tensor_model_parallel_grads(model_chunks, config)
+    bare = [
+        get_attr_wrapped_model(c, "tied_weight_held", return_model_obj=True) for c in model_chunks
+    ]
+    allreduce_tied_weight_grads(bare)
 
 
 class TrainingMode(Protocol):

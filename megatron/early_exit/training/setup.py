@@ -12,6 +12,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.early_exit.config import EarlyExitTransformerConfig, RunConfig
 from megatron.early_exit.model import EarlyExitGPTModel
 from megatron.early_exit.model.build import ModelChunks, build_stage_model, unwrap
+from megatron.early_exit.model.gpt_model import sync_tied_weights_init
 from megatron.early_exit.platform import Platform
 from megatron.early_exit.training.mode import TrainingMode, finalize_grads
 
@@ -50,20 +51,21 @@ def setup_training(
         use_distributed_optimizer=run.parallel.use_distributed_optimizer,
     )
     vpp = run.parallel.virtual_pipeline_model_parallel_size
-    chunks = []
+    built = []
     for vp_stage in range(vpp) if vpp is not None else [None]:
         chunk = build_stage_model(run, config, platform, use_te, vp_stage=vp_stage)
         if mode is not None:
             mode.prepare(unwrap(chunk))
-        # As Megatron-LM: one bucket for chunks after the first (their grads are ready last).
-        chunks.append(
-            DistributedDataParallel(
-                config=config,
-                ddp_config=ddp_config,
-                module=chunk,
-                disable_bucketing=bool(vp_stage),
-            )
+        built.append(chunk)
+    if vpp is not None:  # a rank's tied word-embedding copies, once all its chunks exist
+        sync_tied_weights_init([unwrap(chunk) for chunk in built])
+    # As Megatron-LM: one bucket for chunks after the first (their grads are ready last).
+    chunks = [
+        DistributedDataParallel(
+            config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=bool(c)
         )
+        for c, chunk in enumerate(built)
+    ]
     model = chunks[0] if vpp is None else ModelChunks(chunks)
     config.finalize_model_grads_func = finalize_grads if mode is None else mode.finalize_grads
 
