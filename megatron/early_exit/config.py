@@ -455,8 +455,9 @@ class ParallelConfig:
             )
             _require(
                 self.tune_exit_pipeline_parallel_size is None,
-                "--tune-exit-pipeline-parallel-size is not supported with "
-                "--num-layers-per-virtual-pipeline-stage",
+                "--tune-exit-pipeline-parallel-size runs only the first k pipeline ranks, but "
+                f"with {flags} every rank holds layers from across the model (chunk c of rank "
+                "r is virtual stage c x P + r); drop one of the two",
             )
         if self.sequence_parallel and tp == 1:
             warnings.warn("--sequence-parallel has no effect with TP=1; disabling it", stacklevel=2)
@@ -947,12 +948,6 @@ class RunConfig:
         if p.virtual_pipeline_model_parallel_size is None:
             return
         flag_ = "--num-layers-per-virtual-pipeline-stage"
-        _require(not self.training.tune_exit, f"--tune-exit is not supported with {flag_}")
-        _require(
-            not self.exits.exit_distillation,
-            f"--exit-distillation is not supported with {flag_} (the teacher's upstream sends "
-            "ride on the non-interleaved 1F1B schedule)",
-        )
         pp = p.pipeline_model_parallel_size
         m = self.training.num_microbatches(p.data_parallel_size)
         _require(

@@ -247,7 +247,7 @@ CASES = [
         ["number of microbatches (1", "divisible by --pipeline-model-parallel-size 2"],
     ),
     (
-        "interleaved-exit-distillation",
+        "interleaved-tune-exit-first-k-ranks",
         _with_base(
             "--num-layers",
             "8",
@@ -258,12 +258,19 @@ CASES = [
             "--exit-layer-nums",
             "3",
             "--untie-exit-output-weights",
-            "--exit-distillation",
             "--global-batch-size",
             "8",
+            "--tune-exit",
+            "--load",
+            "/nonexistent",
+            "--tune-exit-pipeline-parallel-size",
+            "2",
         ),  # fmt: skip
         4,
-        ["--exit-distillation is not supported with --num-layers-per-virtual-pipeline-stage"],
+        [
+            "--tune-exit-pipeline-parallel-size runs only the first k pipeline ranks",
+            "every rank holds layers from across the model",
+        ],
     ),
     (
         "interleaved-pp1",

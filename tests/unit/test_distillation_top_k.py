@@ -134,3 +134,49 @@ def test_teacher_route_per_stage(monkeypatch, top_k, k):
     assert roles == [(False, False), (True, False), (True, True), (False, True)]
     monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_world_size", lambda: 1)
     assert not TeacherRoute(model, config, 16, 2).active  # PP=1: the teacher is local
+
+
+@pytest.mark.parametrize(
+    "pp, exits, earliest, roles",
+    [
+        # 8 layers, PP=2 x 2 chunks of 2 (virtual stages 0..3); exits 3 and 5 on virtual
+        # stages 1 (rank 1's first chunk) and 2 (rank 0's second chunk): the teacher goes
+        # 3 -> 2 -> 1, leaving rank 1 to come back to it after rank 0.
+        (2, [3, 5], 1, [[(False, False), (True, True)], [(True, False), (False, True)]]),
+        # PP=4 x 2 chunks of 1: the only exit on the last rank's first chunk (virtual
+        # stage 3); virtual stages 4..6 on ranks 0..2 relay.
+        (4, [4], 3, [[(False, False), (True, True)], [(False, False), (True, True)],
+                     [(False, False), (True, True)], [(True, False), (False, True)]]),
+    ],
+)  # fmt: skip
+def test_ring_teacher_route_per_chunk(monkeypatch, pp, exits, earliest, roles):
+    """Which chunks of the interleaved schedule receive and send the teacher."""
+    from types import SimpleNamespace
+
+    from megatron.core import parallel_state
+
+    from megatron.early_exit.config import ExitConfig, RunConfig, build_transformer_config
+    from megatron.early_exit.pipeline.losses import earliest_exit_virtual_stage
+    from megatron.early_exit.pipeline.teacher import RingTeacherRoute
+
+    run = RunConfig()
+    run.data.mock_data, run.data.vocab_size = True, 200
+    run.model.num_layers = 8
+    run.parallel.pipeline_model_parallel_size = run.parallel.world_size = pp
+    run.parallel.virtual_pipeline_model_parallel_size = 2
+    run.parallel.batch_p2p_comm = False
+    run.training.global_batch_size = 8
+    run.exits = ExitConfig(exit_layer_nums=exits, exit_distillation=True, exit_distillation_top_k=8)
+    run.exits.untie_exit_output_weights = True
+    run.validate()
+    config = build_transformer_config(run)
+    assert earliest_exit_virtual_stage(config) == earliest
+    chunks = [SimpleNamespace(vocab_size=256)] * 2
+    monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_world_size", lambda: pp)
+    for name in ("group", "prev_rank", "next_rank"):
+        monkeypatch.setattr(parallel_state, f"get_pipeline_model_parallel_{name}", lambda: None)
+    for rank in range(pp):
+        monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_rank", lambda r=rank: r)
+        route = RingTeacherRoute(chunks, config, seq_length=16, micro_batch_size=2)
+        assert route.active and route.shape == (16, 2, 8)
+        assert [(route.receives(c), route.sends(c)) for c in range(2)] == roles[rank], rank

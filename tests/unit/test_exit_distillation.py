@@ -244,3 +244,15 @@ def test_accepted_with_pipeline_parallelism():
     tune = ["--tune-exit", "--load", "/nonexistent", "--tune-exit-pipeline-parallel-size", "2"]
     run = parse_run_config([*BASE, *EXITS, *pp2, *tune], 2)
     assert run.exits.exit_distillation and run.training.tune_exit
+
+
+def test_accepted_with_virtual_pipeline_stages_and_ee_tuning():
+    from megatron.early_exit.arguments import parse_run_config
+
+    vpp = ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size",
+           "2", "--no-batch-p2p-comm", "--untie-exit-output-weights", "--global-batch-size",
+           "4"]  # fmt: skip
+    run = parse_run_config([*BASE, *EXITS, *vpp], 2)
+    assert run.exits.exit_distillation and run.parallel.virtual_pipeline_model_parallel_size == 2
+    run = parse_run_config([*BASE, *EXITS, *vpp, "--tune-exit", "--load", "/nonexistent"], 2)
+    assert run.training.tune_exit

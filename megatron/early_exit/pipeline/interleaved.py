@@ -12,13 +12,19 @@ chunk. The last chunk of the last rank holds the LM head and its loss.
 Received activations and gradients are consumed in the order they arrive: every rank
 processes microbatches of a chunk in the same order, so the k-th tensor a rank receives
 from a neighbour is the one its k-th forward (backward) needing one expects.
+
+Exit distillation (pipeline/teacher.py, `RingTeacherRoute`): the teacher made by the last
+virtual stage follows each gradient down the ring, exchanged right after the p2p call that
+carried the gradient, and waits with it for the microbatch's backward on the receiving chunk.
+The forward-only path (validation; EE-Tuning through `local_losses`) defers the chunks that
+need the teacher to a drain after the forwards.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +40,7 @@ from megatron.early_exit.pipeline.schedules import (
     _no_sync,
     _sent_tensor,
 )
+from megatron.early_exit.pipeline.teacher import RingTeacherRoute
 
 
 def forward_backward_interleaved(
@@ -45,8 +52,11 @@ def forward_backward_interleaved(
     micro_batch_size: int,
     config: TransformerConfig,
     forward_only: bool = False,
+    local_losses: Callable | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """`model` and `data_iterator`: one per chunk (each iterator yields every microbatch)."""
+    """`model` and `data_iterator`: one per chunk (each iterator yields every microbatch).
+    `local_losses(output, loss_func) -> metrics` runs a chunk's losses in the forward-only
+    path (default: evaluate them; EE-Tuning also backpropagates its exit heads there)."""
     chunks, iterators = list(model), list(data_iterator)
     vpp = len(chunks)
     if len(iterators) != vpp:
@@ -95,6 +105,17 @@ def forward_backward_interleaved(
     in_flight: list[deque] = [deque() for _ in range(vpp)]  # (input, output, loss_func)
     backwards_done = [0] * vpp
     metrics: list[dict[str, torch.Tensor]] = []
+    teacher = RingTeacherRoute(chunks, config, seq_length, micro_batch_size)
+    teachers: deque = deque()  # received teachers, in the order of their gradients
+    grad_for = (k for k in range(total) if needs_grad(k))  # each received gradient's backward
+    pending: list[list] = [[] for _ in range(vpp)]  # forward-only: awaiting the drain
+    outgoing = None  # the teacher behind the gradient the next call sends
+
+    def evaluate(output, loss_func):
+        with torch.no_grad():
+            return loss_func(output)[1]
+
+    local_losses = local_losses or evaluate
 
     # Gradient reduction waits for each chunk's last backward (DDP no_sync until then).
     sync_ctx: list[Any] = [None] * vpp
@@ -109,9 +130,20 @@ def forward_backward_interleaved(
                 t.requires_grad_(True)
             inputs.append(t)
 
-    def take_grad(t: torch.Tensor | None) -> None:
-        if t is not None:
-            grads.append(t)
+    def take_grad(t: torch.Tensor | None) -> bool:
+        """Keep a received gradient; whether a teacher follows it."""
+        if t is None:
+            return False
+        grads.append(t)
+        return teacher.receives(chunk_of(next(grad_for), False))
+
+    def exchange_teachers(receive: bool) -> None:  # right after each call carrying gradients
+        nonlocal outgoing
+        if teacher.active:
+            received = teacher.exchange(outgoing, receive)
+            if received is not None:
+                teachers.append(received)
+            outgoing = None
 
     def forward_step(k: int):
         c = chunk_of(k, True)
@@ -119,13 +151,17 @@ def forward_backward_interleaved(
         context = torch.no_grad() if forward_only else contextlib.nullcontext()
         with context:
             output, loss_func = _forward(forward_step_func, iterators[c], chunks[c], input_tensor)
-            if forward_only:
-                metrics.append(loss_func(output)[1])
-        if not forward_only:
+        if forward_only:
+            if not teacher.receives(c):
+                metrics.append(local_losses(output, loss_func))
+            if teacher.receives(c) or teacher.sends(c):  # output kept only for the losses
+                pending[c].append((output if teacher.receives(c) else None, loss_func))
+        else:
             in_flight[c].append((input_tensor, output, loss_func))
         return output
 
     def backward_step(k: int) -> torch.Tensor | None:
+        nonlocal outgoing
         c = chunk_of(k, False)
         input_tensor, output, loss_func = in_flight[c].popleft()
         output_grad = grads.popleft() if needs_grad(k) else None
@@ -133,8 +169,11 @@ def forward_backward_interleaved(
         if backwards_done[c] == num_microbatches and sync_ctx[c] is not None:
             sync_ctx[c].__exit__(None, None, None)  # this chunk's grads reduce now
             sync_ctx[c] = None
+        if teacher.receives(c):
+            loss_func.teacher_box.teacher = teachers.popleft()
         local_loss, mb_metrics = loss_func(output)  # deferred exit-head forward
         metrics.append(mb_metrics)
+        outgoing = teacher.outgoing(c, loss_func)
         return _backward(
             input_tensor, _sent_tensor(output), local_loss, output_grad, num_microbatches, config
         )
@@ -159,7 +198,7 @@ def forward_backward_interleaved(
                 inp, grad = p2p.send_forward_backward_recv_forward_backward(
                     sent(k, output), None, recv_prev, recv_next, shape
                 )
-                take_grad(grad)
+                exchange_teachers(take_grad(grad))
             else:
                 inp = p2p.send_forward_recv_forward(sent(k, output), recv_prev, shape)
             take_input(inp)
@@ -189,20 +228,21 @@ def forward_backward_interleaved(
                 shape,
             )
             take_input(inp)
-            take_grad(grad)
+            exchange_teachers(take_grad(grad))
             free(fk, output)
 
         if not forward_only:
             if all_warmup and needs_grad(0):
-                take_grad(p2p.recv_backward(shape, False))
+                exchange_teachers(take_grad(p2p.recv_backward(shape, False)))
             for k in range(num_steady, total):
                 input_grad = backward_step(k)
                 recv_next = k + 1 < total and needs_grad(k + 1)
-                take_grad(
-                    p2p.send_backward_recv_backward(
-                        input_grad if sends_grad(k) else None, recv_next, shape
-                    )
+                grad = p2p.send_backward_recv_backward(
+                    input_grad if sends_grad(k) else None, recv_next, shape
                 )
+                exchange_teachers(take_grad(grad))
+        elif teacher.active:
+            teacher.drain(pending, lambda out, f: metrics.append(local_losses(out, f)))
     finally:
         for ctx in sync_ctx:
             if ctx is not None:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron.early_exit.data import Batch
 from megatron.early_exit.model import EarlyExitGPTModel, ExitForwardOutput
@@ -108,12 +110,30 @@ def earliest_exit_stage(config) -> int:
     return min(exit_stage(n, config) for n in config.early_exit.exit_layer_nums)
 
 
+def earliest_exit_virtual_stage(config) -> int:
+    """The earliest virtual stage (chunk c of rank r is c * pp + r) holding an exit, from
+    megatron-core's own layer offsets; the pipeline stage without virtual stages."""
+    vpp = config.virtual_pipeline_model_parallel_size
+    if vpp is None:
+        return earliest_exit_stage(config)
+    pp = config.pipeline_model_parallel_size
+    first = min(config.early_exit.exit_layer_nums)
+    for v in range(pp * vpp):
+        chunk, rank = divmod(v, pp)
+        offset = get_transformer_layer_offset(config, vp_stage=chunk, pp_rank=rank)
+        if first <= offset + get_num_layers_to_build(config, vp_stage=chunk, pp_rank=rank):
+            return v
+    raise ValueError(f"exit layer {first} is outside the model's {config.num_layers} layers")
+
+
 def teacher_goes_upstream(model: EarlyExitGPTModel) -> bool:
-    """Whether this (last) stage must send the teacher: an exit lives on an earlier stage."""
-    return (
-        parallel_state.get_pipeline_model_parallel_world_size() > 1
-        and earliest_exit_stage(model.config) < parallel_state.get_pipeline_model_parallel_rank()
-    )
+    """Whether this (last virtual) stage must send the teacher: an exit lives earlier."""
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if pp == 1:
+        return False
+    own = (getattr(model, "vp_stage", None) or 0) * pp
+    own += parallel_state.get_pipeline_model_parallel_rank()
+    return earliest_exit_virtual_stage(model.config) < own
 
 
 def distillation_teachers(

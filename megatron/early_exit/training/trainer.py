@@ -150,7 +150,7 @@ class Trainer:
         labels = None if exits.needs_final_logits else batch.labels
         # A mode may produce the output without the model (EE-Tuning from a teacher cache).
         forward = getattr(self.mode, "forward", None)
-        output = forward(self.state.unwrapped, batch) if forward is not None else None
+        output = forward(unwrap(model), batch) if forward is not None else None
         if output is None:
             output = model(batch.tokens, batch.position_ids, None, labels=labels)
         loss_func = self.mode.loss_func(
