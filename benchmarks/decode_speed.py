@@ -123,6 +123,54 @@ def layer_micro(engine, threads: int, context: int, reps: int = 30, inner: int =
                 ratio_hi=hi)  # fmt: skip
 
 
+def bandwidth_floor(engine, reqs, hf_ms_per_prompt: float, new_tokens: int) -> dict:
+    """What batch-1 decoding cannot beat on this machine: every token reads the decoder's
+    weights and the LM head once, so a token costs at least their bytes / memory bandwidth
+    (timed as the median of 7 one-row products with a column-major buffer of that size, the
+    kernel our decode uses for wide weights, at the current thread count). With our
+    measured prefill (1 new token), the ceiling vs transformers is its time per prompt over
+    prefill + new_tokens x floor."""
+    import torch
+
+    model = engine.model
+    params = list(model.decoder.parameters())
+    head = (
+        model.shared_embedding_or_output_weight()
+        if model.share_embeddings_and_output_weights
+        else model.output_layer.weight
+    )
+    nbytes = sum(p.numel() * p.element_size() for p in params) + head.numel() * head.element_size()
+    hidden = model.config.hidden_size
+    buf = torch.ones(hidden, nbytes // 4 // hidden)  # column-major: the fastest 1-row read
+    x = torch.ones(1, hidden)
+    reads = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        torch.matmul(x, buf)
+        reads.append(time.perf_counter() - t0)
+    floor_ms = 1000 * statistics.median(reads)
+    one = [_with_new_tokens(r, 1) for r in reqs]
+    pre = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for r in one:
+            engine.generate([r])
+        pre.append((time.perf_counter() - t0) / len(one))
+    prefill_ms = 1000 * statistics.median(pre)
+    ceiling = hf_ms_per_prompt / (prefill_ms + new_tokens * floor_ms)
+    gb_per_s = nbytes / 1e9 / (floor_ms / 1000)
+    return dict(weight_mb=nbytes / 2**20, floor_ms=floor_ms, gb_per_s=gb_per_s,
+                prefill_ms=prefill_ms, ceiling_vs_transformers=ceiling)  # fmt: skip
+
+
+def _with_new_tokens(req, new_tokens: int):
+    """A copy of `req` that generates `new_tokens` tokens."""
+    import dataclasses
+
+    sampling = dataclasses.replace(req.sampling, max_new_tokens=new_tokens)
+    return dataclasses.replace(req, sampling=sampling)
+
+
 def run(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -174,7 +222,7 @@ def run(args) -> dict:
                 prompt_tokens=args.prompt_tokens, num_prompts=len(prompts), rounds=args.rounds,
                 compile_s=compile_s, uptime_before=uptime(), torch=torch.__version__,
                 cpu_count=os.cpu_count())  # fmt: skip
-    rows, micro = [], []
+    rows, micro, floors = [], [], []
     for threads in args.threads:
         torch.set_num_threads(threads)
         tokens = {name: fn() for name, fn in variants.items()}  # warm-up, and the tokens
@@ -200,8 +248,12 @@ def run(args) -> dict:
         rows.append(dict(threads=threads, variant="transformers",
                          ms_per_token=1000 * statistics.median(base) / n_tok))  # fmt: skip
         micro.append(layer_micro(engine, threads, args.prompt_tokens + args.new_tokens // 2))
+        hf_ms = 1000 * statistics.median(base) / len(prompts)
+        floors.append(
+            dict(threads=threads, **bandwidth_floor(engine, reqs, hf_ms, args.new_tokens))
+        )
     meta["uptime_after"] = uptime()
-    return dict(meta=meta, rows=rows, layer=micro)
+    return dict(meta=meta, rows=rows, layer=micro, floor=floors)
 
 
 def write_md(path: str, res: dict) -> None:
@@ -235,6 +287,18 @@ def write_md(path: str, res: dict) -> None:
             lines.append(f"| {x['threads']} | {x['context']} | {x['step_us']:.0f} | "
                          f"{x['weights_us']:.0f} | {x['ratio']:.2f} [{x['ratio_lo']:.2f}, "
                          f"{x['ratio_hi']:.2f}] |")  # fmt: skip
+    if res.get("floor"):
+        lines += ["", "## The memory-bandwidth ceiling", "",
+                  "Each token reads the decoder's weights and the LM head once: the median "
+                  "one-row product with a column-major buffer of their size is the floor per "
+                  "token. "
+                  "Ceiling = transformers' time per prompt / (our prefill + new tokens x floor).",
+                  "", "| threads | weights MB | floor ms/token | GB/s | our prefill ms | "
+                  "ceiling vs transformers |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for x in res["floor"]:
+            lines.append(f"| {x['threads']} | {x['weight_mb']:.0f} | {x['floor_ms']:.1f} | "
+                         f"{x['gb_per_s']:.1f} | {x['prefill_ms']:.0f} | "
+                         f"{x['ceiling_vs_transformers']:.2f}x |")  # fmt: skip
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
