@@ -139,6 +139,7 @@ def test_parity_layer_dropout_and_exit_curriculum(untied_ref, tmp_path):
     assert_close_records(base, got, rel=1e-5, label="layer dropout TP2PP2")
 
 
+@pytest.mark.slow  # make test: the tied + uneven and the distillation PP2 x VPP2 runs
 def test_parity_interleaved_pp2_vpp2(untied_ref, tmp_path):
     """Interleaved schedule, PP=2 x 2 model chunks of one layer: exit 1 on rank 0's first
     chunk (with the embedding), exit 3 on rank 0's second chunk, the tied LM head on rank
