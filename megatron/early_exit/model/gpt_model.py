@@ -224,7 +224,8 @@ class EarlyExitGPTModel(GPTModel):
         return not (self.post_process and self.share_embeddings_and_output_weights)
 
     def tied_exit_output_weight(self) -> torch.Tensor | None:
-        """The weight tied exits project with on this stage (the word embeddings or a copy)."""
+        """The weight tied exits project with on this stage (the word embeddings or a copy;
+        the tied LM head's on a last stage): every tied copy of the embeddings it holds."""
         if self.pre_process:
             return self.embedding.word_embeddings.weight
         if self.tied_exit_weight is not None:
@@ -297,17 +298,6 @@ class EarlyExitGPTModel(GPTModel):
         if grad is None:  # frozen or unused: still take part so the group does not hang
             grad = torch.zeros_like(weight)
         dist.all_reduce(grad, group=group)
-
-    def tied_weight_held(self) -> torch.Tensor | None:
-        """The word embeddings or this model's copy of them (for a tied LM head or tied
-        exits), if it holds either."""
-        if self.pre_process:
-            return self.embedding.word_embeddings.weight
-        if self.tied_exit_weight is not None:
-            return self.tied_exit_weight.weight
-        if self.post_process and self.share_embeddings_and_output_weights:
-            return self.output_layer.weight
-        return None
 
     # ----------------------------------------------------------------- exit capture
     def _register_exit_hooks(self, pre_exit: bool) -> None:
@@ -472,7 +462,7 @@ def sync_tied_weights_init(chunks: list[EarlyExitGPTModel]) -> None:
     (zeros + the embedding): GPTModel's, made in the constructor of the chunk with the
     embedding or a tied LM head, or else ours with the rank's first copy. The rank's other
     copies (chunks with tied exits) then copy locally, e.g. rank 0's from the embedding."""
-    held = [(m, w) for m in chunks if (w := m.tied_weight_held()) is not None]
+    held = [(m, w) for m in chunks if (w := m.tied_exit_output_weight()) is not None]
     if not held:
         return
     by_gpt_model = [
@@ -497,7 +487,7 @@ def allreduce_tied_weight_grads(chunks: list[EarlyExitGPTModel]) -> None:
     embedding all-reduce, which reduces one chunk per rank (the first on middle ranks).
     Call after the data-parallel reduction (a DP shard of each copy lines up: each tied
     weight has its own distributed-optimizer bucket)."""
-    weights = [w for m in chunks if (w := m.tied_weight_held()) is not None]
+    weights = [w for m in chunks if (w := m.tied_exit_output_weight()) is not None]
     if not weights:
         return
     grads = [getattr(w, "main_grad", None) for w in weights]  # DDP's buffer, else .grad

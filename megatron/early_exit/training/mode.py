@@ -48,7 +48,8 @@ def finalize_chunk_grads(model_chunks: list[torch.nn.Module]) -> None:
         timers("all-grads-sync").stop()
     _allreduce_non_tensor_model_parallel_grads(model_chunks, config)
     bare = [
-        get_attr_wrapped_model(c, "tied_weight_held", return_model_obj=True) for c in model_chunks
+        get_attr_wrapped_model(c, "tied_exit_output_weight", return_model_obj=True)
+        for c in model_chunks
     ]
     allreduce_tied_weight_grads(bare)
 
