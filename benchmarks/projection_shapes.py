@@ -187,7 +187,8 @@ def write_md(path: str, meta: dict, res: dict) -> None:
         f"Load during the run: {meta['uptime_before']} / {meta['uptime_after']} "
         f"(`uptime`; the machine is shared). {meta['rounds']} rounds, variants timed in "
         "alternation; each figure is the median of per-round values. before = F.linear, "
-        "after = projection.project (W @ x^T for 2-8 rows on weights >= 4M elements).",
+        "after = projection.project (column-major copies for 1-3 rows of wide weights, "
+        "W @ x^T for 2-8 rows, on weights >= 256k elements).",
     ]
     load = _load(meta["uptime_after"])
     if load is not None and load > 2 * (os.cpu_count() or 1):

@@ -12,7 +12,9 @@ W stored [out, in] falls short of that in two ways:
   weight's memory again, so it is made only on CPU, for wide weights, and can be turned off
   (`--no-inference-column-major-copies`).
 * 2-8 rows cost 2-4x one row. W @ x^T (a tall weight times a thin matrix, transposed back)
-  keeps 4-8 rows near one weight read.
+  keeps 4-8 rows near one weight read; 3 and 7 rows are slow shapes for it too, so they are
+  padded to 4 and 8. On such large weights (the heads) the column-major copy takes only 1-2
+  rows: at 3 rows the padded W @ x^T is faster.
 All kernels compute the same dot products: fp32 results within 1e-5 of F.linear.
 
 The rule is fixed rather than calibrated at load: a calibration on a shared CPU picks by
@@ -26,8 +28,10 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 MAX_THIN_ROWS = 8  # up to this many rows use W @ x^T; prefill-sized chunks keep F.linear
-MIN_THIN_NUMEL = 1 << 22  # weights below 4M elements (16 MB fp32) sit in cache: F.linear is fine
+MIN_THIN_NUMEL = 1 << 18  # below 256k elements (1 MB fp32) F.linear is as fast
 MAX_COLUMN_ROWS = 3  # 1-3 rows use the column-major copy; from 4 rows W @ x^T is faster
+MAX_COLUMN_ROWS_THIN = 2  # on weights that take W @ x^T, the copy serves 1-2 rows
+THIN_PAD = {3: 4, 7: 8}  # row counts W @ x^T computes padded (measured slow shapes)
 MIN_COLUMN_NUMEL = 1 << 18  # below 256k elements the copy saves too little to keep
 
 _copies_enabled = True
@@ -86,15 +90,18 @@ def project(
     `column`: the weight's column-major copy if the caller has it (a compiled step, which
     cannot look it up), else `column_major(weight)` is used."""
     rows = h.numel() // max(1, h.shape[-1])
-    if rows <= MAX_COLUMN_ROWS:
+    thin = thin_rows(rows, weight)
+    if rows <= (MAX_COLUMN_ROWS_THIN if thin else MAX_COLUMN_ROWS):
         wt = column if column is not None else column_major(weight)
         if wt is not None:
             out = torch.matmul(h, wt)
             return out if bias is None else out + bias
-    if not thin_rows(rows, weight):
+    if not thin:
         return F.linear(h, weight, bias)
     x = h.reshape(rows, h.shape[-1])
-    out = torch.mm(weight, x.t()).t()  # [rows, out]: a view of the [out, rows] product
+    if rows in THIN_PAD:
+        x = torch.cat((x, x.new_zeros(THIN_PAD[rows] - rows, x.shape[1])))
+    out = torch.mm(weight, x.t()).t()[:rows]  # [rows, out]: a view of the [out, rows] product
     if bias is not None:
         out = out + bias
     return out.contiguous().view(*h.shape[:-1], weight.shape[0])
