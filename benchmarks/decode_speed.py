@@ -76,9 +76,13 @@ def median_ci(ratios: list[float], reps: int = 2000, seed: int = 0) -> tuple[flo
     return statistics.median(ratios), meds[int(0.05 * reps)], meds[int(0.95 * reps) - 1]
 
 
-def layer_micro(engine, threads: int, context: int, reps: int = 30, inner: int = 20) -> dict:
-    """One layer's decode step (b = 1, one row, `context` cached keys) vs its four weight
-    products alone (QKV, output, fc1, fc2 on one row), timed in alternation, in us."""
+def layer_micro(
+    engine, threads: int, context: int, all_layers: bool = False, reps: int = 30, inner: int = 20
+) -> dict:
+    """A layer's decode step (b = 1, one row, `context` cached keys) vs its four weight
+    products alone (QKV, output, fc1, fc2 on one row), timed in alternation, in us per
+    layer. One middle layer: its weights stay in cache between calls. `all_layers`: every
+    layer in turn, as decoding runs them, so the weights stream from memory."""
     import torch
 
     from megatron.early_exit.inference.layers import lean_layer_forward, lean_plan, new_cache
@@ -88,24 +92,29 @@ def layer_micro(engine, threads: int, context: int, reps: int = 30, inner: int =
     torch.set_num_threads(threads)
     model = engine.model
     st = StageState(model, 1, context + 8, engine.limits.vocab_size, [])
-    layer = model.decoder.layers[len(model.decoder.layers) // 2]
-    plan = lean_plan(layer)
-    if plan is None:
+    layers = list(model.decoder.layers)
+    if all_layers:
+        inner = 2  # passes over every layer per timing
+    else:
+        layers = [layers[len(layers) // 2]]
+    plans = [lean_plan(layer) for layer in layers]
+    if any(p is None for p in plans):
         return {}
-    cache = new_cache(layer, 1, context + 8, st.dtype, st.device)
+    caches = [new_cache(layer, 1, context + 8, st.dtype, st.device) for layer in layers]
     chunk = make_chunk([0], [context], [context], st.device)
     h = torch.randn(1, 1, model.config.hidden_size)
-    w = plan.w
-    ffn = w.fc2_w.shape[1]
 
     def step():
-        lean_layer_forward(plan, h, chunk, cache, st.freqs)
+        for plan, cache in zip(plans, caches):
+            lean_layer_forward(plan, h, chunk, cache, st.freqs)
 
     def weights():  # through the kernels the step uses (projection.project)
-        project(h, w.qkv_w)
-        project(h[..., : w.proj_w.shape[1]], w.proj_w)
-        y = project(h, w.fc1_w)
-        project(y[..., :ffn], w.fc2_w)
+        for plan in plans:
+            w = plan.w
+            project(h, w.qkv_w)
+            project(h[..., : w.proj_w.shape[1]], w.proj_w)
+            y = project(h, w.fc1_w)
+            project(y[..., : w.fc2_w.shape[1]], w.fc2_w)
 
     res = {"step": [], "weights": []}
     with torch.no_grad():
@@ -115,10 +124,11 @@ def layer_micro(engine, threads: int, context: int, reps: int = 30, inner: int =
                 t0 = time.perf_counter()
                 for _ in range(inner):
                     fn()
-                res[name].append((time.perf_counter() - t0) / inner * 1e6)
+                res[name].append((time.perf_counter() - t0) / inner / len(plans) * 1e6)
     ratios = [a / b for a, b in zip(res["step"], res["weights"])]
     med, lo, hi = median_ci(ratios)
-    return dict(threads=threads, context=context, step_us=statistics.median(res["step"]),
+    return dict(threads=threads, context=context, layers=len(plans),
+                step_us=statistics.median(res["step"]),
                 weights_us=statistics.median(res["weights"]), ratio=med, ratio_lo=lo,
                 ratio_hi=hi)  # fmt: skip
 
@@ -247,7 +257,9 @@ def run(args) -> dict:
                 ratios=ratios, token_agreement=same / n_tok))  # fmt: skip
         rows.append(dict(threads=threads, variant="transformers",
                          ms_per_token=1000 * statistics.median(base) / n_tok))  # fmt: skip
-        micro.append(layer_micro(engine, threads, args.prompt_tokens + args.new_tokens // 2))
+        context = args.prompt_tokens + args.new_tokens // 2
+        micro.append(layer_micro(engine, threads, context))
+        micro.append(layer_micro(engine, threads, context, all_layers=True))
         hf_ms = 1000 * statistics.median(base) / len(prompts)
         floors.append(
             dict(threads=threads, **bandwidth_floor(engine, reqs, hf_ms, args.new_tokens))
@@ -279,12 +291,16 @@ def write_md(path: str, res: dict) -> None:
             sp, agree = "1 (reference)", "-"
         lines.append(f"| {r['threads']} | {r['variant']} | {r['ms_per_token']:.1f} | {sp} "
                      f"| {agree} |")  # fmt: skip
-    lines += ["", "## One layer's decode step vs its weight products alone", "",
-              "| threads | context | step us | weight products us | ratio (median, 90% CI) |",
-              "|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "## A layer's decode step vs its weight products alone", "",
+              "Per layer. One layer: a middle layer called repeatedly (its weights stay in "
+              "cache). All layers: every layer in turn, as decoding runs them (weights stream "
+              "from memory).", "",
+              "| threads | layers | context | step us | weight products us | ratio (median, "
+              "90% CI) |", "|---|---|---|---|---|---|"]  # fmt: skip
     for x in res["layer"]:
         if x:
-            lines.append(f"| {x['threads']} | {x['context']} | {x['step_us']:.0f} | "
+            which = "all " + str(x["layers"]) if x.get("layers", 1) > 1 else "one"
+            lines.append(f"| {x['threads']} | {which} | {x['context']} | {x['step_us']:.0f} | "
                          f"{x['weights_us']:.0f} | {x['ratio']:.2f} [{x['ratio_lo']:.2f}, "
                          f"{x['ratio_hi']:.2f}] |")  # fmt: skip
     if res.get("floor"):
