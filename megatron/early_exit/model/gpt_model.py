@@ -208,7 +208,7 @@ class EarlyExitGPTModel(GPTModel):
             for n in self.local_exit_layers
         }
         self.exit_heads = ExitHeads(config, heads)
-        self._sync_tied_exit_weight_init(share_embeddings_and_output_weights)
+        self._sync_tied_exit_weight_init()
         self._capture: dict[int, ExitState] | None = None
         self._hooks_muted = False
         self._register_exit_hooks(ee.pre_exit)
@@ -261,7 +261,7 @@ class EarlyExitGPTModel(GPTModel):
         ranks = dist.get_process_group_ranks(group)
         return group if dist.get_rank() in ranks and len(ranks) > 1 else None
 
-    def _sync_tied_exit_weight_init(self, share_embeddings: bool) -> None:
+    def _sync_tied_exit_weight_init(self) -> None:
         """Copy the first stage's embedding into this stage's tied copy (zeros + all-reduce).
 
         GPTModel already did this for the first and last stages when the LM head is tied;
@@ -269,16 +269,11 @@ class EarlyExitGPTModel(GPTModel):
         """
         if self.vp_stage is not None:
             return  # virtual stages: sync_tied_weights_init, once all chunks exist
-        group = self._embedding_group_with_peers()
-        if group is None:
+        if self._embedding_group_with_peers() is None:
             return
-        gpt_model_did_it = share_embeddings and (self.pre_process or self.post_process)
-        if gpt_model_did_it:
-            return
-        weight = self.tied_exit_output_weight()
-        if weight is None:
+        if self.tied_exit_output_weight() is None:
             raise RuntimeError("stage is in the embedding group but holds no tied weight")
-        dist.all_reduce(weight.data, group=group)
+        sync_tied_weights_init([self])  # one stage: the same rule as for a rank's chunks
 
     def allreduce_tied_exit_grads(self) -> None:
         """All-reduce the tied weight's grad over the embedding group.
@@ -288,16 +283,7 @@ class EarlyExitGPTModel(GPTModel):
         """
         if self.share_embeddings_and_output_weights:
             return
-        group = self._embedding_group_with_peers()
-        if group is None:
-            return
-        weight = self.tied_exit_output_weight()
-        grad = getattr(weight, "main_grad", None)
-        if grad is None:
-            grad = weight.grad
-        if grad is None:  # frozen or unused: still take part so the group does not hang
-            grad = torch.zeros_like(weight)
-        dist.all_reduce(grad, group=group)
+        allreduce_tied_weight_grads([self])  # one stage: the same rule as for a rank's chunks
 
     # ----------------------------------------------------------------- exit capture
     def _register_exit_hooks(self, pre_exit: bool) -> None:
