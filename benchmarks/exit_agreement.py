@@ -12,8 +12,10 @@ full model generated there). From these:
 
 - per exit: top-1 agreement with the full model (= greedy draft acceptance probability of
   self-speculative decoding with that exit, one token at a time);
-- per exit set and threshold: coverage (share of tokens an exit fires for) and precision
-  (share of those that match the full model), i.e. the token agreement of lossy early exit;
+- per exit set, metric and threshold: coverage (share of tokens an exit fires for) and
+  precision (share of those that match the full model), i.e. the token agreement of lossy
+  early exit; metric max_prob, and `learned` when the exits have confidence heads (an exit
+  that declines then costs only its estimator, not its vocabulary projection);
 - the decode-cost model calibrated on this machine (inference/cost_model.py: measured
   per-call times of a layer and of the LM head at 1..8 rows, of each exit head, and the
   per-step overhead) turned into the best speedup each method could reach with these exits,
@@ -90,7 +92,10 @@ def collect(args) -> dict:
     prompts = load_prompts(engine, args)
     sp = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     reqs = [GenerationRequest(p, sp, EarlyExitParams(mode="none")) for p in prompts]
+    learned = bool(model.config.early_exit.exit_confidence_head)
     rows = {"full": [], **{str(e): [] for e in exits}, **{f"conf{e}": [] for e in exits}}
+    if learned:
+        rows.update({f"learned{e}": [] for e in exits})
     print(f"generating {len(reqs)} x {args.new_tokens} tokens with the full model",
           file=sys.stderr, flush=True)  # fmt: skip
     t0 = time.perf_counter()
@@ -117,6 +122,12 @@ def collect(args) -> dict:
                 conf, top = probs.max(dim=-1)
                 rows[str(e)] += top.tolist()
                 rows[f"conf{e}"] += conf.tolist()
+                if learned:  # the estimator on the exit's features, as the engine runs it
+                    st = out.exit_states[e]
+                    head = model.exit_heads.get(e)
+                    h = head.features(st.hidden, st.attention_mask, st.rotary_pos_emb)
+                    p = torch.sigmoid(head.confidence_logit(h).float())[gen, 0]
+                    rows[f"learned{e}"] += p.tolist()
     print("calibrating the cost model", file=sys.stderr, flush=True)
     cm = calibrate(engine)
     check = {
@@ -144,30 +155,37 @@ def analyse(data: dict, target: float, draft_vocab: int = 2048) -> dict:
 
     early = []
     subsets = [[e] for e in exits] + ([exits] if len(exits) > 1 else [])
-    for subset in subsets:
-        for thr in THRESHOLDS:
-            cost = same = fired = 0.0
-            for i in range(n):
-                heads = 0.0  # every exit up to the one that fires is evaluated
-                for e in subset:
-                    heads += head[e]
-                    if rows[f"conf{e}"][i] >= thr:
-                        cost += over + e + heads
-                        same += match[e][i]
-                        fired += 1
-                        break
-                else:
-                    cost += final + heads
-                    same += 1
-            early.append(
-                {
-                    "exits": subset,
-                    "threshold": thr,
-                    "coverage": fired / n,
-                    "agreement": same / n,
-                    "speedup_ceiling": final * n / cost,
-                }
-            )
+    metrics = {"max_prob": "conf"} | (
+        {"learned": "learned"} if f"learned{exits[0]}" in rows else {}
+    )
+    for metric, key in metrics.items():
+        # an exit that declines costs its whole head (max_prob) or its estimator (learned)
+        decline = {e: cm.exit_decline(e, metric == "learned") / unit for e in exits}
+        for subset in subsets:
+            for thr in THRESHOLDS:
+                cost = same = fired = 0.0
+                for i in range(n):
+                    heads = 0.0  # every exit up to the one that fires is evaluated
+                    for e in subset:
+                        if rows[f"{key}{e}"][i] >= thr:
+                            cost += over + e + heads + head[e]
+                            same += match[e][i]
+                            fired += 1
+                            break
+                        heads += decline[e]
+                    else:
+                        cost += final + heads
+                        same += 1
+                early.append(
+                    {
+                        "metric": metric,
+                        "exits": subset,
+                        "threshold": thr,
+                        "coverage": fired / n,
+                        "agreement": same / n,
+                        "speedup_ceiling": final * n / cost,
+                    }
+                )
     ok = [r for r in early if r["agreement"] >= target]
     best_early = max(ok, key=lambda r: r["speedup_ceiling"]) if ok else None
 
@@ -213,6 +231,7 @@ def analyse(data: dict, target: float, draft_vocab: int = 2048) -> dict:
             "layer": 1.0,
             "final_step": final,
             "exit_head": head,
+            "exit_estimator": {e: v / unit for e, v in cm.exit_estimator_ms.items()},
             "step_overhead": over,
             "layer_ms": unit,
         },  # fmt: skip
@@ -240,7 +259,13 @@ def write_md(path: str, meta: dict, res: dict) -> None:
         f"(measured on this machine, inference/cost_model.py), in units of one layer step "
         f"({u['layer_ms']:.3f} ms): an exit head = "
         + ", ".join(f"{v:.2f} (exit {e})" for e, v in u["exit_head"].items())
-        + f", a full step = {u['final_step']:.1f} (layers + LM head + step overhead "
+        + (
+            "; a declining exit with metric learned = "
+            + ", ".join(f"{v:.2f} (exit {e})" for e, v in u["exit_estimator"].items())
+            if u.get("exit_estimator")
+            else ""
+        )
+        + f"; a full step = {u['final_step']:.1f} (layers + LM head + step overhead "
         f"{u['step_overhead']:.1f}).",
         "",
         *_cost_lines(res),
@@ -260,12 +285,13 @@ def write_md(path: str, meta: dict, res: dict) -> None:
         "",
         "## Lossy early exit (kv_recompute, batch 1): agreement and speedup ceiling",
         "",
-        "| exits | threshold | coverage | agreement | speedup ceiling |",
-        "|---|---|---|---|---|",
+        "| metric | exits | threshold | coverage | agreement | speedup ceiling |",
+        "|---|---|---|---|---|---|",
     ]
     for r in res["early_exit"]:
         lines.append(
-            f"| {','.join(map(str, r['exits']))} | {r['threshold']:.2f} | {r['coverage']:.3f} "
+            f"| {r.get('metric', 'max_prob')} | {','.join(map(str, r['exits']))} "
+            f"| {r['threshold']:.2f} | {r['coverage']:.3f} "
             f"| {r['agreement']:.3f} | {r['speedup_ceiling']:.2f}x |"
         )
     b = res["best_early_exit_at_target"]
@@ -273,7 +299,8 @@ def write_md(path: str, meta: dict, res: dict) -> None:
         "",
         f"Best ceiling at >= {meta['target']:.0%} agreement: "
         + (
-            f"{b['speedup_ceiling']:.2f}x (exits {b['exits']}, threshold {b['threshold']})"
+            f"{b['speedup_ceiling']:.2f}x (metric {b.get('metric', 'max_prob')}, exits "
+            f"{b['exits']}, threshold {b['threshold']})"
             if b
             else "none reaches it"
         ),
@@ -316,7 +343,10 @@ def plot(path: str, res: dict) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     by_set: dict[str, list] = {}
     for r in res["early_exit"]:
-        by_set.setdefault(",".join(map(str, r["exits"])), []).append(r)
+        name = ",".join(map(str, r["exits"]))
+        if r.get("metric", "max_prob") != "max_prob":
+            name += f" ({r['metric']})"
+        by_set.setdefault(name, []).append(r)
     for name, rs in by_set.items():
         a.plot([r["coverage"] for r in rs], [r["agreement"] for r in rs], "o-", label=name)
     a.axhline(0.95, color="grey", ls=":")

@@ -191,11 +191,12 @@ def _agreement(ref, got) -> tuple[float, float]:
     return same / total, prefix / total
 
 
-def _predict_early_exit(cm, got, exits: list[int], L: int) -> float | None:
+def _predict_early_exit(cm, got, exits: list[int], L: int, learned: bool = False) -> float | None:
     """tokens/s the cost model predicts for batch-1 lossy early exit with these exit layers:
     each token runs layers 1..e and the exit heads up to e (all of them when it reaches
-    the LM head); the token after an early exit catches up: its predecessor's skipped
-    layers up to e run on 2 rows (kv_recompute.py). Prefill is not counted."""
+    the LM head; with metric `learned` a declining exit costs only its estimator); the
+    token after an early exit catches up: its predecessor's skipped layers up to e run on
+    2 rows (kv_recompute.py). Prefill is not counted."""
     if cm is None:
         return None
     ms = n = 0
@@ -203,7 +204,7 @@ def _predict_early_exit(cm, got, exits: list[int], L: int) -> float | None:
         prev = L
         for e in r.exit_layers:
             heads = [x for x in exits if x <= e and x < L]
-            ms += cm.early_exit_token(e, heads)
+            ms += cm.early_exit_token(e, heads, learned)
             if prev < e:
                 ms += (e - prev) * (cm.layer(2) - cm.layer(1))
             prev, n = e, n + 1
@@ -322,7 +323,9 @@ def worker(args) -> None:
                     None if cm is None else batch / cm.full_step(batch) * 1e3
                 )
             elif method == "kv_recompute" and batch == 1:
-                row["predicted_tokens_per_s"] = _predict_early_exit(cm, got, ee_exits, L)
+                row["predicted_tokens_per_s"] = _predict_early_exit(
+                    cm, got, ee_exits, L, learned=fields.get("metric") == "learned"
+                )
             elif method == "self_speculative":
                 row["predicted_tokens_per_s"] = _predict_speculative(
                     cm, got, fields["draft_exit_layer"], fields["draft_vocab_size"]

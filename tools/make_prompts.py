@@ -1,10 +1,13 @@
 """Turn a general-text corpus into a prompts JSONL file (fixed seed).
 
     python tools/make_prompts.py botchan --num 16 --seed 0 --out outputs/prompts/botchan.jsonl
+    python tools/make_prompts.py fortunes --num all --min-chars 1500 --out tune.jsonl
     python tools/make_prompts.py --list          # corpora and their split (tune/calibrate/measure)
 
 Each line: {"prompt", "corpus", "split", "source", "index"}; read by the benchmarks'
 --prompts-file/--prompt-field, tools/calibrate_exits.py and tools/generate.py --prompts-file.
+`--num all` writes every passage in a seeded order: tuning text for tools/preprocess_data.py
+--json-keys prompt (examples/ee_tuning/tune_smollm2_general.sh).
 Corpora and split: megatron/early_exit/data/text_prompts.py. Errors: one line, exit status 2.
 """
 
@@ -22,10 +25,19 @@ from megatron.early_exit.data.text_prompts import CORPORA, SPLIT, make_prompts  
 from megatron.early_exit.errors import UserError  # noqa: E402
 
 
+def _count(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or 'all', got {text!r}") from None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("corpus", nargs="?", choices=sorted(CORPORA))
-    p.add_argument("--num", type=int, default=16, help="prompts to draw")
+    p.add_argument("--num", type=_count, default=16, help="prompts to draw, or 'all'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-chars", type=int, default=400, help="characters per prompt at least")
     p.add_argument("--out", default=None, help="JSONL file (default: stdout)")

@@ -1040,11 +1040,10 @@ class RunConfig:
             "elsewhere (train it with PP=1; tensor and data parallelism work; inference with "
             "'learned' works at any PP)",
         )
-        t = self.training
         _require(
-            not (t.tune_exit_truncate_backbone or t.teacher_cache is not None),
+            not self.training.tune_exit_truncate_backbone,
             "--exit-confidence-head trains on the final layer's top-1 token; "
-            "--tune-exit-truncate-backbone and --teacher-cache run no final layer",
+            "--tune-exit-truncate-backbone runs no final layer (a --teacher-cache holds it)",
         )
 
     def _validate_exit_distillation(self) -> None:

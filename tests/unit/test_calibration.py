@@ -115,6 +115,24 @@ def test_text_split_does_not_overlap():
     assert {a for a, _ in files if a == "fortunes"} and CORPORA["fortunes"][0] != "fortunes-min"
 
 
+def test_make_prompts_all_is_every_passage_in_a_seeded_order(monkeypatch):
+    from megatron.early_exit.data import text_prompts
+    from megatron.early_exit.errors import ConfigError
+
+    pool = [{"text": f"passage {i}", "source": "f"} for i in range(20)]
+    monkeypatch.setattr(text_prompts, "passages", lambda *a, **k: pool)
+    rows = text_prompts.make_prompts("fortunes", None, seed=3)
+    order = [r["index"] for r in rows]
+    assert sorted(order) == list(range(20)) and order != list(range(20))
+    assert order == [r["index"] for r in text_prompts.make_prompts("fortunes", None, seed=3)]
+    assert order != [r["index"] for r in text_prompts.make_prompts("fortunes", None, seed=4)]
+    assert all(r["prompt"] == f"passage {r['index']}" and r["split"] == "tune" for r in rows)
+    picked = [r["index"] for r in text_prompts.make_prompts("fortunes", 5, seed=3)]
+    assert len(picked) == 5 and picked == sorted(picked)
+    with pytest.raises(ConfigError, match="has 20 passages; asked for 21"):
+        text_prompts.make_prompts("fortunes", 21)
+
+
 def _bench():
     path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks",
                         "inference_early_exit.py")  # fmt: skip

@@ -86,3 +86,25 @@ def test_measured_row_curve_and_overhead_enter_the_ceilings():
     assert spec(steep)["speedup_ceiling"] < spec(flat)["speedup_ceiling"]
     first = next(r for r in steep["early_exit"] if r["exits"] == [2] and r["threshold"] == 0.99)
     assert first["speedup_ceiling"] == pytest.approx(11 / (1 + 2 + 2.5))
+
+
+def test_learned_metric_prices_declining_exits_at_their_estimator():
+    """With confidence heads the analysis adds `learned` rows: a declining exit costs its
+    estimator (0.5 ms here), not its whole head (2.5 ms)."""
+    full = [1, 2, 3, 4]
+    rows = {"full": full, "2": [0] * 4, "4": full, "conf2": [0.3] * 4, "conf4": [0.5, 0.5, 0, 0],
+            "learned2": [0.1] * 4, "learned4": [0.9, 0.9, 0.9, 0.1]}  # fmt: skip
+    data = _data(rows)
+    data["cost_model"]["exit_estimator_ms"] = {"2": 0.5, "4": 0.5}
+    res = _bench().analyse(data, 0.95)
+
+    def row(metric, thr):
+        return next(r for r in res["early_exit"] if r["exits"] == [2, 4]
+                    and r["threshold"] == thr and r["metric"] == metric)  # fmt: skip
+
+    # max_prob at 0.5: as before, both heads priced whole (tokens 0,1 at exit 4: 4+2.5+2.5)
+    assert row("max_prob", 0.5)["speedup_ceiling"] == pytest.approx(40 / (2 * 9 + 2 * 15))
+    # learned at 0.5: tokens 0-2 fire at exit 4 (4 + 0.5 + 2.5), token 3 runs all (10 + 1)
+    got = row("learned", 0.5)
+    assert got["coverage"] == 0.75 and got["agreement"] == 1.0
+    assert got["speedup_ceiling"] == pytest.approx(40 / (3 * 7 + 11))

@@ -250,3 +250,27 @@ def test_ee_tuning_trains_the_estimators_next_to_the_exits(dist_world):
     for name, p in model.named_parameters():
         has = p.grad is not None and bool(p.grad.abs().sum() > 0)
         assert has == (id(p) in trainable), name  # exit norms and estimators, nothing else
+
+
+def test_cost_model_prices_a_declining_learned_exit_at_its_estimator(engine):
+    """calibrate() times each exit's estimator (features + confidence head, no projection);
+    `learned` prices a declining exit at that, max_prob at the whole head."""
+    from megatron.early_exit.inference.cost_model import calibrate
+
+    cm = calibrate(engine, rows=(1, 2), rounds=2, tokens=4)
+    exits = list(engine.limits.exit_layers)
+    assert set(cm.exit_estimator_ms) == set(exits) and all(
+        t > 0 for t in cm.exit_estimator_ms.values()
+    )
+    e, L = exits[0], engine.limits.num_layers
+    base = cm.step_overhead_ms + L * cm.layer(1) + cm.head(1)
+    assert cm.early_exit_token(L, exits) == pytest.approx(
+        base + sum(cm.exit_head(x) for x in exits)
+    )
+    assert cm.early_exit_token(L, exits, learned=True) == pytest.approx(
+        base + sum(cm.exit_estimator_ms[x] for x in exits)
+    )
+    # the exit that fires pays its whole head either way
+    assert cm.early_exit_token(e, [e], learned=True) == pytest.approx(
+        cm.step_overhead_ms + e * cm.layer(1) + cm.exit_head(e)
+    )

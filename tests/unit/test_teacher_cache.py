@@ -249,3 +249,43 @@ def test_flag_combinations_are_refused():
     run.exits.exit_distillation = True
     with pytest.raises(ConfigError, match="--tune-exit-truncate-backbone drops the final layer"):
         run.validate()
+
+
+def test_cache_trains_confidence_heads_like_the_uncached_run(dist_world, tmp_path):
+    """Confidence heads learn the final top-1; from the cache it is the top-k's first id."""
+    from megatron.early_exit.tuning.session import freeze_backbone, make_exit_tuning_loss_func
+    from megatron.early_exit.tuning.teacher_cache import (
+        TeacherCache,
+        cached_forward,
+        make_cached_loss_func,
+        write_cache,
+    )
+
+    run = _run(tune_exit=True, train_iters=1)
+    run.exits.exit_confidence_head = True
+    run.checkpoint.load = "unused"
+    run.validate()
+    model = _build(run)
+    freeze_backbone(model)
+    b = _batch()
+    with torch.no_grad():
+        out = model(b.tokens, b.position_ids, None)
+    for distill in (False, True):
+        ref, ref_metrics = _grads(
+            model, make_exit_tuning_loss_func(b, model, WEIGHTS, False, True, distill), out
+        )
+        cache = tmp_path / f"distill{distill}"
+        write_cache(str(cache), model, {"train": (_Data(b), BATCH)}, run, 8, "fp64", "t", repr)
+        cb = TeacherCache.open(str(cache), run).datasets(run, BATCH)[0].batch([0, 1])
+        loss = make_cached_loss_func(cb, model, WEIGHTS, False, exit_distillation=distill)
+        grads, metrics = _grads(model, loss, cached_forward(model, cb))
+        assert torch.equal(cb.topk_ids[..., 0].long(), out.output.argmax(-1))  # the target
+        for n in EXITS:
+            for key in (f"exit_conf_{n}", f"exit_agree_{n}"):
+                torch.testing.assert_close(metrics[key], ref_metrics[key], rtol=1e-12, atol=0)
+        names = [name for name, _ in model.exit_heads.named_parameters()]
+        assert any(".confidence." in name for name in names)
+        for name, g, r in zip(names, grads, ref, strict=True):
+            if distill and ".confidence." not in name:
+                continue  # top-8 of 256 is a sparse teacher: only the estimators must agree
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-9, msg=name)

@@ -91,14 +91,19 @@ def passages(corpus: str, min_chars: int = 400, cache: str | None = None) -> lis
 
 
 def make_prompts(
-    corpus: str, num: int, seed: int = 0, min_chars: int = 400, cache: str | None = None
+    corpus: str, num: int | None, seed: int = 0, min_chars: int = 400, cache: str | None = None
 ) -> list[dict]:
-    """``num`` passages drawn without replacement with ``random.Random(seed)``; each row
+    """``num`` passages drawn without replacement with ``random.Random(seed)``, in corpus
+    order; ``num=None``: every passage, in an order shuffled with the seed. Each row
     {"prompt", "corpus", "split", "source", "index"}."""
     pool = passages(corpus, min_chars, cache)
-    if num < 1 or num > len(pool):
+    if num is None:
+        picks = list(range(len(pool)))
+        random.Random(seed).shuffle(picks)
+    elif num < 1 or num > len(pool):
         raise ConfigError(f"corpus {corpus!r} has {len(pool)} passages; asked for {num}")
-    picks = sorted(random.Random(seed).sample(range(len(pool)), num))
+    else:
+        picks = sorted(random.Random(seed).sample(range(len(pool)), num))
     split = split_of(corpus)
     return [
         {"prompt": pool[i]["text"], "corpus": corpus, "split": split,

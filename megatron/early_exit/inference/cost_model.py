@@ -12,6 +12,8 @@ timed as called during decoding, at 1..8 rows:
   `layer - weights` is the per-call overhead the issue wants gone;
 - `head_ms[k]`: final norm + LM head on k rows (`final_logits`, as verification calls it);
 - `exit_head_ms[e]` / `exit_block_ms[e]`: exit e's head on one row and its exit block alone;
+- `exit_estimator_ms[e]`: with confidence heads, exit e's features and learned estimator on
+  one row, without the projection: what metric `learned` pays where the exit declines;
 - `step_overhead_ms`: what a decode step costs beyond its layers and head (embedding,
   sampling, bookkeeping), from the measured time per generated token.
 
@@ -40,6 +42,7 @@ class CostModel:
     exit_block_ms: dict[int, float]
     step_overhead_ms: float = 0.0
     threads: int = 1
+    exit_estimator_ms: dict[int, float] = dataclasses.field(default_factory=dict)
 
     # ---------------------------------------------------------------- curves
     @staticmethod
@@ -70,6 +73,13 @@ class CostModel:
             t -= self.head(1) * (1 - min(draft_vocab, self.vocab_size) / self.vocab_size)
         return t
 
+    def exit_decline(self, e: int, learned: bool = False) -> float:
+        """Exit e evaluated on one row without firing: its whole head, or with `learned`
+        (and a measured estimator) only the features and the estimator."""
+        if learned and e in self.exit_estimator_ms:
+            return self.exit_estimator_ms[e]
+        return self.exit_head(e)
+
     @staticmethod
     def fit(rows: list[int], ms: list[float]) -> tuple[float, float]:
         """Least squares ms = fixed + per_row * k."""
@@ -84,11 +94,14 @@ class CostModel:
         """One full-model decode step over `rows` rows (batch rows or a chunk)."""
         return self.step_overhead_ms + self.num_layers * self.layer(rows) + self.head(rows)
 
-    def early_exit_token(self, exit_layer: int, heads: list[int]) -> float:
+    def early_exit_token(self, exit_layer: int, heads: list[int], learned: bool = False) -> float:
         """A batch-1 token that leaves at `exit_layer` (== num_layers: the full model) after
-        evaluating the exit heads `heads`. KV catch-up is not counted."""
+        evaluating the exit heads `heads`; those that decline cost `exit_decline` (with
+        `learned`, no projection). KV catch-up is not counted."""
         t = self.step_overhead_ms + exit_layer * self.layer(1)
-        t += sum(self.exit_head(e) for e in heads)
+        t += sum(
+            self.exit_head(e) if e == exit_layer else self.exit_decline(e, learned) for e in heads
+        )
         return t + (self.head(1) if exit_layer >= self.num_layers else 0.0)
 
     def verification(self, e: int, k: int) -> float:
@@ -106,7 +119,7 @@ class CostModel:
     # ---------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for key in ("exit_head_ms", "exit_block_ms"):
+        for key in ("exit_head_ms", "exit_block_ms", "exit_estimator_ms"):
             d[key] = {str(e): v for e, v in d[key].items()}
         d["fits"] = {
             name: dict(zip(("fixed_ms", "per_row_ms"), self.fit(self.rows, getattr(self, name))))
@@ -118,7 +131,7 @@ class CostModel:
     def from_dict(cls, d: dict) -> CostModel:
         fields = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in fields}
-        for key in ("exit_head_ms", "exit_block_ms"):
+        for key in ("exit_head_ms", "exit_block_ms", "exit_estimator_ms"):
             d[key] = {int(e): float(v) for e, v in d.get(key, {}).items()}
         return cls(**d)
 
@@ -181,6 +194,10 @@ def calibrate(engine, rows=ROWS, rounds: int = 5, tokens: int = 16) -> CostModel
             fns[("exit", e)] = lambda e=e: st.exit_logits(e, one, last)
             if e in st.exit_caches:
                 fns[("block", e)] = lambda e=e: st.exit_block_fill(e, one)
+            if model.config.early_exit.exit_confidence_head:
+                fns[("estimator", e)] = lambda e=e: st.exit_confidence(
+                    e, st.exit_features(e, one, last)
+                )
         for fn in fns.values():
             fn()  # warm-up: first-call allocations
         ms = _median_ms(fns, rounds)
@@ -195,6 +212,7 @@ def calibrate(engine, rows=ROWS, rounds: int = 5, tokens: int = 16) -> CostModel
         exit_head_ms={e: ms[("exit", e)] for e in exits},
         exit_block_ms={e: ms.get(("block", e), 0.0) for e in exits},
         threads=torch.get_num_threads(),
+        exit_estimator_ms={e: ms[("estimator", e)] for e in exits if ("estimator", e) in ms},
     )
     cm.step_overhead_ms = max(0.0, overhead - L * cm.layer(1) - cm.head(1))
     return cm

@@ -253,13 +253,17 @@ def make_cached_loss_func(
     exit_distillation: bool = False,
 ):
     """The EE-Tuning loss from cached states: the same exit losses as the uncached run, with
-    the sparse top-k teacher under --exit-distillation (no frozen LM loss metric)."""
+    the sparse top-k teacher under --exit-distillation (no frozen LM loss metric). Confidence
+    heads learn the final layer's top-1, the cached top-k's first id (topk sorts)."""
 
     def loss_func(out: ExitForwardOutput):
         metrics: dict[str, torch.Tensor] = {}
         teacher = None
         if exit_distillation:
             teacher = cached_teacher(batch, model.vocab_size)
+        top1 = None
+        if model.config.early_exit.exit_confidence_head:
+            top1 = batch.topk_ids[..., 0].long()  # [b, s]
         total = add_weighted_exit_losses(
             None,
             model,
@@ -269,6 +273,7 @@ def make_cached_loss_func(
             dynamic_exit_weight,
             metrics,
             teacher_log_probs=teacher,
+            final_top1=top1,
         )
         return total, metrics
 
