@@ -151,6 +151,25 @@ def distillation_teachers(
     return (dense if k is None else top_k), (top_k if upstream else None)
 
 
+def final_stage_terms(
+    model: EarlyExitGPTModel,
+    output: torch.Tensor,
+    labels: torch.Tensor,
+    exit_distillation: bool,
+    box: TeacherBox,
+) -> tuple[torch.Tensor, torch.Tensor | TopKTeacher | None, torch.Tensor | None]:
+    """On the last stage, from the forward's output (the per-token LM loss, or the final
+    logits when the exits need them): the per-token LM loss [b, s], the exits' distillation
+    teacher (its upstream copy left in `box`) and the final top-1 for confidence heads."""
+    if not (model.config.early_exit.needs_final_logits or exit_distillation):
+        return output, None, None
+    per_token, dense, top1 = final_outputs(model, output, labels, exit_distillation)
+    teacher = None
+    if exit_distillation:
+        teacher, box.teacher = distillation_teachers(model, dense)
+    return per_token, teacher, top1
+
+
 def make_loss_func(
     batch: Batch,
     model: EarlyExitGPTModel,
@@ -177,13 +196,9 @@ def make_loss_func(
         metrics: dict[str, torch.Tensor] = {}
         mask = batch.loss_mask
         if model.post_process:
-            per_token = out.output
-            if model.config.early_exit.needs_final_logits or exit_distillation:
-                per_token, dense, top1 = final_outputs(
-                    model, out.output, batch.labels, exit_distillation
-                )
-                if exit_distillation:
-                    teacher, box.teacher = distillation_teachers(model, dense)
+            per_token, teacher, top1 = final_stage_terms(
+                model, out.output, batch.labels, exit_distillation, box
+            )
             lm = masked_mean(per_token, mask)
             metrics[lm_loss_key()] = lm.detach()
             total = lm

@@ -31,8 +31,7 @@ from megatron.early_exit.model import EarlyExitGPTModel, ExitForwardOutput, Exit
 from megatron.early_exit.pipeline.losses import (
     TeacherBox,
     add_weighted_exit_losses,
-    distillation_teachers,
-    final_outputs,
+    final_stage_terms,
     lm_loss_key,
     masked_mean,
 )
@@ -100,13 +99,9 @@ def make_exit_tuning_loss_func(
         metrics: dict[str, torch.Tensor] = {}
         teacher = top1 = None
         if has_lm_loss:
-            per_token = out.output.detach()
-            if model.config.early_exit.needs_final_logits or exit_distillation:
-                per_token, dense, top1 = final_outputs(
-                    model, per_token, batch.labels, exit_distillation
-                )
-                if exit_distillation:
-                    teacher, box.teacher = distillation_teachers(model, dense)
+            per_token, teacher, top1 = final_stage_terms(
+                model, out.output.detach(), batch.labels, exit_distillation, box
+            )
             metrics[lm_loss_key()] = masked_mean(per_token, mask)
         elif exit_distillation and out.exit_states:
             teacher = box.take()  # sent by the last stage (pipeline/teacher.py)
