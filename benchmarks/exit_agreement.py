@@ -122,11 +122,8 @@ def collect(args) -> dict:
                 conf, top = probs.max(dim=-1)
                 rows[str(e)] += top.tolist()
                 rows[f"conf{e}"] += conf.tolist()
-                if learned:  # the estimator on the exit's features, as the engine runs it
-                    st = out.exit_states[e]
-                    head = model.exit_heads.get(e)
-                    h = head.features(st.hidden, st.attention_mask, st.rotary_pos_emb)
-                    p = torch.sigmoid(head.confidence_logit(h).float())[gen, 0]
+                if learned:
+                    p = model.exit_confidence(e, out.exit_states[e])[gen, 0]
                     rows[f"learned{e}"] += p.tolist()
     print("calibrating the cost model", file=sys.stderr, flush=True)
     cm = calibrate(engine)

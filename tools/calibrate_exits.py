@@ -30,9 +30,13 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# metric -> confidence(model, layer, exit_state, logits [n, V]) -> [n]; the engine's metrics
-# by default. A metric that needs more than the logits (learned) registers its own here.
-CONFIDENCE: dict[str, Callable] = {}
+# metric -> confidence(model, layer, exit_state, positions) -> [n] at those positions, for
+# metrics that are not a function of the exit's logits (sampling.confidence computes those).
+CONFIDENCE: dict[str, Callable] = {
+    "learned": lambda model, layer, state, positions: model.exit_confidence(layer, state)[
+        positions, 0
+    ],
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +110,7 @@ def collect(engine, prompts: list[list[int]], new_tokens: int, metric: str) -> l
                 state = fwd.exit_states[e]
                 logits = model.exit_logits(e, state)[gen, 0].float()[:, :V]
                 if conf_fn is not None:
-                    conf = conf_fn(model, e, state, logits)
+                    conf = conf_fn(model, e, state, gen)
                 else:
                     conf = confidence(logits, metric)
                 match = logits.argmax(-1) == full
@@ -146,6 +150,13 @@ def run(args) -> dict:
         from megatron.early_exit.errors import ConfigError
 
         raise ConfigError(f"--load {args.load}: the checkpoint has no exits")
+    if args.metric == "learned" and not engine.model.config.early_exit.exit_confidence_head:
+        from megatron.early_exit.errors import ConfigError
+
+        raise ConfigError(
+            f"--metric learned: the exits of {args.load} have no confidence heads (add them "
+            "with tools/checkpoint/add_exits.py --exit-confidence-head and tune them)"
+        )
     prompts = [engine.tokenize(t)[: args.prompt_tokens] for t in texts]
     samples = collect(engine, prompts, args.new_tokens, args.metric)
     entries, sizes = calibrate(

@@ -274,3 +274,39 @@ def test_cost_model_prices_a_declining_learned_exit_at_its_estimator(engine):
     assert cm.early_exit_token(e, [e], learned=True) == pytest.approx(
         cm.step_overhead_ms + e * cm.layer(1) + cm.exit_head(e)
     )
+
+
+def test_calibration_sees_the_confidences_the_engine_decides_on(engine, monkeypatch):
+    """tools/calibrate_exits.py's "learned" confidences (one teacher-forced pass) equal the
+    estimates the engine computes token by token while decoding the same text."""
+    import importlib.util
+    import os
+
+    from megatron.early_exit.inference.stage import StageState
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "calibrate_exits.py")
+    spec = importlib.util.spec_from_file_location("calibrate_exits_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    seen: list[float] = []
+    real = StageState.exit_confidence
+
+    def spy(self, layer, h):
+        out = real(self, layer, h)
+        if layer == 1:  # the first exit is evaluated at every decode step
+            seen.extend(out.tolist())
+        return out
+
+    monkeypatch.setattr(StageState, "exit_confidence", spy)
+    prompt, n = PROMPTS[0], 10
+    got = engine.generate(
+        [_req(prompt, n, mode="early_exit", metric="learned", threshold=1.0 - 1e-9)]
+    )
+    monkeypatch.undo()
+    assert got[0].exit_layers == [4] * n  # nothing fired: the full model's tokens
+    sample = tool.collect(engine, [prompt], n, "learned")[0]
+    conf, match = sample[1]
+    assert len(conf) == n and len(seen) >= n - 1 and 0 < min(conf) < max(conf) < 1
+    # the engine evaluates exits on decode steps; the tool also sees the prefill position
+    torch.testing.assert_close(torch.tensor(seen[-(n - 1):]), torch.tensor(conf[1:]),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip

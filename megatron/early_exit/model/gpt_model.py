@@ -417,6 +417,14 @@ class EarlyExitGPTModel(GPTModel):
 
         return self._exit_head_call(head_and_loss, state.hidden)
 
+    def exit_confidence(self, layer_number: int, state: ExitState) -> torch.Tensor:
+        """The exit's learned estimate [s, b] (sigmoid of its confidence head on the exit's
+        features) that its top-1 equals the final layer's: metric "learned", as the
+        inference engine computes it one position at a time."""
+        head = self.exit_heads.get(layer_number)
+        h = head.features(state.hidden, state.attention_mask, state.rotary_pos_emb)
+        return torch.sigmoid(head.confidence_logit(h).float())
+
     def exit_confidence_loss(
         self, layer_number: int, state: ExitState, final_top1: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
