@@ -35,8 +35,9 @@ if [ ! -d "$GENERAL/with-exits" ]; then
   echo "no $GENERAL/with-exits: run examples/ee_tuning/tune_smollm2_general.sh first" >&2
   exit 2
 fi
+ARGS=$(ls "$GENERAL"/with-exits/iter_*/ee_args.json 2>/dev/null | tail -1)
 N_EXITS=$("$PY" -c "import json,sys; print(len(json.load(open(sys.argv[1]))['exit_layer_nums']))" \
-  "$GENERAL/with-exits/ee_args.json")
+  "${ARGS:?no ee_args.json under $GENERAL/with-exits}")
 WEIGHTS=$(for _ in $(seq "$N_EXITS"); do printf '%s ' "$EXIT_WEIGHT"; done)
 mkdir -p "$OUT"
 rm -rf "$DEST" "$OUT/metrics.jsonl"

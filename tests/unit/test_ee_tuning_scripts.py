@@ -122,7 +122,8 @@ def test_general_tune_script_from_another_directory(tmp_path):
 
 def test_layerskip_script_reads_the_general_recipe_outputs(tmp_path):
     caller = tmp_path / "elsewhere"
-    (caller / "g" / "with-exits").mkdir(parents=True)
+    (caller / "g" / "with-exits" / "iter_0000000").mkdir(parents=True)
+    (caller / "g" / "with-exits" / "iter_0000000" / "ee_args.json").write_text("{}")
     env = {"GENERAL": "g", "DEST": "ls", "OUT": "lo", "ITERS": "5", "RATE": "0.2"}
     calls = _calls(tmp_path, "layerskip_smollm2.sh", env)
     train = next(argv for _, argv in calls if "pretrain_early_exit_gpt.py" in argv)
