@@ -12,14 +12,8 @@
 set -euo pipefail
 # Runs from any directory: relative paths given in OUT/HF/OURS (and a PY with a slash) are
 # taken from where the script is called; the defaults live under the repository's outputs/.
-CALLER=$PWD
-from_caller() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$CALLER" "$1" ;; esac; }
-for v in OUT HF OURS; do
-  if [ -n "${!v:-}" ]; then printf -v "$v" '%s' "$(from_caller "${!v}")"; fi
-done
-if [[ "${PY:-}" == */* ]]; then PY=$(from_caller "$PY"); fi
-cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
+# shellcheck source=examples/ee_tuning/caller_paths.sh
+source "$(dirname "$0")/caller_paths.sh" OUT HF OURS
 OUT=${OUT:-outputs/smollm2}
 HF=${HF:-$OUT/hf}
 OURS=${OURS:-$OUT/ours}

@@ -13,14 +13,8 @@
 # Budget on 2 idle CPU cores: ~25 s per iteration of 4 x 256 tokens (the whole model's
 #   backward), ~13 min at ITERS=30.
 set -euo pipefail
-CALLER=$PWD
-from_caller() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$CALLER" "$1" ;; esac; }
-for v in GENERAL DEST OUT; do
-  if [ -n "${!v:-}" ]; then printf -v "$v" '%s' "$(from_caller "${!v}")"; fi
-done
-if [[ "${PY:-}" == */* ]]; then PY=$(from_caller "$PY"); fi
-cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
+# shellcheck source=examples/ee_tuning/caller_paths.sh
+source "$(dirname "$0")/caller_paths.sh" GENERAL DEST OUT
 GENERAL=${GENERAL:-outputs/ee_tuning_general}
 DEST=${DEST:-outputs/smollm2/layerskip}
 OUT=${OUT:-outputs/layerskip}

@@ -20,14 +20,8 @@
 set -euo pipefail
 # Runs from any directory: relative paths given in SRC/DEST/OUT (and a PY with a slash) are
 # taken from where the script is called; the defaults live under the repository's outputs/.
-CALLER=$PWD
-from_caller() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$CALLER" "$1" ;; esac; }
-for v in SRC DEST OUT; do
-  if [ -n "${!v:-}" ]; then printf -v "$v" '%s' "$(from_caller "${!v}")"; fi
-done
-if [[ "${PY:-}" == */* ]]; then PY=$(from_caller "$PY"); fi
-cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
+# shellcheck source=examples/ee_tuning/caller_paths.sh
+source "$(dirname "$0")/caller_paths.sh" SRC DEST OUT
 SRC=${SRC:-outputs/smollm2/ours}  # convert_smollm2.sh writes it there
 DEST=${DEST:-outputs/smollm2/ee-tuned}
 OUT=${OUT:-outputs/ee_tuning}

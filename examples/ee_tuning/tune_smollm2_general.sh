@@ -22,14 +22,8 @@
 # Budget on 2 idle CPU cores at ITERS=200: cache ~8 min (~480 tokens/s), tuning ~35 min
 #   (~95 tokens/s: the three heads' 49k-word projections, forward and backward), calibration ~3 min.
 set -euo pipefail
-CALLER=$PWD
-from_caller() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$CALLER" "$1" ;; esac; }
-for v in SRC DEST OUT; do
-  if [ -n "${!v:-}" ]; then printf -v "$v" '%s' "$(from_caller "${!v}")"; fi
-done
-if [[ "${PY:-}" == */* ]]; then PY=$(from_caller "$PY"); fi
-cd "$(dirname "$0")/../.."
-PY=${PY:-.venv/bin/python}
+# shellcheck source=examples/ee_tuning/caller_paths.sh
+source "$(dirname "$0")/caller_paths.sh" SRC DEST OUT
 SRC=${SRC:-outputs/smollm2/ours}
 DEST=${DEST:-outputs/smollm2/ee-general}
 OUT=${OUT:-outputs/ee_tuning_general}
