@@ -310,3 +310,51 @@ def test_calibration_sees_the_confidences_the_engine_decides_on(engine, monkeypa
     # the engine evaluates exits on decode steps; the tool also sees the prefill position
     torch.testing.assert_close(torch.tensor(seen[-(n - 1):]), torch.tensor(conf[1:]),
                                rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_confidence_loss_reuses_the_exit_losss_forward(dist_world, monkeypatch, distill):
+    """The confidence BCE takes the features and top-1 the exit's own loss computed: the
+    same BCE, targets and gradients as recomputing them, with one projection per exit."""
+    from megatron.early_exit.model.exit_head import ExitHead
+    from megatron.early_exit.pipeline.losses import make_loss_func
+
+    model = _train_model()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():  # exits that sometimes agree with the final layer
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    batch = _batch()
+    calls = []
+    real_project, real_conf = ExitHead.project, model.exit_confidence_loss
+
+    def spy(self, *args, **kwargs):
+        calls.append(1)
+        return real_project(self, *args, **kwargs)
+
+    def run(reuse: bool):
+        with monkeypatch.context() as m:
+            m.setattr(ExitHead, "project", spy)
+            if not reuse:  # ignore what the exit loss captured: recompute features and top-1
+                m.setattr(
+                    model,
+                    "exit_confidence_loss",
+                    lambda layer, state, top1, captured=None: real_conf(layer, state, top1),
+                )
+            model.zero_grad(set_to_none=True)
+            calls.clear()
+            out = model(batch.tokens, batch.position_ids, None)
+            loss, metrics = make_loss_func(batch, model, {1: 1.0, 2: 1.0}, False, distill)(out)
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return len(calls), metrics, grads
+
+    n_reuse, m_reuse, g_reuse = run(True)
+    n_again, m_again, g_again = run(False)
+    assert n_reuse == 2 and n_again == 4  # two exits: one projection each, or two
+    assert 0 < float(m_reuse["exit_agree_1"]) < 1 or 0 < float(m_reuse["exit_agree_2"]) < 1
+    for k in m_again:
+        torch.testing.assert_close(m_reuse[k], m_again[k], rtol=0, atol=0)
+    assert g_reuse.keys() == g_again.keys()
+    for n in g_again:
+        torch.testing.assert_close(g_reuse[n], g_again[n], rtol=0, atol=0)

@@ -350,27 +350,35 @@ class EarlyExitGPTModel(GPTModel):
             self._capture = None
 
     # ----------------------------------------------------------------- exit outputs
-    def exit_logits(self, layer_number: int, state: ExitState) -> torch.Tensor:
-        """Vocab-parallel logits [s, b, V/tp] of the exit at `layer_number`."""
+    def exit_logits(
+        self, layer_number: int, state: ExitState, capture: dict | None = None
+    ) -> torch.Tensor:
+        """Vocab-parallel logits [s, b, V/tp] of the exit at `layer_number`; `capture` (if
+        given) receives the head's detached features under "features"."""
         head = self.exit_heads.get(layer_number)
-        return head(
-            state.hidden,
-            attention_mask=state.attention_mask,
-            rotary_pos_emb=state.rotary_pos_emb,
-            output_weight=self._tied_exit_weight_in_forward() if head.tied else None,
-        )
+        h = head.features(state.hidden, state.attention_mask, state.rotary_pos_emb)
+        if capture is not None:
+            capture["features"] = h.detach()
+        return head.project(h, self._tied_exit_weight_in_forward() if head.tied else None)
 
     def exit_loss(
-        self, layer_number: int, state: ExitState, labels: torch.Tensor, with_max_prob: bool = False
+        self,
+        layer_number: int,
+        state: ExitState,
+        labels: torch.Tensor,
+        with_max_prob: bool = False,
+        capture: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-token cross entropy [b, s] and, if asked, the exit's detached max probability."""
+        """Per-token cross entropy [b, s] and, if asked, the exit's detached max probability.
+        `capture`: see `_capture_exit`."""
 
         def head_and_loss(hidden):
-            logits = self.exit_logits(layer_number, replace(state, hidden=hidden))
+            logits = self.exit_logits(layer_number, replace(state, hidden=hidden), capture)
             max_prob = None
-            if with_max_prob:
-                with torch.no_grad():  # before the loss: megatron's vocab-parallel CE is in place
+            with torch.no_grad():  # before the loss: megatron's vocab-parallel CE is in place
+                if with_max_prob:
                     max_prob = vocab_parallel_max_prob(logits.float()).transpose(0, 1)
+                _capture_exit(capture, logits)
             return self.compute_language_model_loss(labels, logits), max_prob
 
         return self._exit_head_call(head_and_loss, state.hidden)
@@ -390,6 +398,7 @@ class EarlyExitGPTModel(GPTModel):
         labels: torch.Tensor,
         teacher_log_probs: torch.Tensor,
         with_max_prob: bool = False,
+        capture: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Per-token KL(teacher || exit) [b, s] (differentiable), the exit's cross entropy with
         `labels` [b, s] (detached, a metric) and, if asked, its detached max probability.
@@ -400,11 +409,12 @@ class EarlyExitGPTModel(GPTModel):
         """
 
         def head_and_loss(hidden):
-            logits = self.exit_logits(layer_number, replace(state, hidden=hidden))
+            logits = self.exit_logits(layer_number, replace(state, hidden=hidden), capture)
             max_prob = None
             with torch.no_grad():
                 if with_max_prob:
                     max_prob = vocab_parallel_max_prob(logits.float()).transpose(0, 1)
+                _capture_exit(capture, logits)
             if isinstance(teacher_log_probs, TopKTeacher):
                 kl = vocab_parallel_top_k_kl(logits, teacher_log_probs).transpose(0, 1)
             else:
@@ -426,19 +436,27 @@ class EarlyExitGPTModel(GPTModel):
         return torch.sigmoid(head.confidence_logit(h).float())
 
     def exit_confidence_loss(
-        self, layer_number: int, state: ExitState, final_top1: torch.Tensor
+        self,
+        layer_number: int,
+        state: ExitState,
+        final_top1: torch.Tensor,
+        captured: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token BCE [b, s] of the exit's confidence head and its target [b, s] (1.0 where
         the exit's top-1 equals `final_top1` [b, s], the final layer's top-1 ids).
 
-        The exit head runs without autograd and the target is detached: this loss reaches
-        the confidence head only, never the backbone or the exit's own layers/projection.
-        (It costs one more exit forward per exit; the estimator itself is cheap.)"""
+        The features and the exit's top-1 are detached: this loss reaches the confidence head
+        only, never the backbone or the exit's own layers/projection. They come from
+        `captured` (what the exit's own loss recorded, `_capture_exit`), else from one more
+        exit forward without autograd."""
         head = self.exit_heads.get(layer_number)
         with torch.no_grad():
-            h = head.features(state.hidden.detach(), state.attention_mask, state.rotary_pos_emb)
-            weight = self._tied_exit_weight_in_forward() if head.tied else None
-            exit_top1 = vocab_parallel_argmax(head.project(h, weight))  # [s, b]
+            if captured and "top1" in captured:
+                h, exit_top1 = captured["features"], captured["top1"]
+            else:
+                h = head.features(state.hidden.detach(), state.attention_mask, state.rotary_pos_emb)
+                weight = self._tied_exit_weight_in_forward() if head.tied else None
+                exit_top1 = vocab_parallel_argmax(head.project(h, weight))  # [s, b]
             if self.config.sequence_parallel:
                 # h holds this rank's s/tp positions; every TP rank scores all positions, so
                 # the head's grads are the same full sums on each (no TP all-reduce needed).
@@ -447,6 +465,14 @@ class EarlyExitGPTModel(GPTModel):
         logit = head.confidence_logit(h.detach()).float()  # [s, b]
         bce = torch.nn.functional.binary_cross_entropy_with_logits(logit, target, reduction="none")
         return bce.transpose(0, 1), target.transpose(0, 1)
+
+
+def _capture_exit(capture: dict | None, logits: torch.Tensor) -> None:
+    """An exit loss records its top-1 ids [s, b] next to its features (exit_logits), so a
+    confidence head learns from them without running the exit again. Call it before
+    megatron's cross entropy, which works in place on the logits."""
+    if capture is not None:
+        capture["top1"] = vocab_parallel_argmax(logits.detach())
 
 
 @torch.no_grad()

@@ -247,15 +247,21 @@ def add_weighted_exit_losses(
     """
     mask = batch.loss_mask
     for layer, state in sorted(exit_states.items()):
+        captured = {} if final_top1 is not None else None  # the exit's features and top-1
         if teacher_log_probs is None:
             per_token, max_prob = model.exit_loss(
-                layer, state, batch.labels, with_max_prob=dynamic_exit_weight
+                layer, state, batch.labels, with_max_prob=dynamic_exit_weight, capture=captured
             )
             loss = masked_mean(per_token, mask)
             metrics[exit_loss_key(layer)] = loss.detach()
         else:
             per_token, ce, max_prob = model.exit_distillation_loss(
-                layer, state, batch.labels, teacher_log_probs, with_max_prob=dynamic_exit_weight
+                layer,
+                state,
+                batch.labels,
+                teacher_log_probs,
+                with_max_prob=dynamic_exit_weight,
+                capture=captured,
             )
             loss = masked_mean(per_token, mask)
             metrics[exit_loss_key(layer)] = masked_mean(ce, mask)
@@ -264,7 +270,7 @@ def add_weighted_exit_losses(
         term = exit_weights[layer] * weighted
         total = term if total is None else total + term
         if final_top1 is not None:
-            bce, agree = model.exit_confidence_loss(layer, state, final_top1)
+            bce, agree = model.exit_confidence_loss(layer, state, final_top1, captured)
             conf = masked_mean(bce, mask)
             metrics[exit_confidence_key(layer)] = conf.detach()
             metrics[exit_agreement_key(layer)] = masked_mean(agree, mask)
