@@ -116,7 +116,8 @@ class MegatronRequest(BaseModel):
         gt=0.0,
         le=1.0,
         description="with use_early_exit: the checkpoint's per-exit thresholds calibrated "
-        "for this token agreement (metric max_prob) instead of early_exit_thres",
+        "for this token agreement and early_exit_metric (default max_prob) instead of "
+        "early_exit_thres",
     )
     print_max_prob: bool = Field(
         False, description="return per-token exit layer and confidence (EE-LLM printed them)"
