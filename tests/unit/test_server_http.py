@@ -290,7 +290,10 @@ def test_stream_is_sent_while_generating(server):
         resp = conn.getresponse()
         assert resp.status == 200
         first = resp.readline().decode()  # (chunked transfer: through the decoder)
-        assert engine.paused.is_set() and not engine.gate.is_set()  # engine still blocked
+        # The engine blocks right after handing over its first token, which may reach the
+        # client a moment before it pauses: wait for the pause; the gate stays shut, so the
+        # rest of the generation has not run.
+        assert engine.paused.wait(10) and not engine.gate.is_set()
         assert first.startswith("data: ")
         chunk = json.loads(first[6:])["choices"][0]
         assert chunk["text"] and ref["text"].startswith(chunk["text"])
