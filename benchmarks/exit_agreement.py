@@ -156,22 +156,24 @@ def analyse(data: dict, target: float, draft_vocab: int = 2048) -> dict:
         {"learned": "learned"} if f"learned{exits[0]}" in rows else {}
     )
     for metric, key in metrics.items():
-        # an exit that declines costs its whole head (max_prob) or its estimator (learned)
-        decline = {e: cm.exit_decline(e, metric == "learned") / unit for e in exits}
+        learned = metric == "learned"  # a declining exit costs its estimator, not its head
         for subset in subsets:
+            # a token's cost by where it leaves (the cost model's formula): every exit up
+            # to that one is evaluated; leaving at L evaluates them all
+            leave = {e: cm.early_exit_token(e, subset[: j + 1], learned) / unit
+                     for j, e in enumerate(subset)}  # fmt: skip
+            stay = cm.early_exit_token(cm.num_layers, subset, learned) / unit
             for thr in THRESHOLDS:
                 cost = same = fired = 0.0
                 for i in range(n):
-                    heads = 0.0  # every exit up to the one that fires is evaluated
                     for e in subset:
                         if rows[f"{key}{e}"][i] >= thr:
-                            cost += over + e + heads + head[e]
+                            cost += leave[e]
                             same += match[e][i]
                             fired += 1
                             break
-                        heads += decline[e]
                     else:
-                        cost += final + heads
+                        cost += stay
                         same += 1
                 early.append(
                     {
