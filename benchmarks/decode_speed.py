@@ -5,8 +5,10 @@
 
 Same weights (SmolLM2-135M by default: our checkpoint and its HF folder), prompts from
 botchan.txt (sentencepiece's test text, not the Shakespeare used for tuning), 64 new
-tokens, EOS ignored. For each thread count the variants (ours eager, ours compiled with
---compile, transformers, and transformers again as a control) are timed in alternation,
+tokens, EOS ignored. For each thread count the variants (ours eager; at more than one
+thread also ours eager with the decode layers on every thread instead of
+--inference-decode-threads 1; ours compiled with --compile; transformers, and
+transformers again as a control) are timed in alternation,
 round by round, in a rotating order, so that a load change on the shared machine hits
 every variant; a ratio is taken per round and we report the median with a bootstrap 90%
 interval. The control row (transformers / transformers) shows the noise floor. A layer
@@ -44,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="also time --inference-compile inductor")
     add_results_args(p, HERE)
     return p
+
+
+# Our eager step with the layers of decode steps on every torch thread instead of
+# --inference-decode-threads (default 1): what that setting buys at 2 threads.
+ALL_THREADS = "ours eager, layers on all threads"
 
 
 def uptime() -> str:
@@ -185,7 +192,7 @@ def run(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from megatron.early_exit.inference import layers
+    from megatron.early_exit.inference import layers, projection
     from megatron.early_exit.inference.api import (
         EarlyExitParams,
         GenerationRequest,
@@ -200,12 +207,17 @@ def run(args) -> dict:
     reqs = [GenerationRequest(p, sp, EarlyExitParams()) for p in prompts]
     n_tok = args.new_tokens * len(prompts)
 
-    def ours(mode):
+    decode_threads = projection.get_decode_threads()
+
+    def ours(mode, all_threads: bool = False):
         def fn():
             layers.set_compile_mode(mode)
-            out = [r.token_ids for p in reqs for r in engine.generate([p])]
-            layers.set_compile_mode("none")
-            return out
+            projection.set_decode_threads(0 if all_threads else decode_threads)
+            try:
+                return [r.token_ids for p in reqs for r in engine.generate([p])]
+            finally:
+                layers.set_compile_mode("none")
+                projection.set_decode_threads(decode_threads)
 
         return fn
 
@@ -219,7 +231,7 @@ def run(args) -> dict:
                 out.append(ids[0, len(p) :].tolist())
         return out
 
-    variants = {"ours eager": ours("none")}
+    variants = {"ours eager": ours("none"), ALL_THREADS: ours("none", all_threads=True)}
     compile_s = None
     if args.compile:
         t0 = time.perf_counter()
@@ -235,9 +247,9 @@ def run(args) -> dict:
     rows, micro, floors = [], [], []
     for threads in args.threads:
         torch.set_num_threads(threads)
-        tokens = {name: fn() for name, fn in variants.items()}  # warm-up, and the tokens
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        names = list(variants)
+        names = [n for n in variants if threads > 1 or n != ALL_THREADS]  # same at 1 thread
+        tokens = {name: variants[name]() for name in names}  # warm-up, and the tokens
+        times: dict[str, list[float]] = {name: [] for name in names}
         for r in range(args.rounds):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 t0 = time.perf_counter()

@@ -707,6 +707,18 @@ class InferenceConfig:
         help="do not keep column-major copies of wide CPU weights (LM/exit heads, QKV, "
         "gate-up) for 1-3-row products: saves their memory, decodes slower on MKL CPUs",
     )
+    inference_decode_threads: int = flag(
+        1,
+        help="CPU threads for the layers of a decode step of at most 8 rows (prefill and "
+        "the heads keep torch's thread count): a token's layer products are too small to "
+        "split across threads; 0 keeps torch's thread count everywhere",
+    )
+
+    def validate(self) -> None:
+        _require(
+            self.inference_decode_threads >= 0,
+            f"--inference-decode-threads must be >= 0, got {self.inference_decode_threads}",
+        )
 
 
 @dataclass
@@ -935,6 +947,7 @@ class RunConfig:
         self.fill.validate(self)
         self.overlap.validate(self)
         self.layer_dropout.validate()
+        self.inference.validate()
         _require(
             not (self.layer_dropout.enabled and self.training.tune_exit),
             "--layer-dropout-rate trains the backbone; --tune-exit freezes it",

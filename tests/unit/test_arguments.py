@@ -59,6 +59,7 @@ EXPECTED_FLAGS = [
     "--hidden-dropout",
     "--hidden-size",
     "--inference-compile",
+    "--inference-decode-threads",
     "--init-method-std",
     "--initial-loss-scale",
     "--kv-channels",

@@ -27,6 +27,12 @@ def _with_base(*extra: str) -> list[str]:
 # (id, argv, world_size, substrings the message must contain)
 CASES = [
     (
+        "negative-decode-threads",
+        _with_base("--inference-decode-threads", "-1"),
+        1,
+        ["--inference-decode-threads must be >= 0", "-1"],
+    ),
+    (
         "exit-layer-0",
         _with_base("--exit-layer-nums", "0"),
         1,

@@ -112,3 +112,43 @@ def test_cost_model_calibrates_on_tiny_engine(engine):
     assert set(cm.exit_head_ms) == set(engine.limits.exit_layers) == set(cm.exit_block_ms)
     assert all(cm.exit_block_ms[e] > 0 for e in cm.exit_block_ms)  # llama: exit blocks
     assert cm.step_overhead_ms >= 0 and cm.full_step(1) > cm.layer(1)
+
+
+def test_decode_steps_run_their_layers_with_the_decode_thread_count(engine, monkeypatch):
+    """At 2 torch threads the layers of a decode step (<= 8 rows) run on
+    `--inference-decode-threads` threads and the count is restored after every step;
+    prefill chunks and 0 (off) keep torch's count. Tokens do not change."""
+    from megatron.early_exit.inference import stage
+    from tests.unit.test_inference import PROMPTS, _req
+
+    seen = []  # (rows, threads) of every layer call
+    layer_forward = stage.layer_forward
+
+    def recording(layer, h, *args):
+        seen.append((h.shape[0] * h.shape[1], torch.get_num_threads()))
+        return layer_forward(layer, h, *args)
+
+    def run(threads):
+        seen.clear()
+        projection.set_decode_threads(threads)
+        out = [r.token_ids for r in engine.generate([_req(p, 6) for p in PROMPTS])]
+        assert torch.get_num_threads() == 2  # restored
+        return out, sorted(set(seen))
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(stage, "layer_forward", recording)
+    torch.set_num_threads(2)
+    try:
+        ref, unchanged = run(0)
+        tokens, counted = run(1)
+    finally:
+        projection.set_decode_threads(1)
+        torch.set_num_threads(before)
+    assert tokens == ref
+    assert {t for _, t in unchanged} == {2}
+    prefill = max(PROMPTS, key=len)
+    assert len(prefill) > projection.MAX_THIN_ROWS  # the prompt's chunk keeps both threads
+    assert {t for r, t in counted if r <= projection.MAX_THIN_ROWS} == {1}
+    assert {t for r, t in counted if r > projection.MAX_THIN_ROWS} == {2}
+    with pytest.raises(ValueError, match="decode threads must be >= 0"):
+        projection.set_decode_threads(-1)

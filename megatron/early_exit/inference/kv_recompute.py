@@ -66,20 +66,29 @@ class KVRecompute(Decoder):
                 flat = pipe.recv((n, st.hbuf.shape[-1]), st.dtype, pipe.stage - 1)
                 st.put_flat(running, starts, ends, flat)
         exits = set(st.exits) if ee.mode == "early_exit" else set()
-        for layer in layers:
-            if not running:
-                break
+        k = 0
+        while k < len(layers) and running:
+            layer = layers[k]
             if self.pre_exit and layer in exits:
                 running = self._kv_exit(st, seqs, running, layer, layer - 1, ee, decided)
                 if not running:
                     break
-            chunk = st.chunk(
-                running, [seqs[i].cache_len[layer] for i in running],
-                [seqs[i].pos for i in running],
-            )  # fmt: skip
-            st.run_layer(layer, chunk)
-            if not self.pre_exit and layer in exits:
-                running = self._kv_exit(st, seqs, running, layer, layer, ee, decided)
+            starts = [seqs[i].cache_len[layer] for i in running]
+            ends = [seqs[i].pos for i in running]
+            # The following layers join this run while they take the same chunk and no exit
+            # decides in between: one gather/scatter of the hidden state for the whole run.
+            last = k
+            while (
+                last + 1 < len(layers)
+                and not (self.pre_exit and layers[last + 1] in exits)
+                and not (not self.pre_exit and layers[last] in exits)
+                and [seqs[i].cache_len[layers[last + 1]] for i in running] == starts
+            ):
+                last += 1
+            st.run_layers(layer, layers[last], st.chunk(running, starts, ends))
+            if not self.pre_exit and layers[last] in exits:
+                running = self._kv_exit(st, seqs, running, layers[last], layers[last], ee, decided)
+            k = last + 1
         if st.last:
             if running:
                 logits = st.final_logits(running, [seqs[i].pos for i in running])

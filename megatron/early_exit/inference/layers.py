@@ -353,11 +353,11 @@ def _attn_part(
     n, b = hidden.shape[0], hidden.shape[1]
     g, d, per = c.groups, c.head_dim, c.heads // c.groups
     x = _norm(c, hidden, w.ln1_w, w.ln1_b, c.eps1)
-    mixed = project(x, w.qkv_w, w.qkv_b, w.qkv_t).view(n, b, g, (per + 2) * d)
-    q, k, v = mixed.split([per * d, d, d], dim=3)
-    q = q.reshape(n, b, c.heads, d)
-    if cos is not None:
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    mixed = project(x, w.qkv_w, w.qkv_b, w.qkv_t).view(n, b, g, per + 2, d)
+    qk, v = mixed[:, :, :, : per + 1], mixed[:, :, :, per + 1]  # a group's heads, then K, V
+    if cos is not None:  # one RoPE call for the queries and keys of every group
+        qk = _rope(qk, cos.unsqueeze(2), sin.unsqueeze(2))
+    q, k = qk[:, :, :, :per].reshape(n, b, c.heads, d), qk[:, :, :, per]
     if w_rows is None:  # [n, b, g, d] -> [b * n, g, d] in (b, j) order
         k_new, v_new = k.transpose(0, 1).reshape(-1, g, d), v.transpose(0, 1).reshape(-1, g, d)
     else:

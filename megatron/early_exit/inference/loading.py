@@ -17,7 +17,10 @@ def build_engine(run, platform=None) -> InferenceEngine:
     from megatron.early_exit.config import build_transformer_config
     from megatron.early_exit.data.tokenizers import build_tokenizer
     from megatron.early_exit.inference.layers import set_compile_mode
-    from megatron.early_exit.inference.projection import set_column_major_copies
+    from megatron.early_exit.inference.projection import (
+        set_column_major_copies,
+        set_decode_threads,
+    )
     from megatron.early_exit.model.build import build_stage_model, init_model_parallel, unwrap
     from megatron.early_exit.model.specs import transformer_engine_usable
     from megatron.early_exit.platform import init_platform
@@ -25,6 +28,7 @@ def build_engine(run, platform=None) -> InferenceEngine:
     platform = platform or init_platform()
     set_compile_mode(run.inference.inference_compile)
     set_column_major_copies(run.inference.inference_column_major_copies)
+    set_decode_threads(run.inference.inference_decode_threads)
     tokenizer = build_tokenizer(run.data.tokenizer_config())
     run.resolve_vocab(tokenizer.vocab_size)
     run.parallel.sequence_parallel = False  # decode chunks are tiny; SP buys nothing here

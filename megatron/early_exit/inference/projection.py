@@ -17,11 +17,19 @@ W stored [out, in] falls short of that in two ways:
   rows: at 3 rows the padded W @ x^T is faster.
 All kernels compute the same dot products: fp32 results within 1e-5 of F.linear.
 
+Threads: a token's layer products (1-8 rows times weights of 1-7 MB) are too small to split
+across threads. At 2 threads MKL's synchronisation costs more than the second core's share
+of the memory bandwidth gains: decoding SmolLM2 with the layers single-threaded is 1.2x
+faster (benchmarks/results/decode_speed.md). `decode_threads` runs such steps with
+`--inference-decode-threads` threads; prefill and the large heads keep torch's setting.
+
 The rule is fixed rather than calibrated at load: a calibration on a shared CPU picks by
 noise, and a fixed rule gives the same kernel, hence the same logits, on every run.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +43,7 @@ THIN_PAD = {3: 4, 7: 8}  # row counts W @ x^T computes padded (measured slow sha
 MIN_COLUMN_NUMEL = 1 << 18  # below 256k elements the copy saves too little to keep
 
 _copies_enabled = True
+_decode_threads = 1  # threads for decode steps of <= MAX_THIN_ROWS rows; 0: torch's setting
 # weight -> (its _version and data_ptr when copied, the [in, out] copy). A weight changed in
 # place (a checkpoint loaded into the same model) gets a new copy on its next use.
 _COPIES = WeakIdKeyDictionary()
@@ -46,6 +55,34 @@ def set_column_major_copies(enabled: bool) -> None:
     _copies_enabled = enabled
     if not enabled:
         _COPIES.clear()
+
+
+def set_decode_threads(threads: int) -> None:
+    """CPU threads for the layers of decode steps of at most MAX_THIN_ROWS rows (0: keep
+    torch's thread count)."""
+    global _decode_threads
+    if threads < 0:
+        raise ValueError(f"decode threads must be >= 0, got {threads}")
+    _decode_threads = threads
+
+
+def get_decode_threads() -> int:
+    return _decode_threads
+
+
+@contextmanager
+def decode_threads(rows: int, device: torch.device):
+    """Run a step of `rows` rows on `device` with the decode thread count, if it is below
+    torch's current one (the count is restored afterwards)."""
+    have = torch.get_num_threads()
+    if not (0 < _decode_threads < have and rows <= MAX_THIN_ROWS and device.type == "cpu"):
+        yield
+        return
+    torch.set_num_threads(_decode_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(have)
 
 
 def column_major(weight: torch.Tensor) -> torch.Tensor | None:

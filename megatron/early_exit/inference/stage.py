@@ -14,7 +14,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
 from megatron.early_exit.inference.layers import Chunk, KVCache, layer_forward, new_cache
-from megatron.early_exit.inference.projection import project
+from megatron.early_exit.inference.projection import decode_threads, project
 from megatron.early_exit.inference.sampling import confidence
 
 
@@ -130,11 +130,17 @@ class StageState:
         self.scatter(chunk, emb)
 
     def run_layer(self, layer_number: int, chunk: Chunk) -> None:
-        idx = layer_number - 1 - self.offset
-        out = layer_forward(
-            self.layers[idx], self.gather(chunk), chunk, self.caches[idx], self.freqs
-        )
-        self.scatter(chunk, out)
+        self.run_layers(layer_number, layer_number, chunk)
+
+    def run_layers(self, first: int, last: int, chunk: Chunk) -> None:
+        """Layers first..last (global numbers) on the same chunk: the hidden state goes from
+        layer to layer and is stored in hbuf once (a valid row's output depends only on its
+        input and the KV cache, so this equals run_layer per layer)."""
+        h = self.gather(chunk)
+        with decode_threads(h.shape[0] * h.shape[1], self.device):
+            for idx in range(first - 1 - self.offset, last - self.offset):
+                h = layer_forward(self.layers[idx], h, chunk, self.caches[idx], self.freqs)
+        self.scatter(chunk, h)
 
     def _full_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """[n, V/tp] vocab-parallel -> [n, V_real] float on every TP rank."""
