@@ -93,7 +93,7 @@ def layer_micro(
     import torch
 
     from megatron.early_exit.inference.layers import lean_layer_forward, lean_plan, new_cache
-    from megatron.early_exit.inference.projection import project
+    from megatron.early_exit.inference.projection import decode_threads, project
     from megatron.early_exit.inference.stage import StageState, make_chunk
 
     torch.set_num_threads(threads)
@@ -124,7 +124,7 @@ def layer_micro(
             project(y[..., : w.fc2_w.shape[1]], w.fc2_w)
 
     res = {"step": [], "weights": []}
-    with torch.no_grad():
+    with torch.no_grad(), decode_threads(1, st.device):  # as the engine runs a decode step
         step(), weights()
         for _ in range(reps):
             for name, fn in (("step", step), ("weights", weights)):
@@ -306,7 +306,8 @@ def write_md(path: str, res: dict) -> None:
     lines += ["", "## A layer's decode step vs its weight products alone", "",
               "Per layer. One layer: a middle layer called repeatedly (its weights stay in "
               "cache). All layers: every layer in turn, as decoding runs them (weights stream "
-              "from memory).", "",
+              "from memory). Both on --inference-decode-threads threads, as the engine runs "
+              "a decode step's layers (at 2 torch threads too).", "",
               "| threads | layers | context | step us | weight products us | ratio (median, "
               "90% CI) |", "|---|---|---|---|---|---|"]  # fmt: skip
     for x in res["layer"]:
