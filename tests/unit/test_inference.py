@@ -653,10 +653,17 @@ def test_compile_failure_falls_back_to_eager_with_one_log_line(engine, monkeypat
 
 
 @pytest.mark.slow
-def test_compiled_step_equals_eager_step(engine):
-    """The torch.compile'd step (inductor) gives the eager step's tokens and logprobs (fp32,
-    1e-5) in every mode, batched with mixed prompt lengths. Slow: compiling takes a minute."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_compiled_step_equals_eager_step(engine, dtype):
+    """The torch.compile'd step (inductor) computes the eager step's function: in float64
+    the same tokens and logprobs to 1e-12 in every mode, batched with mixed prompt lengths;
+    in float32 the same tokens. fp32 logprobs are not compared to a fixed tolerance: the
+    fused kernels order the arithmetic differently (measured up to 2.6e-5 on the Llama-style
+    model). Slow: compiling takes a minute."""
     from megatron.early_exit.inference import layers
+
+    if dtype == torch.float64:
+        engine.model.double()
 
     def modes():
         out = _all_modes(engine)
@@ -665,16 +672,20 @@ def test_compiled_step_equals_eager_step(engine):
                 r.sampling.logprobs = True
         return out
 
-    want = [engine.generate(reqs) for reqs in modes()]
-    layers.set_compile_mode("inductor")
     try:
-        got = [engine.generate(reqs) for reqs in modes()]
-        assert layers._STEPS.failed is None
+        want = [engine.generate(reqs) for reqs in modes()]
+        layers.set_compile_mode("inductor")
+        try:
+            got = [engine.generate(reqs) for reqs in modes()]
+            assert layers._STEPS.failed is None
+        finally:
+            layers.set_compile_mode("none")
     finally:
-        layers.set_compile_mode("none")
+        engine.model.float()
     for a, b in zip(want, got):
         assert [r.token_ids for r in a] == [r.token_ids for r in b]
-        for ra, rb in zip(a, b):
-            torch.testing.assert_close(
-                torch.tensor(ra.logprobs), torch.tensor(rb.logprobs), atol=1e-5, rtol=0
-            )
+        if dtype == torch.float64:
+            for ra, rb in zip(a, b):
+                torch.testing.assert_close(
+                    torch.tensor(ra.logprobs), torch.tensor(rb.logprobs), atol=1e-12, rtol=0
+                )
