@@ -66,6 +66,9 @@ class KVRecompute(Decoder):
                 flat = pipe.recv((n, st.hbuf.shape[-1]), st.dtype, pipe.stage - 1)
                 st.put_flat(running, starts, ends, flat)
         exits = set(st.exits) if ee.mode == "early_exit" else set()
+        # layers after which an exit decides (the exit's own layer, or the one before it
+        # with pre_exit): a run of layers sharing one gather/scatter ends there
+        decide_after = {e - 1 if self.pre_exit else e for e in exits}
         k = 0
         while k < len(layers) and running:
             layer = layers[k]
@@ -80,8 +83,7 @@ class KVRecompute(Decoder):
             last = k
             while (
                 last + 1 < len(layers)
-                and not (self.pre_exit and layers[last + 1] in exits)
-                and not (not self.pre_exit and layers[last] in exits)
+                and layers[last] not in decide_after
                 and [seqs[i].cache_len[layers[last + 1]] for i in running] == starts
             ):
                 last += 1
