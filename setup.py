@@ -8,6 +8,8 @@ setup(
     description="Early-exit LLMs on megatron-core: 3D-parallel training and fast inference",
     python_requires=">=3.10",
     packages=find_namespace_packages(include=["megatron.early_exit", "megatron.early_exit.*"]),
+    # the C rows kernel is compiled from source on first use (inference/rows_kernel.py)
+    package_data={"megatron.early_exit.inference": ["csrc/*.c"]},
     install_requires=[
         "megatron-core==0.16.1",
         "torch>=2.4",

@@ -7,7 +7,8 @@ Same weights (SmolLM2-135M by default: our checkpoint and its HF folder), prompt
 botchan.txt (sentencepiece's test text, not the Shakespeare used for tuning), 64 new
 tokens, EOS ignored. For each thread count the variants (ours eager; at more than one
 thread also ours eager with the decode layers on every thread instead of
---inference-decode-threads 1; ours compiled with --compile; transformers, and
+--inference-decode-threads 1; ours eager with --no-inference-rows-kernel, which shows what
+the C kernel for 1-5-row products buys; ours compiled with --compile; transformers, and
 transformers again as a control) are timed in alternation,
 round by round, in a rotating order, so that a load change on the shared machine hits
 every variant; a ratio is taken per round and we report the median with a bootstrap 90%
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Our eager step with the layers of decode steps on every torch thread instead of
 # --inference-decode-threads (default 1): what that setting buys at 2 threads.
 ALL_THREADS = "ours eager, layers on all threads"
+TORCH_KERNELS = "ours eager, torch kernels only"  # --no-inference-rows-kernel
 
 
 def uptime() -> str:
@@ -143,11 +145,14 @@ def layer_micro(
 def bandwidth_floor(engine, reqs, hf_ms_per_prompt: float, new_tokens: int) -> dict:
     """What batch-1 decoding cannot beat on this machine: every token reads the decoder's
     weights and the LM head once, so a token costs at least their bytes / memory bandwidth
-    (timed as the median of 7 one-row products with a column-major buffer of that size, the
-    kernel our decode uses for wide weights, at the current thread count). With our
+    (timed as the median of 7 one-row products with a buffer of that size, the faster of
+    torch's column-major read and projection.project, which takes the C rows kernel on one
+    thread, at the current thread count). With our
     measured prefill (1 new token), the ceiling vs transformers is its time per prompt over
     prefill + new_tokens x floor."""
     import torch
+
+    from megatron.early_exit.inference.projection import project
 
     model = engine.model
     params = list(model.decoder.parameters())
@@ -158,14 +163,17 @@ def bandwidth_floor(engine, reqs, hf_ms_per_prompt: float, new_tokens: int) -> d
     )
     nbytes = sum(p.numel() * p.element_size() for p in params) + head.numel() * head.element_size()
     hidden = model.config.hidden_size
-    buf = torch.ones(hidden, nbytes // 4 // hidden)  # column-major: the fastest 1-row read
+    buf = torch.ones(nbytes // 4 // hidden, hidden)
+    buf_t = buf.t().contiguous()  # column-major: torch's fastest 1-row read
     x = torch.ones(1, hidden)
-    reads = []
+    reads: dict[str, list[float]] = {"torch": [], "kernel": []}
     for _ in range(7):
-        t0 = time.perf_counter()
-        torch.matmul(x, buf)
-        reads.append(time.perf_counter() - t0)
-    floor_ms = 1000 * statistics.median(reads)
+        for name, read in (("torch", lambda: torch.matmul(x, buf_t)),
+                           ("kernel", lambda: project(x, buf))):  # fmt: skip
+            t0 = time.perf_counter()
+            read()
+            reads[name].append(time.perf_counter() - t0)
+    floor_ms = 1000 * min(statistics.median(r) for r in reads.values())
     one = [_with_new_tokens(r, 1) for r in reqs]
     pre = []
     for _ in range(3):
@@ -192,7 +200,7 @@ def run(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from megatron.early_exit.inference import layers, projection
+    from megatron.early_exit.inference import layers, projection, rows_kernel
     from megatron.early_exit.inference.api import (
         EarlyExitParams,
         GenerationRequest,
@@ -209,15 +217,17 @@ def run(args) -> dict:
 
     decode_threads = projection.get_decode_threads()
 
-    def ours(mode, all_threads: bool = False):
+    def ours(mode, all_threads: bool = False, kernel: bool = True):
         def fn():
             layers.set_compile_mode(mode)
             projection.set_decode_threads(0 if all_threads else decode_threads)
+            rows_kernel.set_rows_kernel(kernel)
             try:
                 return [r.token_ids for p in reqs for r in engine.generate([p])]
             finally:
                 layers.set_compile_mode("none")
                 projection.set_decode_threads(decode_threads)
+                rows_kernel.set_rows_kernel(True)
 
         return fn
 
@@ -231,7 +241,11 @@ def run(args) -> dict:
                 out.append(ids[0, len(p) :].tolist())
         return out
 
-    variants = {"ours eager": ours("none"), ALL_THREADS: ours("none", all_threads=True)}
+    variants = {
+        "ours eager": ours("none"),
+        TORCH_KERNELS: ours("none", kernel=False),
+        ALL_THREADS: ours("none", all_threads=True),
+    }
     compile_s = None
     if args.compile:
         t0 = time.perf_counter()

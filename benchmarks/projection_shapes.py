@@ -1,5 +1,6 @@
 """Projection shapes on this CPU: 1-8 row curves of the LM head and layer matmuls, before and
-after the row-count kernel choice (inference/projection.py), and what self-speculative
+after the row-count kernel choice (inference/projection.py, with the C rows kernel on one
+thread), and what self-speculative
 verification of k drafts costs against one decode step.
 
     python benchmarks/projection_shapes.py [--load CKPT] [--threads 1 2] [--out DIR |
@@ -104,7 +105,7 @@ def row_curves(threads: int, rounds: int, max_rows: int) -> dict:
 def verification(args, threads: int) -> dict:
     import torch
 
-    from megatron.early_exit.inference import projection
+    from megatron.early_exit.inference import projection, rows_kernel
     from megatron.early_exit.inference.cost_model import calibrate
     from megatron.early_exit.inference.loading import engine_from_args
     from megatron.early_exit.inference.stage import StageState
@@ -150,6 +151,7 @@ def verification(args, threads: int) -> dict:
         for _ in range(args.rounds):
             for v in ("before", "after"):
                 projection.MIN_THIN_NUMEL = keep if v == "after" else float("inf")
+                rows_kernel.set_rows_kernel(v == "after")
                 try:
                     for key, fn in fns.items():
                         t0 = time.perf_counter()
@@ -157,6 +159,7 @@ def verification(args, threads: int) -> dict:
                         t[(v, key)].append((time.perf_counter() - t0) * 1e3)
                 finally:
                     projection.MIN_THIN_NUMEL = keep
+                    rows_kernel.set_rows_kernel(True)
     res = {"exits": exits, "num_layers": L, "cost_model": cm.to_dict(), "rows": []}
     for e in exits:
         for k in range(1, K + 1):
@@ -186,9 +189,12 @@ def write_md(path: str, meta: dict, res: dict) -> None:
         "",
         f"Load during the run: {meta['uptime_before']} / {meta['uptime_after']} "
         f"(`uptime`; the machine is shared). {meta['rounds']} rounds, variants timed in "
-        "alternation; each figure is the median of per-round values. before = F.linear, "
-        "after = projection.project (column-major copies for 1-3 rows of wide weights, "
-        "W @ x^T for 2-8 rows, on weights >= 256k elements).",
+        "alternation; each figure is the median of per-round values. Row curves: before = "
+        "F.linear. Verification: before = F.linear and the column-major copies, without "
+        "W @ x^T or the C rows kernel. after = projection.project (on one thread, 1-5 rows "
+        "take the C rows kernel; otherwise column-major copies for 1-3 rows of wide weights, "
+        "W @ x^T for 2-8 rows, on weights >= 256k elements). The layers of a decode step or "
+        "verification run on one thread (--inference-decode-threads 1), the heads on all.",
     ]
     load = _load(meta["uptime_after"])
     if load is not None and load > 2 * (os.cpu_count() or 1):

@@ -707,6 +707,12 @@ class InferenceConfig:
         help="do not keep column-major copies of wide CPU weights (LM/exit heads, QKV, "
         "gate-up) for 1-3-row products: saves their memory, decodes slower on MKL CPUs",
     )
+    inference_rows_kernel: bool = flag(
+        True,
+        name="--no-inference-rows-kernel",
+        help="do not use the C kernel (compiled on first use with $CC or cc) for 1-5-row "
+        "fp32 CPU products on one thread; torch's kernels compute them instead, slower",
+    )
     inference_decode_threads: int = flag(
         1,
         help="CPU threads for the layers of a decode step of at most 8 rows (prefill and "

@@ -84,6 +84,7 @@ EXPECTED_FLAGS = [
     "--mock-data",
     "--no-batch-p2p-comm",
     "--no-inference-column-major-copies",
+    "--no-inference-rows-kernel",
     "--no-load-optim",
     "--no-load-rng",
     "--norm-epsilon",

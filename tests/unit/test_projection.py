@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron.early_exit.inference import projection
+from megatron.early_exit.inference import projection, rows_kernel
 from tests.single_process import tp1pp1_world
 
 pytestmark = pytest.mark.unit
@@ -81,6 +81,7 @@ def test_engine_heads_through_thin_path_equal_linear(engine, monkeypatch):
         return [engine.generate([_req(p, 8, **ee) for p in PROMPTS]) for ee in modes]
 
     ref = run()
+    monkeypatch.setattr(rows_kernel, "_enabled", False)  # the layers' 1-5-row products too
     monkeypatch.setattr(projection, "MIN_THIN_NUMEL", 0)
     monkeypatch.setattr(projection, "MIN_COLUMN_NUMEL", 0)
     copied = []
@@ -98,6 +99,41 @@ def test_engine_heads_through_thin_path_equal_linear(engine, monkeypatch):
     assert any(calls), "the thin path was not taken"
     assert any(c is not None for c in copied), "no column-major copy was used"
     for a_mode, b_mode in zip(ref, thin):
+        for a, b in zip(a_mode, b_mode):
+            assert a.token_ids == b.token_ids and a.exit_layers == b.exit_layers
+
+
+def test_engine_through_the_rows_kernel_equals_torch_kernels(engine, monkeypatch):
+    """On one thread every 1-5-row product (layers, heads, exits, drafts, 4-row
+    verification) goes to the C kernel: the same tokens and exits as torch's kernels."""
+    from tests.unit.test_inference import PROMPTS, _req
+
+    modes = [
+        {},
+        {"mode": "early_exit", "threshold": 0.6},
+        {"mode": "self_speculative", "draft_exit_layer": 2, "draft_length": 3},
+    ]
+
+    def run():
+        return [engine.generate([_req(p, 8, **ee) for p in PROMPTS]) for ee in modes]
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows_kernel.set_rows_kernel(False)
+        ref = run()
+        rows_kernel.set_rows_kernel(True)
+        calls = []
+        matmul = rows_kernel.rows_matmul
+        monkeypatch.setattr(
+            rows_kernel, "rows_matmul", lambda h, *a: calls.append(h.shape) or matmul(h, *a)
+        )
+        got = run()
+    finally:
+        rows_kernel.set_rows_kernel(True)
+        torch.set_num_threads(before)
+    assert {s.numel() // s[-1] for s in calls} >= {1, 4}  # decode rows and a verification
+    for a_mode, b_mode in zip(ref, got):
         for a, b in zip(a_mode, b_mode):
             assert a.token_ids == b.token_ids and a.exit_layers == b.exit_layers
 

@@ -21,6 +21,7 @@ def build_engine(run, platform=None) -> InferenceEngine:
         set_column_major_copies,
         set_decode_threads,
     )
+    from megatron.early_exit.inference.rows_kernel import set_rows_kernel
     from megatron.early_exit.model.build import build_stage_model, init_model_parallel, unwrap
     from megatron.early_exit.model.specs import transformer_engine_usable
     from megatron.early_exit.platform import init_platform
@@ -29,6 +30,7 @@ def build_engine(run, platform=None) -> InferenceEngine:
     set_compile_mode(run.inference.inference_compile)
     set_column_major_copies(run.inference.inference_column_major_copies)
     set_decode_threads(run.inference.inference_decode_threads)
+    set_rows_kernel(run.inference.inference_rows_kernel)
     tokenizer = build_tokenizer(run.data.tokenizer_config())
     run.resolve_vocab(tokenizer.vocab_size)
     run.parallel.sequence_parallel = False  # decode chunks are tiny; SP buys nothing here

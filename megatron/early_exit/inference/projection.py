@@ -15,6 +15,9 @@ W stored [out, in] falls short of that in two ways:
   keeps 4-8 rows near one weight read; 3 and 7 rows are slow shapes for it too, so they are
   padded to 4 and 8. On such large weights (the heads) the column-major copy takes only 1-2
   rows: at 3 rows the padded W @ x^T is faster.
+On one thread, 1-5 fp32 rows go to a small C kernel instead (rows_kernel.py), which streams
+the weight at the memory bandwidth for every one of those row counts; the rules above serve
+where it does not apply (more threads or rows, other dtypes, no C compiler, compiled steps).
 All kernels compute the same dot products: fp32 results within 1e-5 of F.linear.
 
 Threads: a token's layer products (1-8 rows times weights of 1-7 MB) are too small to split
@@ -34,6 +37,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
+
+from megatron.early_exit.inference import rows_kernel
 
 MAX_THIN_ROWS = 8  # up to this many rows use W @ x^T; prefill-sized chunks keep F.linear
 MIN_THIN_NUMEL = 1 << 18  # below 256k elements (1 MB fp32) F.linear is as fast
@@ -127,6 +132,10 @@ def project(
     `column`: the weight's column-major copy if the caller has it (a compiled step, which
     cannot look it up), else `column_major(weight)` is used."""
     rows = h.numel() // max(1, h.shape[-1])
+    if rows_kernel.applies(rows, h, weight, bias):
+        out = rows_kernel.rows_matmul(h, weight, bias)
+        if out is not None:
+            return out
     thin = thin_rows(rows, weight)
     if rows <= (MAX_COLUMN_ROWS_THIN if thin else MAX_COLUMN_ROWS):
         wt = column if column is not None else column_major(weight)

@@ -1,0 +1,150 @@
+"""The C kernel for products of 1-5 fp32 rows with a CPU weight (csrc/rows_gemv.c).
+
+Decoding multiplies one row per sequence, or the k+1 rows a verification checks, by each
+weight. Such a product is a stream over the weight: its floor is one read of the weight at
+the memory bandwidth. Torch's kernels reach about half of it on these shapes; the C kernel,
+which walks the weight once with the rows held in L1, reaches it
+(benchmarks/projection_shapes.py). It is single-threaded, so `projection.project` uses it
+only where the product runs on one thread: the layers of a decode step
+(--inference-decode-threads 1, the default), and everything when torch has one thread.
+
+It is compiled on first use with the system C compiler ($CC, else `cc`; under a second)
+into the cache folder ($EE_CACHE/kernels), keyed by the source, the flags and the CPU, and
+checked against F.linear once per process. Without a compiler, or if the build or the check
+fails, one warning says why and torch's kernels are used: the same products, a little slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+MAX_KERNEL_ROWS = 5  # 1-5 rows: a decode step, or verifying k <= 4 drafts
+SOURCE = Path(__file__).with_name("csrc") / "rows_gemv.c"
+_BUILD_TIMEOUT_S = 120
+
+_enabled = True
+_fn = None  # the loaded C function; False once it proved unavailable in this process
+
+
+def set_rows_kernel(enabled: bool) -> None:
+    """Whether 1-5-row CPU products may use the C kernel (--no-inference-rows-kernel)."""
+    global _enabled
+    _enabled = enabled
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-shared", "-fPIC", "-std=c11", "-fopenmp-simd"]
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if x86 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]  # every CPU torch runs its AVX2 kernels on has both
+    return flags
+
+
+def _build(cache: Path) -> Path:
+    """Compile the kernel unless a library built from the same source and flags exists."""
+    cc = os.environ.get("CC") or "cc"
+    flags = _flags()
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:16]
+    lib = cache / f"rows_gemv-{platform.machine()}-{key}.so"
+    if lib.exists():
+        return lib
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")  # renamed: concurrent builds are safe
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [cc, *flags, str(SOURCE), "-o", tmp],
+            capture_output=True,
+            text=True,
+            timeout=_BUILD_TIMEOUT_S,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def _load():
+    from megatron.early_exit.assets import cache_root
+
+    lib = ctypes.CDLL(str(_build(cache_root() / "kernels")))
+    fn = lib.rows_gemv
+    fn.restype = None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64]
+    # a miscompiled kernel must not decode: check every row count, with and without bias
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(37, 53, generator=g), torch.randn(37, generator=g)
+    for rows in range(1, MAX_KERNEL_ROWS + 1):
+        x = torch.randn(rows, 53, generator=g)
+        for bias in (None, b):
+            got = _call(fn, x, w, bias)
+            if not torch.allclose(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5):
+                raise RuntimeError(f"the built kernel disagrees with F.linear at {rows} rows")
+    return fn
+
+
+def kernel():
+    """The C function, compiled and loaded on first use; None if disabled or unavailable."""
+    global _fn
+    if not _enabled:
+        return None
+    if _fn is None:
+        try:
+            _fn = _load()
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            log.warning("rows kernel unavailable (%s); 1-5-row CPU products use torch's kernels", e)
+            _fn = False
+    return _fn or None
+
+
+def _call(fn, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    rows, k = x.shape
+    y = x.new_empty(rows, weight.shape[0])
+    fn(x.data_ptr(), x.stride(0), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+       y.data_ptr(), rows, weight.shape[0], k)  # fmt: skip
+    return y
+
+
+def applies(rows: int, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `rows_matmul` computes this product (cheap checks first: this runs per call)."""
+    return (
+        _enabled
+        and _fn is not False
+        and rows <= MAX_KERNEL_ROWS
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and h.dtype == torch.float32
+        and weight.dim() == 2
+        and weight.is_contiguous()
+        and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+        and torch.get_num_threads() == 1
+        and not (torch.is_grad_enabled() and (weight.requires_grad or h.requires_grad))
+        and not torch.compiler.is_compiling()
+    )
+
+
+def rows_matmul(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """F.linear(h, weight, bias) by the C kernel, or None if it is unavailable."""
+    fn = kernel()
+    if fn is None:
+        return None
+    x = h.reshape(-1, h.shape[-1])
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return _call(fn, x, weight, bias).view(*h.shape[:-1], weight.shape[0])

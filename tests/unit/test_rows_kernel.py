@@ -1,0 +1,100 @@
+"""The C kernel for 1-5-row fp32 products (inference/rows_kernel.py): equal to F.linear,
+taken only where a product runs on one thread, and a clean fallback (one warning, torch's
+kernels) when it cannot be built or disagrees with F.linear."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron.early_exit.inference import projection, rows_kernel
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch, tmp_path):
+    """A process that has not loaded the kernel yet, with an empty cache folder."""
+    monkeypatch.setattr(rows_kernel, "_fn", None)
+    monkeypatch.setenv("EE_CACHE", str(tmp_path))
+    yield tmp_path
+
+
+@pytest.mark.parametrize("k", [53, 576, 1536])  # a ragged tail, SmolLM2's hidden and fc2
+@pytest.mark.parametrize("bias", [False, True])
+def test_kernel_equals_linear(k, bias, one_thread):
+    assert rows_kernel.kernel() is not None, "the rows kernel did not build on this machine"
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(300, k, generator=g) / k**0.5
+    b = torch.randn(300, generator=g) if bias else None
+    for rows in range(1, rows_kernel.MAX_KERNEL_ROWS + 1):
+        wide = torch.randn(rows, 2 * k, generator=g)
+        for h in (wide[:, :k], wide[:, :k].reshape(1, rows, k).contiguous()):  # strided rows too
+            assert rows_kernel.applies(rows, h, w, b)
+            out = rows_kernel.rows_matmul(h, w, b)
+            assert out.shape == (*h.shape[:-1], 300)
+            torch.testing.assert_close(out, F.linear(h, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_project_takes_the_kernel_only_where_a_product_runs_on_one_thread(one_thread):
+    w = torch.randn(64, 32)
+    h = torch.randn(2, 32)
+    assert rows_kernel.applies(2, h, w, None)
+    assert not rows_kernel.applies(rows_kernel.MAX_KERNEL_ROWS + 1, h, w, None)
+    assert not rows_kernel.applies(2, h.double(), w.double(), None)
+    assert not rows_kernel.applies(2, h, w.t(), None)  # a non-contiguous weight
+    w_grad = w.clone().requires_grad_()
+    assert not rows_kernel.applies(2, h, w_grad, None)  # autograd keeps torch's kernels
+    with torch.no_grad():
+        assert rows_kernel.applies(2, h, w_grad, None)
+    torch.set_num_threads(2)
+    assert not rows_kernel.applies(2, h, w, None)  # single-threaded: not where torch has 2
+    rows_kernel.set_rows_kernel(False)
+    try:
+        torch.set_num_threads(1)
+        assert not rows_kernel.applies(2, h, w, None)  # --no-inference-rows-kernel
+    finally:
+        rows_kernel.set_rows_kernel(True)
+
+
+def test_without_a_compiler_one_warning_and_torch_kernels(fresh_kernel, monkeypatch, caplog,
+                                                          one_thread):  # fmt: skip
+    monkeypatch.setenv("CC", str(fresh_kernel / "no-such-compiler"))
+    w, h = torch.randn(40, 16), torch.randn(3, 16)
+    with caplog.at_level(logging.WARNING, logger=rows_kernel.__name__):
+        first = projection.project(h, w)
+        second = projection.project(h, w)
+    warnings = [r for r in caplog.records if r.name == rows_kernel.__name__]
+    assert len(warnings) == 1 and "rows kernel unavailable" in warnings[0].getMessage()
+    assert "no-such-compiler" in warnings[0].getMessage()
+    assert not rows_kernel.applies(3, h, w, None)  # not tried again in this process
+    torch.testing.assert_close(first, F.linear(h, w))
+    torch.testing.assert_close(second, F.linear(h, w))
+
+
+def test_a_kernel_that_disagrees_with_linear_is_not_used(fresh_kernel, monkeypatch, caplog,
+                                                         one_thread):  # fmt: skip
+    call = rows_kernel._call
+    monkeypatch.setattr(rows_kernel, "_call", lambda *a: call(*a) + 1e-3)  # a miscompiled kernel
+    with caplog.at_level(logging.WARNING, logger=rows_kernel.__name__):
+        assert rows_kernel.kernel() is None
+    assert "disagrees with F.linear" in caplog.text
+    assert list(fresh_kernel.glob("kernels/rows_gemv-*.so"))  # built and cached, just not used
+
+
+def test_a_built_kernel_is_reused_from_the_cache(fresh_kernel, monkeypatch, one_thread):
+    assert rows_kernel.kernel() is not None
+    (lib,) = fresh_kernel.glob("kernels/rows_gemv-*.so")
+    stamp = lib.stat().st_mtime_ns
+    monkeypatch.setattr(rows_kernel, "_fn", None)  # a new process
+    monkeypatch.setattr(rows_kernel.subprocess, "run", None)  # a build would raise TypeError
+    assert rows_kernel.kernel() is not None and lib.stat().st_mtime_ns == stamp
