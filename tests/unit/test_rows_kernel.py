@@ -45,7 +45,28 @@ def test_kernel_equals_linear(k, bias, one_thread):
             torch.testing.assert_close(out, F.linear(h, w, b), rtol=1e-5, atol=1e-5)
 
 
-def test_project_takes_the_kernel_only_where_a_product_runs_on_one_thread(one_thread):
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_product_split_across_threads_equals_linear(bias, monkeypatch):
+    """Heads (>= SPLIT_MIN_NUMEL) are split by output rows across torch's threads, also into
+    uneven slices; here every weight is, at 2 and 3 threads."""
+    monkeypatch.setattr(rows_kernel, "SPLIT_MIN_NUMEL", 0)
+    before = torch.get_num_threads()
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(301, 64, generator=g)
+    b = torch.randn(301, generator=g) if bias else None
+    try:
+        for threads in (2, 3):
+            torch.set_num_threads(threads)
+            for rows in (1, 4):
+                h = torch.randn(rows, 64, generator=g)
+                assert rows_kernel.applies(rows, h, w, b)
+                out = rows_kernel.rows_matmul(h, w, b)
+                torch.testing.assert_close(out, F.linear(h, w, b), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_project_takes_the_kernel_where_it_applies(one_thread):
     w = torch.randn(64, 32)
     h = torch.randn(2, 32)
     assert rows_kernel.applies(2, h, w, None)
@@ -57,7 +78,9 @@ def test_project_takes_the_kernel_only_where_a_product_runs_on_one_thread(one_th
     with torch.no_grad():
         assert rows_kernel.applies(2, h, w_grad, None)
     torch.set_num_threads(2)
-    assert not rows_kernel.applies(2, h, w, None)  # single-threaded: not where torch has 2
+    assert not rows_kernel.applies(2, h, w, None)  # a layer's product on 2 threads: torch's
+    head = torch.empty(rows_kernel.SPLIT_MIN_NUMEL // 64, 64)
+    assert rows_kernel.applies(2, h, head, None)  # a head: split across the 2 threads
     rows_kernel.set_rows_kernel(False)
     try:
         torch.set_num_threads(1)

@@ -4,9 +4,10 @@ Decoding multiplies one row per sequence, or the k+1 rows a verification checks,
 weight. Such a product is a stream over the weight: its floor is one read of the weight at
 the memory bandwidth. Torch's kernels reach about half of it on these shapes; the C kernel,
 which walks the weight once with the rows held in L1, reaches it
-(benchmarks/projection_shapes.py). It is single-threaded, so `projection.project` uses it
-only where the product runs on one thread: the layers of a decode step
-(--inference-decode-threads 1, the default), and everything when torch has one thread.
+(benchmarks/projection_shapes.py). `projection.project` uses it where a product runs on
+one thread (the layers of a decode step with --inference-decode-threads 1, the default, and
+everything when torch has one thread) and for the heads, whose output rows are split across
+torch's thread count. The layers' products at more threads keep torch's kernels.
 
 It is compiled on first use with the system C compiler ($CC, else `cc`; under a second)
 into the cache folder ($EE_CACHE/kernels), keyed by the source, the flags and the CPU, and
@@ -23,6 +24,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -31,11 +33,15 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 MAX_KERNEL_ROWS = 5  # 1-5 rows: a decode step, or verifying k <= 4 drafts
+# From 4M elements (16 MB in fp32: the LM and exit heads, not a layer's weights) a product
+# is split across torch's thread count by output rows; smaller ones stay on one thread.
+SPLIT_MIN_NUMEL = 1 << 22
 SOURCE = Path(__file__).with_name("csrc") / "rows_gemv.c"
 _BUILD_TIMEOUT_S = 120
 
 _enabled = True
 _fn = None  # the loaded C function; False once it proved unavailable in this process
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (threads, its threads - 1 workers)
 
 
 def set_rows_kernel(enabled: bool) -> None:
@@ -86,7 +92,7 @@ def _load():
     fn = lib.rows_gemv
     fn.restype = None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64]
+    fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64]
     # a miscompiled kernel must not decode: check every row count, with and without bias
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(37, 53, generator=g), torch.randn(37, generator=g)
@@ -113,11 +119,41 @@ def kernel():
     return _fn or None
 
 
-def _call(fn, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _pool(threads: int) -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None or _POOL[0] != threads:
+        if _POOL is not None:
+            _POOL[1].shutdown(wait=False)
+        _POOL = (threads, ThreadPoolExecutor(threads - 1, thread_name_prefix="rows-kernel"))
+    return _POOL[1]
+
+
+def _call(
+    fn, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threads: int = 1
+) -> torch.Tensor:
+    """y = F.linear(x, weight, bias) for x [rows, k] (unit stride along k); with threads > 1
+    the output rows are split into that many slices, one per thread (ctypes releases the
+    GIL), the caller's thread taking the last."""
     rows, k = x.shape
-    y = x.new_empty(rows, weight.shape[0])
-    fn(x.data_ptr(), x.stride(0), weight.data_ptr(), None if bias is None else bias.data_ptr(),
-       y.data_ptr(), rows, weight.shape[0], k)  # fmt: skip
+    n = weight.shape[0]
+    y = x.new_empty(rows, n)
+    xp, wp, yp = x.data_ptr(), weight.data_ptr(), y.data_ptr()
+    bp = None if bias is None else bias.data_ptr()
+    size = x.element_size()
+
+    def part(o: int, m: int) -> None:
+        b = None if bp is None else bp + size * o
+        fn(xp, x.stride(0), wp + size * o * k, b, yp + size * o, n, rows, m, k)
+
+    step = -(-n // max(1, threads))
+    starts = list(range(0, n, step))
+    if len(starts) <= 1:
+        part(0, n)
+        return y
+    done = [_pool(threads).submit(part, o, step) for o in starts[:-1]]
+    part(starts[-1], n - starts[-1])
+    for f in done:
+        f.result()
     return y
 
 
@@ -133,7 +169,7 @@ def applies(rows: int, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         and weight.dim() == 2
         and weight.is_contiguous()
         and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
-        and torch.get_num_threads() == 1
+        and (torch.get_num_threads() == 1 or weight.numel() >= SPLIT_MIN_NUMEL)
         and not (torch.is_grad_enabled() and (weight.requires_grad or h.requires_grad))
         and not torch.compiler.is_compiling()
     )
@@ -147,4 +183,5 @@ def rows_matmul(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     x = h.reshape(-1, h.shape[-1])
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return _call(fn, x, weight, bias).view(*h.shape[:-1], weight.shape[0])
+    threads = torch.get_num_threads() if weight.numel() >= SPLIT_MIN_NUMEL else 1
+    return _call(fn, x, weight, bias, threads).view(*h.shape[:-1], weight.shape[0])

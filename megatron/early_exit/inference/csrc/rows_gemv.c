@@ -9,7 +9,8 @@
  * and within fp32 rounding of F.linear.
  *
  * Plain C, no intrinsics: the compiler vectorises the 16-lane loops for the flags it is given
- * (rows_kernel.py picks them from torch's CPU capability).
+ * (rows_kernel.py picks them from torch's CPU capability). Single-threaded: it releases no
+ * lock and keeps no state, so callers may run slices of one product on several threads.
  */
 #include <stdint.h>
 
@@ -34,17 +35,20 @@ static inline __attribute__((always_inline)) void dot_rows(
   }
 }
 
-/* x [rows, k] (row stride ldx), w [n, k] contiguous, y [rows, n] contiguous, bias [n] or NULL. */
+/* x [rows, k] (row stride ldx), w [n, k] contiguous, y [rows, >= n] (row stride ldy), bias
+ * [n] or NULL. A caller splits a large product across threads by output rows: each thread
+ * passes its slice of w, bias and y with the full ldy. (Tiling the columns so that 3-5 rows
+ * of a long x stay in L1 was slower: strided passes over w stream worse than one pass.) */
 void rows_gemv(const float *restrict x, int64_t ldx, const float *restrict w,
-               const float *restrict bias, float *restrict y, int64_t rows, int64_t n,
-               int64_t k) {
+               const float *restrict bias, float *restrict y, int64_t ldy, int64_t rows,
+               int64_t n, int64_t k) {
   for (int64_t o = 0; o < n; ++o) {
     const float *wr = w + o * k;
     const float b = bias ? bias[o] : 0.f;
     int64_t r = 0;
     /* groups of 3, then the remainder as one group of 1 or 2 */
-    for (; r + 3 <= rows; r += 3) dot_rows(wr, x + r * ldx, ldx, y + r * n + o, n, k, b, 3);
-    if (rows - r == 2) dot_rows(wr, x + r * ldx, ldx, y + r * n + o, n, k, b, 2);
-    else if (rows - r == 1) dot_rows(wr, x + r * ldx, ldx, y + r * n + o, n, k, b, 1);
+    for (; r + 3 <= rows; r += 3) dot_rows(wr, x + r * ldx, ldx, y + r * ldy + o, ldy, k, b, 3);
+    if (rows - r == 2) dot_rows(wr, x + r * ldx, ldx, y + r * ldy + o, ldy, k, b, 2);
+    else if (rows - r == 1) dot_rows(wr, x + r * ldx, ldx, y + r * ldy + o, ldy, k, b, 1);
   }
 }
