@@ -689,3 +689,12 @@ def test_compiled_step_equals_eager_step(engine, dtype):
                 torch.testing.assert_close(
                     torch.tensor(ra.logprobs), torch.tensor(rb.logprobs), atol=1e-12, rtol=0
                 )
+
+
+def test_layer_runs_end_where_an_exit_decides_or_the_chunk_changes():
+    from megatron.early_exit.inference.stage import layer_runs
+
+    assert layer_runs(range(1, 9), {3, 5}) == [(1, 3), (4, 5), (6, 8)]
+    assert layer_runs(range(5, 9), {2, 8}) == [(5, 8)]  # layers of other stages are ignored
+    assert layer_runs(range(4, 5), set()) == [(4, 4)]
+    assert layer_runs(range(1, 1), {1}) == []

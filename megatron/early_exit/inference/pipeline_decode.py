@@ -31,6 +31,7 @@ from megatron.early_exit.inference.decode_state import (
     chunk_tokens,
 )
 from megatron.early_exit.inference.sampling import sample
+from megatron.early_exit.inference.stage import layer_runs
 
 _STOP, _STEP = 0, 1
 _COLS = 7
@@ -69,12 +70,13 @@ def _run_local(decoder, st, seqs, active, starts, ends, undecided, steps, ee) ->
                 decoder, seqs, active[r], logits[j], layer, ran_upto, steps
             )
 
-    for layer in st.global_layers:
-        if pre and layer in exits:
-            check(layer, layer - 1)
-        st.run_layer(layer, chunk)
-        if not pre and layer in exits:
-            check(layer, layer)
+    # runs of layers between the layers after which an exit decides share one gather/scatter
+    for first, last in layer_runs(st.global_layers, {e - 1 if pre else e for e in exits}):
+        if pre and first in exits:
+            check(first, first - 1)
+        st.run_layers(first, last, chunk)
+        if not pre and last in exits:
+            check(last, last)
     if st.last:
         rest = [i for i in active if i in undecided and i not in decided]
         if rest:

@@ -161,6 +161,7 @@ def applies(rows: int, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """Whether `rows_matmul` computes this product (cheap checks first: this runs per call)."""
     return (
         _enabled
+        and not torch.compiler.is_compiling()  # first: dynamo cannot trace the calls below
         and _fn is not False
         and rows <= MAX_KERNEL_ROWS
         and weight.device.type == "cpu"
@@ -171,7 +172,6 @@ def applies(rows: int, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
         and (torch.get_num_threads() == 1 or weight.numel() >= SPLIT_MIN_NUMEL)
         and not (torch.is_grad_enabled() and (weight.requires_grad or h.requires_grad))
-        and not torch.compiler.is_compiling()
     )
 
 

@@ -38,6 +38,7 @@ from megatron.early_exit.inference.sampling import (
     generator_for,
     processed_logprobs,
 )
+from megatron.early_exit.inference.stage import layer_runs
 from megatron.early_exit.stage_split import split_of_config
 
 
@@ -73,8 +74,11 @@ def _forward(decoder, st, i, s, from_layer: int, upto: int) -> None:
         start = s.cache_len[first]
         flat = pipe.recv((p - start + 1, st.hbuf.shape[-1]), st.dtype, pipe.stage - 1)
         st.put_flat([i], [start], [p], flat)
-    for layer in range(max(first, from_layer), min(last, upto) + 1):
-        st.run_layer(layer, st.chunk([i], [s.cache_len[layer]], [p]))
+    here = range(max(first, from_layer), min(last, upto) + 1)
+    # consecutive layers that lack the same positions take one chunk: one run_layers call
+    changes = {n for n in here[:-1] if s.cache_len[n + 1] != s.cache_len[n]}
+    for a, b in layer_runs(here, changes):
+        st.run_layers(a, b, st.chunk([i], [s.cache_len[a]], [p]))
     if not st.last and from_layer <= last + 1 <= upto:
         pipe.send(st.get_flat([i], [s.cache_len[last + 1]], [p]), pipe.stage + 1)
     if from_layer == 1:

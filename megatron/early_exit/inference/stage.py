@@ -18,6 +18,19 @@ from megatron.early_exit.inference.projection import decode_threads, project
 from megatron.early_exit.inference.sampling import confidence
 
 
+def layer_runs(layers: range, ends_after: set[int]) -> list[tuple[int, int]]:
+    """`layers` cut into consecutive (first, last) runs, each ending at a layer of
+    `ends_after` (an exit decides there, or the next layer takes another chunk) or at the
+    last layer: each run is one StageState.run_layers call."""
+    runs, first = [], None
+    for layer in layers:
+        first = layer if first is None else first
+        if layer in ends_after or layer == layers[-1]:
+            runs.append((first, layer))
+            first = None
+    return runs
+
+
 def make_chunk(seqs: list[int], starts: list[int], ends: list[int], device) -> Chunk:
     """Rows [start, end] (inclusive) of each sequence, right-padded with the last position.
 
