@@ -38,9 +38,10 @@ def test_kernel_equals_linear(k, bias, one_thread):
     b = torch.randn(300, generator=g) if bias else None
     for rows in range(1, rows_kernel.MAX_KERNEL_ROWS + 1):
         wide = torch.randn(rows, 2 * k, generator=g)
-        for h in (wide[:, :k], wide[:, :k].reshape(1, rows, k).contiguous()):  # strided rows too
-            assert rows_kernel.applies(rows, h, w, b)
-            out = rows_kernel.rows_matmul(h, w, b)
+        # strided rows (2-D: passed as they are; 3-D: copied), and contiguous 3-D rows
+        for h in (wide[:, :k], wide[:, :k].unsqueeze(0), wide[:, :k].unsqueeze(0).contiguous()):
+            assert rows_kernel.plan(rows, h, w, b)
+            out = rows_kernel.linear(h, w, b)
             assert out.shape == (*h.shape[:-1], 300)
             torch.testing.assert_close(out, F.linear(h, w, b), rtol=1e-5, atol=1e-5)
 
@@ -59,8 +60,8 @@ def test_a_product_split_across_threads_equals_linear(bias, monkeypatch):
             torch.set_num_threads(threads)
             for rows in (1, 4):
                 h = torch.randn(rows, 64, generator=g)
-                assert rows_kernel.applies(rows, h, w, b)
-                out = rows_kernel.rows_matmul(h, w, b)
+                assert rows_kernel.plan(rows, h, w, b)
+                out = rows_kernel.linear(h, w, b)
                 torch.testing.assert_close(out, F.linear(h, w, b), rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(before)
@@ -69,22 +70,22 @@ def test_a_product_split_across_threads_equals_linear(bias, monkeypatch):
 def test_project_takes_the_kernel_where_it_applies(one_thread):
     w = torch.randn(64, 32)
     h = torch.randn(2, 32)
-    assert rows_kernel.applies(2, h, w, None)
-    assert not rows_kernel.applies(rows_kernel.MAX_KERNEL_ROWS + 1, h, w, None)
-    assert not rows_kernel.applies(2, h.double(), w.double(), None)
-    assert not rows_kernel.applies(2, h, w.t(), None)  # a non-contiguous weight
+    assert rows_kernel.plan(2, h, w, None)
+    assert not rows_kernel.plan(rows_kernel.MAX_KERNEL_ROWS + 1, h, w, None)
+    assert not rows_kernel.plan(2, h.double(), w.double(), None)
+    assert not rows_kernel.plan(2, h, w.t(), None)  # a non-contiguous weight
     w_grad = w.clone().requires_grad_()
-    assert not rows_kernel.applies(2, h, w_grad, None)  # autograd keeps torch's kernels
+    assert not rows_kernel.plan(2, h, w_grad, None)  # autograd keeps torch's kernels
     with torch.no_grad():
-        assert rows_kernel.applies(2, h, w_grad, None)
+        assert rows_kernel.plan(2, h, w_grad, None)
     torch.set_num_threads(2)
-    assert not rows_kernel.applies(2, h, w, None)  # a layer's product on 2 threads: torch's
+    assert not rows_kernel.plan(2, h, w, None)  # a layer's product on 2 threads: torch's
     head = torch.empty(rows_kernel.SPLIT_MIN_NUMEL // 64, 64)
-    assert rows_kernel.applies(2, h, head, None)  # a head: split across the 2 threads
+    assert rows_kernel.plan(2, h, head, None)  # a head: split across the 2 threads
     rows_kernel.set_rows_kernel(False)
     try:
         torch.set_num_threads(1)
-        assert not rows_kernel.applies(2, h, w, None)  # --no-inference-rows-kernel
+        assert not rows_kernel.plan(2, h, w, None)  # --no-inference-rows-kernel
     finally:
         rows_kernel.set_rows_kernel(True)
 
@@ -99,7 +100,7 @@ def test_without_a_compiler_one_warning_and_torch_kernels(fresh_kernel, monkeypa
     warnings = [r for r in caplog.records if r.name == rows_kernel.__name__]
     assert len(warnings) == 1 and "rows kernel unavailable" in warnings[0].getMessage()
     assert "no-such-compiler" in warnings[0].getMessage()
-    assert not rows_kernel.applies(3, h, w, None)  # not tried again in this process
+    assert not rows_kernel.plan(3, h, w, None)  # not tried again in this process
     torch.testing.assert_close(first, F.linear(h, w))
     torch.testing.assert_close(second, F.linear(h, w))
 

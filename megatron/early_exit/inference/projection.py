@@ -134,10 +134,9 @@ def project(
     `column`: the weight's column-major copy if the caller has it (a compiled step, which
     cannot look it up), else `column_major(weight)` is used."""
     rows = h.numel() // max(1, h.shape[-1])
-    if rows_kernel.applies(rows, h, weight, bias):
-        out = rows_kernel.rows_matmul(h, weight, bias)
-        if out is not None:
-            return out
+    out = rows_kernel.linear(h, weight, bias)
+    if out is not None:
+        return out
     thin = thin_rows(rows, weight)
     if rows <= (MAX_COLUMN_ROWS_THIN if thin else MAX_COLUMN_ROWS):
         wt = column if column is not None else column_major(weight)

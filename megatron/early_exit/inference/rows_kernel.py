@@ -131,25 +131,28 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 def _call(
     fn, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threads: int = 1
 ) -> torch.Tensor:
-    """y = F.linear(x, weight, bias) for x [rows, k] (unit stride along k); with threads > 1
-    the output rows are split into that many slices, one per thread (ctypes releases the
-    GIL), the caller's thread taking the last."""
-    rows, k = x.shape
+    """y = F.linear(x, weight, bias) for x [..., k] whose rows are evenly spaced (a contiguous
+    tensor, or a 2-D one with unit stride along k): y [..., n]. With threads > 1 the output
+    columns are split into that many slices, one per thread (ctypes releases the GIL), the
+    caller's thread taking the last."""
+    k = x.shape[-1]
+    rows = x.numel() // max(1, k)
+    ldx = x.stride(0) if x.dim() == 2 else k
     n = weight.shape[0]
-    y = x.new_empty(rows, n)
+    y = x.new_empty((*x.shape[:-1], n))
     xp, wp, yp = x.data_ptr(), weight.data_ptr(), y.data_ptr()
     bp = None if bias is None else bias.data_ptr()
+    if threads <= 1:
+        fn(xp, ldx, wp, bp, yp, n, rows, n, k)
+        return y
     size = x.element_size()
 
     def part(o: int, m: int) -> None:
         b = None if bp is None else bp + size * o
-        fn(xp, x.stride(0), wp + size * o * k, b, yp + size * o, n, rows, m, k)
+        fn(xp, ldx, wp + size * o * k, b, yp + size * o, n, rows, m, k)
 
-    step = -(-n // max(1, threads))
+    step = -(-n // threads)
     starts = list(range(0, n, step))
-    if len(starts) <= 1:
-        part(0, n)
-        return y
     done = [_pool(threads).submit(part, o, step) for o in starts[:-1]]
     part(starts[-1], n - starts[-1])
     for f in done:
@@ -157,31 +160,39 @@ def _call(
     return y
 
 
-def applies(rows: int, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether `rows_matmul` computes this product (cheap checks first: this runs per call)."""
-    return (
-        _enabled
-        and not torch.compiler.is_compiling()  # first: dynamo cannot trace the calls below
-        and _fn is not False
-        and rows <= MAX_KERNEL_ROWS
-        and weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and h.dtype == torch.float32
-        and weight.dim() == 2
-        and weight.is_contiguous()
-        and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
-        and (torch.get_num_threads() == 1 or weight.numel() >= SPLIT_MIN_NUMEL)
-        and not (torch.is_grad_enabled() and (weight.requires_grad or h.requires_grad))
-    )
+def plan(rows: int, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """The threads the kernel computes this product on; 0 where it does not apply. Cheap
+    checks first: this runs for every product."""
+    if (
+        not _enabled
+        or _fn is False
+        or rows > MAX_KERNEL_ROWS
+        or torch.compiler.is_compiling()  # before the calls below, which dynamo cannot trace
+        or weight.dtype is not torch.float32
+        or h.dtype is not torch.float32
+        or weight.device.type != "cpu"
+        or weight.dim() != 2
+        or not weight.is_contiguous()
+        or (bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()))
+        or (torch.is_grad_enabled() and (weight.requires_grad or h.requires_grad))
+    ):
+        return 0
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return 1
+    return threads if weight.numel() >= SPLIT_MIN_NUMEL else 0  # a layer's product: torch's
 
 
-def rows_matmul(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """F.linear(h, weight, bias) by the C kernel, or None if it is unavailable."""
-    fn = kernel()
+def linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """F.linear(h, weight, bias) by the C kernel where it applies, else None."""
+    k = h.shape[-1]
+    rows = h.numel() // max(1, k)
+    threads = plan(rows, h, weight, bias)
+    if not threads:
+        return None
+    fn = _fn or kernel()
     if fn is None:
         return None
-    x = h.reshape(-1, h.shape[-1])
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    threads = torch.get_num_threads() if weight.numel() >= SPLIT_MIN_NUMEL else 1
-    return _call(fn, x, weight, bias, threads).view(*h.shape[:-1], weight.shape[0])
+    if not (h.is_contiguous() or (h.dim() == 2 and h.stride(-1) == 1)):
+        h = h.contiguous()
+    return _call(fn, h, weight, bias, threads)
