@@ -332,9 +332,9 @@ def write_md(path: str, res: dict) -> None:
                          f"{x['ratio_hi']:.2f}] |")  # fmt: skip
     if res.get("floor"):
         lines += ["", "## The memory-bandwidth ceiling", "",
-                  "Each token reads the decoder's weights and the LM head once: the median "
-                  "one-row product with a column-major buffer of their size is the floor per "
-                  "token. "
+                  "Each token reads the decoder's weights and the LM head once: one row "
+                  "times a buffer of their size (median of 7, the faster of torch's "
+                  "column-major read and the C rows kernel) is the floor per token. "
                   "Ceiling = transformers' time per prompt / (our prefill + new tokens x floor).",
                   "", "| threads | weights MB | floor ms/token | GB/s | our prefill ms | "
                   "ceiling vs transformers |", "|---|---|---|---|---|---|"]  # fmt: skip
