@@ -105,7 +105,8 @@ def test_engine_heads_through_thin_path_equal_linear(engine, monkeypatch):
 
 def test_engine_through_the_rows_kernel_equals_torch_kernels(engine, monkeypatch):
     """On one thread every 1-5-row product (layers, heads, exits, drafts, 4-row
-    verification) goes to the C kernel: the same tokens and exits as torch's kernels."""
+    verification) goes to the C kernel: the same tokens and exits as torch's kernels, and
+    no column-major copy is made."""
     from tests.unit.test_inference import PROMPTS, _req
 
     modes = [
@@ -119,9 +120,12 @@ def test_engine_through_the_rows_kernel_equals_torch_kernels(engine, monkeypatch
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    monkeypatch.setattr(projection, "MIN_COLUMN_NUMEL", 0)  # copies even of tiny weights
     try:
         rows_kernel.set_rows_kernel(False)
+        projection._COPIES.clear()
         ref = run()
+        assert len(projection._COPIES) > 0  # torch's kernels took column-major copies
         rows_kernel.set_rows_kernel(True)
         calls = []
         linear = rows_kernel.linear
@@ -133,7 +137,9 @@ def test_engine_through_the_rows_kernel_equals_torch_kernels(engine, monkeypatch
             return out
 
         monkeypatch.setattr(rows_kernel, "linear", recording)
+        projection._COPIES.clear()
         got = run()
+        assert len(projection._COPIES) == 0  # the kernel needs no column-major copies
     finally:
         rows_kernel.set_rows_kernel(True)
         torch.set_num_threads(before)

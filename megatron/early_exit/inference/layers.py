@@ -22,6 +22,7 @@ from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_e
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from megatron.core.transformer.identity_op import IdentityOp
 
+from megatron.early_exit.inference import rows_kernel
 from megatron.early_exit.inference.projection import MAX_COLUMN_ROWS, column_major, project
 
 
@@ -417,7 +418,12 @@ def lean_layer_forward(
     args = (cos, sin, cache.k, cache.v, *chunk.step_index(), chunk.attention_mask_or_none())
     steps = _STEPS.get()
     w = p.w
-    if hidden.shape[0] * hidden.shape[1] <= MAX_COLUMN_ROWS:
+    rows = hidden.shape[0] * hidden.shape[1]
+    # an eager step whose products the C rows kernel takes needs no column-major copies
+    # (nor their memory: about 280 MB for SmolLM2-135M's layers)
+    if rows <= MAX_COLUMN_ROWS and not (
+        steps is _EAGER and rows_kernel.plan(rows, hidden, w.qkv_w, w.qkv_b)
+    ):
         w = w._replace(qkv_t=column_major(w.qkv_w), fc1_t=column_major(w.fc1_w))
     if p.tp == 1:
         return steps.layer(p.cfg, w, hidden, *args)
