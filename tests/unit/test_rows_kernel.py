@@ -122,3 +122,19 @@ def test_a_built_kernel_is_reused_from_the_cache(fresh_kernel, monkeypatch, one_
     monkeypatch.setattr(rows_kernel, "_fn", None)  # a new process
     monkeypatch.setattr(rows_kernel.subprocess, "run", None)  # a build would raise TypeError
     assert rows_kernel.kernel() is not None and lib.stat().st_mtime_ns == stamp
+
+
+def test_a_compiled_graph_calls_the_kernel_as_an_op(one_thread, monkeypatch):
+    """dynamo cannot trace the ctypes call: a compiled projection calls the kernel through
+    the `ee_megatron::rows_linear` op (backend "eager": no C++ build in this fast test)."""
+    assert rows_kernel.kernel() is not None
+    calls = []
+    linear = rows_kernel.linear
+    monkeypatch.setattr(rows_kernel, "linear", lambda *a: calls.append(a[0].shape) or linear(*a))
+    torch._dynamo.reset()
+    f = torch.compile(projection.project, backend="eager", fullgraph=True)
+    w, b = torch.randn(40, 16), torch.randn(40)
+    for rows in (1, 3):
+        h = torch.randn(1, rows, 16)
+        torch.testing.assert_close(f(h, w, b), F.linear(h, w, b), rtol=1e-5, atol=1e-5)
+    assert calls == [(1, 1, 16), (1, 3, 16)]

@@ -484,6 +484,7 @@ class _StepRegistry:
             if self.failed is None:
                 try:
                     if compiled is None:
+                        rows_kernel.kernel()  # loaded before tracing: graphs call it (in_graph)
                         # One graph per (StepConfig, mask/RoPE/bias presence): a process with
                         # several models (tests, exit blocks) needs more than dynamo's default 8.
                         limit = torch._dynamo.config.recompile_limit

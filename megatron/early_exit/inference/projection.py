@@ -18,8 +18,7 @@ W stored [out, in] falls short of that in two ways:
 1-5 fp32 rows go to a small C kernel instead (rows_kernel.py) where the product runs on one
 thread (a decode step's layers) or is a head (split across the threads): it streams the
 weight at the memory bandwidth for each of those row counts. The rules above serve where it
-does not apply (a layer at more threads, more rows, other dtypes, no C compiler, compiled
-steps).
+does not apply (a layer at more threads, more rows, other dtypes, no C compiler).
 All kernels compute the same dot products: fp32 results within 1e-5 of F.linear.
 
 Threads: a token's layer products (1-8 rows times weights of 1-7 MB) are too small to split
@@ -134,9 +133,13 @@ def project(
     `column`: the weight's column-major copy if the caller has it (a compiled step, which
     cannot look it up), else `column_major(weight)` is used."""
     rows = h.numel() // max(1, h.shape[-1])
-    out = rows_kernel.linear(h, weight, bias)
-    if out is not None:
-        return out
+    if torch.compiler.is_compiling():
+        if rows_kernel.in_graph(rows, h, weight):
+            return torch.ops.ee_megatron.rows_linear(h, weight, bias)
+    else:
+        out = rows_kernel.linear(h, weight, bias)
+        if out is not None:
+            return out
     thin = thin_rows(rows, weight)
     if rows <= (MAX_COLUMN_ROWS_THIN if thin else MAX_COLUMN_ROWS):
         wt = column if column is not None else column_major(weight)

@@ -13,6 +13,7 @@ It is compiled on first use with the system C compiler ($CC, else `cc`; under a 
 into the cache folder ($EE_CACHE/kernels), keyed by the source, the flags and the CPU, and
 checked against F.linear once per process. Without a compiler, or if the build or the check
 fails, one warning says why and torch's kernels are used: the same products, a little slower.
+Compiled steps call it through the custom op `rows_linear` (dynamo cannot trace ctypes).
 """
 
 from __future__ import annotations
@@ -196,3 +197,30 @@ def linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not (h.is_contiguous() or (h.dim() == 2 and h.stride(-1) == 1)):
         h = h.contiguous()
     return _call(fn, h, weight, bias, threads)
+
+
+@torch.library.custom_op("ee_megatron::rows_linear", mutates_args=(), device_types="cpu")
+def rows_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel as an op a compiled graph can call (dynamo cannot trace the ctypes call).
+    It decides at run time like `linear`, with F.linear where the kernel does not apply."""
+    out = linear(h, weight, bias)
+    return F.linear(h, weight, bias) if out is None else out
+
+
+@rows_linear.register_fake
+def _(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return h.new_empty((*h.shape[:-1], weight.shape[0]))
+
+
+def in_graph(rows, h: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a compiled graph calls `rows_linear` for this product: only checks dynamo can
+    trace (the kernel must have been loaded before compiling: `kernel()`)."""
+    return (
+        _enabled
+        and _fn is not None
+        and _fn is not False
+        and rows <= MAX_KERNEL_ROWS
+        and weight.dtype == torch.float32
+        and h.dtype == torch.float32
+        and weight.device.type == "cpu"
+    )
