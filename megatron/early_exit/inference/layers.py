@@ -409,6 +409,15 @@ def _layer_step(c: StepConfig, w: StepWeights, hidden: torch.Tensor, *attn_args)
     return _finish(w, hidden, mlp)
 
 
+def _kernel_takes(steps, rows: int, hidden: torch.Tensor, w: StepWeights) -> bool:
+    """Whether the C rows kernel computes this step's products: then it needs no column-major
+    copies (nor their memory: about 280 MB for SmolLM2-135M's layers)."""
+    if steps is _EAGER:
+        return bool(rows_kernel.plan(rows, hidden, w.qkv_w, w.qkv_b))
+    rows_kernel.kernel()  # compiled graphs call it when it is loaded (in_graph)
+    return rows_kernel.in_graph(rows, hidden, w.qkv_w)
+
+
 def lean_layer_forward(
     p: LeanLayer, hidden: torch.Tensor, chunk: Chunk, cache: KVCache, freqs
 ) -> torch.Tensor:
@@ -419,11 +428,7 @@ def lean_layer_forward(
     steps = _STEPS.get()
     w = p.w
     rows = hidden.shape[0] * hidden.shape[1]
-    # an eager step whose products the C rows kernel takes needs no column-major copies
-    # (nor their memory: about 280 MB for SmolLM2-135M's layers)
-    if rows <= MAX_COLUMN_ROWS and not (
-        steps is _EAGER and rows_kernel.plan(rows, hidden, w.qkv_w, w.qkv_b)
-    ):
+    if rows <= MAX_COLUMN_ROWS and not _kernel_takes(steps, rows, hidden, w):
         w = w._replace(qkv_t=column_major(w.qkv_w), fc1_t=column_major(w.fc1_w))
     if p.tp == 1:
         return steps.layer(p.cfg, w, hidden, *args)
