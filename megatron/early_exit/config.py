@@ -705,7 +705,8 @@ class InferenceConfig:
         True,
         name="--no-inference-column-major-copies",
         help="do not keep column-major copies of wide CPU weights (LM/exit heads, QKV, "
-        "gate-up) for 1-3-row products: saves their memory, decodes slower on MKL CPUs",
+        "gate-up) for 1-3-row products where the C rows kernel does not serve them: saves "
+        "their memory, decodes slower on MKL CPUs",
     )
     inference_rows_kernel: bool = flag(
         True,
