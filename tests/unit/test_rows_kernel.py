@@ -44,6 +44,11 @@ def test_kernel_equals_linear(k, bias, one_thread):
             out = rows_kernel.linear(h, w, b)
             assert out.shape == (*h.shape[:-1], 300)
             torch.testing.assert_close(out, F.linear(h, w, b), rtol=1e-5, atol=1e-5)
+            # a row's result does not depend on the rows computed with it (bitwise)
+            assert torch.equal(
+                out.reshape(rows, -1)[-1],
+                rows_kernel.linear(h[..., -1:, :], w, b)[..., 0, :].reshape(-1),
+            )
 
 
 @pytest.mark.parametrize("bias", [False, True])
