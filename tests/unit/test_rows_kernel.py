@@ -85,7 +85,7 @@ def test_project_takes_the_kernel_where_it_applies(one_thread):
         assert rows_kernel.plan(2, h, w_grad, None)
     torch.set_num_threads(2)
     assert not rows_kernel.plan(2, h, w, None)  # a layer's product on 2 threads: torch's
-    head = torch.empty(rows_kernel.SPLIT_MIN_NUMEL // 64, 64)
+    head = torch.empty(rows_kernel.SPLIT_MIN_NUMEL // 32, 32)
     assert rows_kernel.plan(2, h, head, None)  # a head: split across the 2 threads
     rows_kernel.set_rows_kernel(False)
     try:
@@ -135,7 +135,14 @@ def test_a_compiled_graph_calls_the_kernel_as_an_op(one_thread, monkeypatch):
     assert rows_kernel.kernel() is not None
     calls = []
     linear = rows_kernel.linear
-    monkeypatch.setattr(rows_kernel, "linear", lambda *a: calls.append(a[0].shape) or linear(*a))
+
+    def recording(h, *args):
+        out = linear(h, *args)
+        if out is not None:  # the kernel computed it (None: the op fell back to F.linear)
+            calls.append(h.shape)
+        return out
+
+    monkeypatch.setattr(rows_kernel, "linear", recording)
     torch._dynamo.reset()
     f = torch.compile(projection.project, backend="eager", fullgraph=True)
     w, b = torch.randn(40, 16), torch.randn(40)
@@ -143,3 +150,87 @@ def test_a_compiled_graph_calls_the_kernel_as_an_op(one_thread, monkeypatch):
         h = torch.randn(1, rows, 16)
         torch.testing.assert_close(f(h, w, b), F.linear(h, w, b), rtol=1e-5, atol=1e-5)
     assert calls == [(1, 1, 16), (1, 3, 16)]
+
+
+def test_inputs_the_kernel_cannot_take_go_to_torch(one_thread):
+    """Wrong inner size, a bias that is short or would broadcast, a trainable bias, an input
+    off the CPU, no columns: the kernel declines, so F.linear raises or answers as usual."""
+    assert rows_kernel.kernel() is not None
+    w, h = torch.randn(7, 16), torch.randn(2, 16)
+    declined = [
+        (h, torch.randn(7, 8), None),
+        (h, w, torch.randn(3)),
+        (h, w, torch.randn(1)),
+        (h, w, torch.tensor(0.5)),
+        (h, w, torch.randn(7, requires_grad=True)),
+        (h.to("meta"), w, None),
+        (torch.randn(3, 0), torch.randn(7, 0), torch.randn(7)),
+    ]
+    for x, weight, bias in declined:
+        assert not rows_kernel.plan(2, x, weight, bias)
+        assert rows_kernel.linear(x, weight, bias) is None
+    with pytest.raises(RuntimeError):
+        projection.project(h, torch.randn(7, 8))
+    torch.testing.assert_close(
+        projection.project(h, w, torch.randn(1).fill_(2.0)), F.linear(h, w) + 2
+    )
+    empty = projection.project(torch.randn(3, 0), torch.randn(7, 0), torch.ones(7))
+    assert torch.equal(empty, torch.ones(3, 7))
+    with torch.enable_grad():
+        b = torch.zeros(7, requires_grad=True)
+        projection.project(h, w, b).sum().backward()
+    assert torch.equal(b.grad, torch.full((7,), 2.0))
+
+
+def test_a_failure_while_split_waits_for_every_slice(monkeypatch):
+    """An error while the slices are handed out propagates only after the slices already
+    running have finished (they write into the output, read the input)."""
+    monkeypatch.setattr(rows_kernel, "SPLIT_MIN_NUMEL", 0)
+    assert rows_kernel.kernel() is not None
+    pool = rows_kernel._pool(3)
+    submitted = []
+
+    class Failing:
+        def submit(self, fn, *args):
+            if submitted:
+                raise RuntimeError("cannot schedule")
+            submitted.append(pool.submit(fn, *args))
+            return submitted[-1]
+
+    monkeypatch.setattr(rows_kernel, "_pool", lambda threads: Failing())
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with pytest.raises(RuntimeError, match="cannot schedule"):
+            rows_kernel.linear(torch.randn(2, 512), torch.randn(3000, 512))
+    finally:
+        torch.set_num_threads(before)
+    assert submitted and submitted[0].done()
+
+
+def test_callers_on_several_threads_with_different_thread_counts(monkeypatch):
+    """torch's thread count is per Python thread: two callers split into 2 and 3 slices at
+    once, on pools of their own, and both get F.linear's answers."""
+    import threading
+
+    monkeypatch.setattr(rows_kernel, "SPLIT_MIN_NUMEL", 0)
+    assert rows_kernel.kernel() is not None
+    g = torch.Generator().manual_seed(2)
+    w, h = torch.randn(301, 64, generator=g), torch.randn(3, 64, generator=g)
+    want = F.linear(h, w)
+    errors = []
+
+    def caller(threads):
+        torch.set_num_threads(threads)
+        for _ in range(200):
+            out = rows_kernel.linear(h, w)
+            if out is None or not torch.allclose(out, want, rtol=1e-5, atol=1e-5):
+                errors.append(threads)
+                return
+
+    workers = [threading.Thread(target=caller, args=(t,)) for t in (2, 3)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert errors == []

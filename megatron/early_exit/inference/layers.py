@@ -422,7 +422,8 @@ def _kernel_takes(steps, rows: int, hidden: torch.Tensor, w: StepWeights) -> boo
     if steps is _EAGER:
         return bool(rows_kernel.plan(rows, hidden, w.qkv_w, w.qkv_b))
     rows_kernel.kernel()  # compiled graphs call it when it is loaded (in_graph)
-    return rows_kernel.in_graph(rows, hidden, w.qkv_w)
+    single = torch.get_num_threads() == 1  # the op computes a layer's product on one thread
+    return single and rows_kernel.in_graph(rows, hidden, w.qkv_w)
 
 
 def lean_layer_forward(

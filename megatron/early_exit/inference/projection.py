@@ -134,7 +134,9 @@ def project(
     cannot look it up), else `column_major(weight)` is used."""
     rows = h.numel() // max(1, h.shape[-1])
     if torch.compiler.is_compiling():
-        if rows_kernel.in_graph(rows, h, weight):
+        # a column-major copy passed in means the step's caller found the kernel would not
+        # serve it (layers._kernel_takes: more than one thread)
+        if column is None and rows_kernel.in_graph(rows, h, weight):
             return torch.ops.ee_megatron.rows_linear(h, weight, bias)
     else:
         out = rows_kernel.linear(h, weight, bias)

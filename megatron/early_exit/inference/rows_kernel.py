@@ -21,11 +21,14 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
+import shlex
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -42,7 +45,8 @@ _BUILD_TIMEOUT_S = 120
 
 _enabled = True
 _fn = None  # the loaded C function; False once it proved unavailable in this process
-_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (threads, its threads - 1 workers)
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
 
 
 def set_rows_kernel(enabled: bool) -> None:
@@ -61,9 +65,9 @@ def _flags() -> list[str]:
 
 def _build(cache: Path) -> Path:
     """Compile the kernel unless a library built from the same source and flags exists."""
-    cc = os.environ.get("CC") or "cc"
+    cc = shlex.split(os.environ.get("CC") or "cc")  # e.g. CC="ccache gcc"
     flags = _flags()
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([*cc, *flags]).encode()).hexdigest()[:16]
     lib = cache / f"rows_gemv-{platform.machine()}-{key}.so"
     if lib.exists():
         return lib
@@ -72,13 +76,15 @@ def _build(cache: Path) -> Path:
     os.close(fd)
     try:
         done = subprocess.run(
-            [cc, *flags, str(SOURCE), "-o", tmp],
+            [*cc, *flags, str(SOURCE), "-o", tmp],
             capture_output=True,
             text=True,
+            errors="replace",
             timeout=_BUILD_TIMEOUT_S,
         )
         if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
+            raise RuntimeError(f"{' '.join(cc)} failed: {done.stderr.strip()[-500:]}")
+        os.chmod(tmp, 0o755)  # mkstemp made it 0600: others sharing the cache load it too
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):
@@ -114,19 +120,20 @@ def kernel():
     if _fn is None:
         try:
             _fn = _load()
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        except (OSError, RuntimeError, ValueError, AttributeError, subprocess.SubprocessError) as e:
             log.warning("rows kernel unavailable (%s); 1-5-row CPU products use torch's kernels", e)
             _fn = False
     return _fn or None
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None or _POOL[0] != threads:
-        if _POOL is not None:
-            _POOL[1].shutdown(wait=False)
-        _POOL = (threads, ThreadPoolExecutor(threads - 1, thread_name_prefix="rows-kernel"))
-    return _POOL[1]
+    """A pool of threads - 1 workers per thread count, never shut down while in use (torch's
+    thread count is per Python thread: two callers may want different pools at once)."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(threads)
+        if pool is None:
+            pool = _POOLS[threads] = ThreadPoolExecutor(threads - 1, thread_name_prefix="rows")
+        return pool
 
 
 def _call(
@@ -154,8 +161,13 @@ def _call(
 
     step = -(-n // threads)
     starts = list(range(0, n, step))
-    done = [_pool(threads).submit(part, o, step) for o in starts[:-1]]
-    part(starts[-1], n - starts[-1])
+    pool, done = _pool(threads), []
+    try:
+        for o in starts[:-1]:
+            done.append(pool.submit(part, o, step))
+        part(starts[-1], n - starts[-1])
+    finally:
+        wait(done)  # never leave a worker writing into y (or reading x) after an error
     for f in done:
         f.result()
     return y
@@ -172,10 +184,26 @@ def plan(rows: int, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         or weight.dtype is not torch.float32
         or h.dtype is not torch.float32
         or weight.device.type != "cpu"
+        or h.device.type != "cpu"
         or weight.dim() != 2
+        or h.dim() == 0
+        or not 0 < h.shape[-1] == weight.shape[1]  # else F.linear raises the shape error
         or not weight.is_contiguous()
-        or (bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()))
-        or (torch.is_grad_enabled() and (weight.requires_grad or h.requires_grad))
+        or (
+            bias is not None
+            and (
+                bias.dtype is not torch.float32
+                or tuple(bias.shape) != (weight.shape[0],)  # F.linear broadcasts others
+                or not bias.is_contiguous()
+                or bias.device.type != "cpu"
+            )
+        )
+        or (
+            torch.is_grad_enabled()
+            and (
+                weight.requires_grad or h.requires_grad or (bias is not None and bias.requires_grad)
+            )
+        )
     ):
         return 0
     threads = torch.get_num_threads()
@@ -186,8 +214,7 @@ def plan(rows: int, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 def linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
     """F.linear(h, weight, bias) by the C kernel where it applies, else None."""
-    k = h.shape[-1]
-    rows = h.numel() // max(1, k)
+    rows = math.prod(h.shape[:-1])
     threads = plan(rows, h, weight, bias)
     if not threads:
         return None

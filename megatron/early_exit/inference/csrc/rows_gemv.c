@@ -1,7 +1,7 @@
-/* y = x @ w^T (+ bias) for a few rows of x: the decode-time product of 1-8 hidden rows with a
+/* y = x @ w^T (+ bias) for a few rows of x: the decode-time product of 1-5 hidden rows with a
  * weight w [n_out, k] stored row-major, as F.linear stores it.
  *
- * Why: at 1-8 rows the product is a stream over w, and BLAS sgemm/sgemv reach about half the
+ * Why: at 1-5 rows the product is a stream over w, and BLAS sgemm/sgemv reach about half the
  * memory bandwidth on such shapes (benchmarks/projection_shapes.py). Walking w once, row by
  * row, with the rows of x held in L1, reaches it. Each output row of w is dotted with up to 3
  * rows of x at a time (more accumulators spill registers); from 4 rows the groups re-read the
