@@ -234,3 +234,32 @@ def test_callers_on_several_threads_with_different_thread_counts(monkeypatch):
     for t in workers:
         t.join()
     assert errors == []
+
+
+def test_a_forked_child_splits_on_pools_of_its_own(monkeypatch):
+    """The parent's pool workers do not exist in a forked child (they would never run its
+    slices): the child makes its own pools."""
+    import multiprocessing as mp
+
+    monkeypatch.setattr(rows_kernel, "SPLIT_MIN_NUMEL", 0)
+    assert rows_kernel.kernel() is not None
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w, h = torch.randn(301, 64), torch.randn(2, 64)
+        assert rows_kernel.linear(h, w) is not None  # the parent's pool for 2 threads exists
+        ctx = mp.get_context("fork")
+        child = ctx.Process(target=_split_once, args=(h, w))
+        child.start()
+        child.join(timeout=60)
+        if child.is_alive():
+            child.kill()
+        assert child.exitcode == 0
+    finally:
+        torch.set_num_threads(before)
+
+
+def _split_once(h, w):
+    torch.set_num_threads(2)
+    out = rows_kernel.linear(h, w)
+    raise SystemExit(0 if out is not None and torch.allclose(out, F.linear(h, w), atol=1e-5) else 1)

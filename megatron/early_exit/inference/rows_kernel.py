@@ -49,6 +49,16 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
 
+def _forget_pools_after_fork() -> None:
+    """A forked child has none of the parent's worker threads: its first split must not wait
+    on them (nor on a lock the parent held at the fork)."""
+    global _POOLS, _POOLS_LOCK
+    _POOLS, _POOLS_LOCK = {}, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools_after_fork)
+
+
 def set_rows_kernel(enabled: bool) -> None:
     """Whether 1-5-row CPU products may use the C kernel (--no-inference-rows-kernel)."""
     global _enabled
