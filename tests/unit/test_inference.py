@@ -698,20 +698,3 @@ def test_layer_runs_end_where_an_exit_decides_or_the_chunk_changes():
     assert layer_runs(range(5, 9), {2, 8}) == [(5, 8)]  # layers of other stages are ignored
     assert layer_runs(range(4, 5), set()) == [(4, 4)]
     assert layer_runs(range(1, 1), {1}) == []
-
-
-@pytest.mark.parametrize("rotary", [64, 32], ids=["full", "partial"])
-def test_rope_with_rolled_halves_equals_the_textbook_rotation(rotary):
-    """_rope computes x * cos + (-x2, x1) * sin as x * cos + roll(x) * sin_rot: the same
-    products (a sign flip is exact), so bitwise equal; partial rotary keeps the rest."""
-    from megatron.early_exit.inference.layers import _rope
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 2, 4, 5, 64, generator=g)
-    f = torch.randn(3, 2, 1, 1, rotary, generator=g)
-    cos, sin = f.cos(), f.sin()
-    sin_rot = torch.cat((-sin[..., : rotary // 2], sin[..., rotary // 2 :]), dim=-1)
-    r = x[..., :rotary]
-    x1, x2 = r.chunk(2, dim=-1)
-    want = torch.cat((r * cos + torch.cat((-x2, x1), dim=-1) * sin, x[..., rotary:]), dim=-1)
-    assert torch.equal(_rope(x, cos, sin_rot), want)

@@ -91,16 +91,11 @@ class Chunk:
         return self._cache["step"]
 
     def rope(self, freqs: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin_rot [n, b, 1, 1, d] of the chunk's positions, shared by every layer:
-        sin_rot is sin with its first half negated, so that the rotation is
-        x * cos + roll(x, d / 2) * sin_rot (`_rope`)."""
+        """cos, sin [n, b, 1, d] of the chunk's positions, shared by every layer."""
         key = ("rope", dtype)
         if key not in self._cache:
             f = freqs[self.pos.t()]
-            sin = torch.sin(f)
-            half = sin.shape[-1] // 2
-            sin_rot = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-            self._cache[key] = (torch.cos(f).to(dtype).unsqueeze(2), sin_rot.to(dtype).unsqueeze(2))
+            self._cache[key] = (torch.cos(f).to(dtype), torch.sin(f).to(dtype))
         return self._cache[key]
 
 
@@ -320,15 +315,13 @@ def _norm(c: StepConfig, x: torch.Tensor, w, b, eps) -> torch.Tensor:
     return F.layer_norm(x, c.norm_shape, w, b, eps)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin_rot: torch.Tensor) -> torch.Tensor:
-    """Non-interleaved rotary embedding on the first cos.shape[-1] channels of x: with x's
-    halves (x1, x2), x * cos + (-x2, x1) * sin, computed as x * cos + (x2, x1) * sin_rot
-    (Chunk.rope; the same products, as a sign flip is exact, in fewer ops)."""
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved rotary embedding on the first cos.shape[-1] channels of x."""
     d = cos.shape[-1]
-    if x.shape[-1] == d:
-        return x * cos + x.roll(d // 2, dims=-1) * sin_rot
-    r = x[..., :d]
-    return torch.cat((r * cos + r.roll(d // 2, dims=-1) * sin_rot, x[..., d:]), dim=-1)
+    r, rest = x[..., :d], x[..., d:]
+    x1, x2 = r.chunk(2, dim=-1)
+    out = r * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
 
 
 # The step is split at the two tensor-parallel reductions (row-parallel outputs are summed
@@ -364,7 +357,7 @@ def _attn_part(
     mixed = project(x, w.qkv_w, w.qkv_b, w.qkv_t).view(n, b, g, per + 2, d)
     qk, v = mixed[:, :, :, : per + 1], mixed[:, :, :, per + 1]  # a group's heads, then K, V
     if cos is not None:  # one RoPE call for the queries and keys of every group
-        qk = _rope(qk, cos, sin)
+        qk = _rope(qk, cos.unsqueeze(2), sin.unsqueeze(2))
     q, k = qk[:, :, :, :per].reshape(n, b, c.heads, d), qk[:, :, :, per]
     if w_rows is None:  # [n, b, g, d] -> [b * n, g, d] in (b, j) order
         k_new, v_new = k.transpose(0, 1).reshape(-1, g, d), v.transpose(0, 1).reshape(-1, g, d)
