@@ -8,7 +8,7 @@ botchan.txt (sentencepiece's test text, not the Shakespeare used for tuning), 64
 tokens, EOS ignored. For each thread count the variants (ours eager; at more than one
 thread also ours eager with the decode layers on every thread instead of
 --inference-decode-threads 1; ours eager with --no-inference-rows-kernel, which shows what
-the C kernel for 1-5-row products buys; ours compiled with --compile; transformers, and
+the C kernel for 1-8-row products buys; ours compiled with --compile; transformers, and
 transformers again as a control) are timed in alternation,
 round by round, in a rotating order, so that a load change on the shared machine hits
 every variant; a ratio is taken per round and we report the median with a bootstrap 90%

@@ -191,7 +191,7 @@ def write_md(path: str, meta: dict, res: dict) -> None:
         f"(`uptime`; the machine is shared). {meta['rounds']} rounds, variants timed in "
         "alternation; each figure is the median of per-round values. Row curves: before = "
         "F.linear. Verification: before = F.linear and the column-major copies, without "
-        "W @ x^T or the C rows kernel. after = projection.project (on one thread, 1-5 rows "
+        "W @ x^T or the C rows kernel. after = projection.project (on one thread, 1-8 rows "
         "take the C rows kernel; otherwise column-major copies for 1-3 rows of wide weights, "
         "W @ x^T for 2-8 rows, on weights >= 256k elements). The layers of a decode step or "
         "verification run on one thread (--inference-decode-threads 1), the heads on all.",

@@ -711,7 +711,7 @@ class InferenceConfig:
     inference_rows_kernel: bool = flag(
         True,
         name="--no-inference-rows-kernel",
-        help="do not use the C kernel (compiled on first use with $CC or cc) for 1-5-row "
+        help="do not use the C kernel (compiled on first use with $CC or cc) for 1-8-row "
         "fp32 CPU products on one thread; torch's kernels compute them instead, slower",
     )
     inference_decode_threads: int = flag(

@@ -81,7 +81,7 @@ def test_engine_heads_through_thin_path_equal_linear(engine, monkeypatch):
         return [engine.generate([_req(p, 8, **ee) for p in PROMPTS]) for ee in modes]
 
     ref = run()
-    monkeypatch.setattr(rows_kernel, "_enabled", False)  # the layers' 1-5-row products too
+    monkeypatch.setattr(rows_kernel, "_enabled", False)  # the layers' 1-8-row products too
     monkeypatch.setattr(projection, "MIN_THIN_NUMEL", 0)
     monkeypatch.setattr(projection, "MIN_COLUMN_NUMEL", 0)
     copied = []
@@ -104,9 +104,9 @@ def test_engine_heads_through_thin_path_equal_linear(engine, monkeypatch):
 
 
 def test_engine_through_the_rows_kernel_equals_torch_kernels(engine, monkeypatch):
-    """On one thread every 1-5-row product (layers, heads, exits, drafts, 4-row
-    verification) goes to the C kernel: the same tokens and exits as torch's kernels, and
-    no column-major copy is made."""
+    """On one thread every 1-8-row product (layers, heads, exits, drafts, 4-row
+    verification) and the attention of those rows go to the C kernels: the same tokens and
+    exits as torch's kernels, and no column-major copy is made."""
     from tests.unit.test_inference import PROMPTS, _req
 
     modes = [
@@ -137,6 +137,16 @@ def test_engine_through_the_rows_kernel_equals_torch_kernels(engine, monkeypatch
             return out
 
         monkeypatch.setattr(rows_kernel, "linear", recording)
+        attended = []
+        attention = rows_kernel.attention
+
+        def recording_attention(q, *args):
+            out = attention(q, *args)
+            if out is not None:
+                attended.append(q.shape[0])
+            return out
+
+        monkeypatch.setattr(rows_kernel, "attention", recording_attention)
         projection._COPIES.clear()
         got = run()
         assert len(projection._COPIES) == 0  # the kernel needs no column-major copies
@@ -144,6 +154,7 @@ def test_engine_through_the_rows_kernel_equals_torch_kernels(engine, monkeypatch
         rows_kernel.set_rows_kernel(True)
         torch.set_num_threads(before)
     assert {s.numel() // s[-1] for s in calls} >= {1, 4}  # decode rows and a verification
+    assert set(attended) >= {1, 4}  # the C attention too: decode steps and a verification
     for a_mode, b_mode in zip(ref, got):
         for a, b in zip(a_mode, b_mode):
             assert a.token_ids == b.token_ids and a.exit_layers == b.exit_layers

@@ -1,6 +1,6 @@
-"""The C kernel for 1-5-row fp32 products (inference/rows_kernel.py): equal to F.linear,
-taken only where a product runs on one thread, and a clean fallback (one warning, torch's
-kernels) when it cannot be built or disagrees with F.linear."""
+"""The C kernels for decode-sized work (inference/rows_kernel.py): 1-8-row fp32 products
+equal to F.linear and attention equal to torch's, taken only where they run on one thread,
+and a clean fallback (one warning, torch's kernels) when they cannot be built or disagree."""
 
 import logging
 
@@ -25,14 +25,28 @@ def one_thread():
 def fresh_kernel(monkeypatch, tmp_path):
     """A process that has not loaded the kernel yet, with an empty cache folder."""
     monkeypatch.setattr(rows_kernel, "_fn", None)
+    monkeypatch.setattr(rows_kernel, "_attention_fn", None)
     monkeypatch.setenv("EE_CACHE", str(tmp_path))
     yield tmp_path
 
 
+@pytest.fixture(params=["native", "portable"])
+def body(request, monkeypatch, tmp_path):
+    """The kernel built for this CPU (AVX-512 intrinsics where torch runs AVX512 kernels),
+    and the portable C body that CPUs without AVX-512 get."""
+    if request.param == "portable":
+        flags = rows_kernel._flags
+        monkeypatch.setattr(rows_kernel, "_flags", lambda: [f for f in flags() if f != "-mavx512f"])
+        monkeypatch.setattr(rows_kernel, "_fn", None)
+        monkeypatch.setattr(rows_kernel, "_attention_fn", None)
+        monkeypatch.setenv("EE_CACHE", str(tmp_path))
+    assert rows_kernel.kernel() is not None, "the rows kernel did not build on this machine"
+    yield request.param
+
+
 @pytest.mark.parametrize("k", [53, 576, 1536])  # a ragged tail, SmolLM2's hidden and fc2
 @pytest.mark.parametrize("bias", [False, True])
-def test_kernel_equals_linear(k, bias, one_thread):
-    assert rows_kernel.kernel() is not None, "the rows kernel did not build on this machine"
+def test_kernel_equals_linear(k, bias, body, one_thread):
     g = torch.Generator().manual_seed(k)
     w = torch.randn(300, k, generator=g) / k**0.5
     b = torch.randn(300, generator=g) if bias else None
@@ -49,6 +63,115 @@ def test_kernel_equals_linear(k, bias, one_thread):
                 out.reshape(rows, -1)[-1],
                 rows_kernel.linear(h[..., -1:, :], w, b)[..., 0, :].reshape(-1),
             )
+
+
+def test_more_rows_than_a_pass_take_further_passes(body, one_thread):
+    """The C function itself takes any row count: beyond 8 rows (a pass) it walks w again,
+    each row summed as at one row."""
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(301, 80, generator=g), torch.randn(301, generator=g)
+    h = torch.randn(19, 80, generator=g)
+    out = rows_kernel._call(rows_kernel.kernel(), h, w, b)
+    torch.testing.assert_close(out, F.linear(h, w, b), rtol=1e-5, atol=1e-5)
+    for r in (0, 8, 18):
+        assert torch.equal(out[r], rows_kernel._call(rows_kernel.kernel(), h[r : r + 1], w, b)[0])
+
+
+@pytest.mark.parametrize(
+    ("machine", "capability", "simd"),
+    [
+        ("x86_64", "AVX512", ["-mavx2", "-mfma", "-mavx512f"]),
+        ("x86_64", "AVX2", ["-mavx2", "-mfma"]),
+        ("x86_64", "DEFAULT", []),
+        ("aarch64", "DEFAULT", []),
+    ],
+)
+def test_flags_follow_the_cpu_torch_runs_on(machine, capability, simd, monkeypatch):
+    monkeypatch.setattr(rows_kernel.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    flags = rows_kernel._flags()
+    assert [f for f in flags if f.startswith("-m")] == simd
+
+
+def _attention_case(g, n, b, groups, per, d, length, masked, cache_rows=None, g_pad=0):
+    """q [n, b, heads, d], caches of 5 sequences (groups padded by g_pad channels: strided),
+    cache rows, limits (each position's keys: the last n positions before `length`)."""
+    k, v = torch.randn(2, 5, length + 3, groups, d + g_pad, generator=g)[..., :d]
+    q = torch.randn(n, b, groups * per, d, generator=g)
+    rows = torch.tensor(cache_rows if cache_rows is not None else [4, 1, 2][:b])
+    pos = torch.arange(length - n, length).repeat(b, 1)
+    pos[0] = pos[0] - 2  # sequences at different positions
+    limits = (pos + 1).contiguous() if masked else None
+    return q, k, v, rows, limits
+
+
+@pytest.mark.parametrize(("groups", "per", "d"), [(1, 1, 16), (2, 3, 64), (3, 2, 80)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_equals_torch(groups, per, d, masked, body, one_thread):
+    g = torch.Generator().manual_seed(d + per)
+    fn = rows_kernel._attention_fn
+    took = set()
+    for n in range(1, rows_kernel.MAX_KERNEL_ROWS + 1):
+        for b, length in ((1, 40), (3, 161)):
+            q, k, v, rows, limits = _attention_case(
+                g, n, b, groups, per, d, length, masked, g_pad=8
+            )
+            want = rows_kernel.reference_attention(q, k, v, rows, limits, length, 0.3)
+            out = rows_kernel.attention(q, k, v, rows, limits, length, 0.3)
+            if not fn.takes(n, d):
+                assert out is None
+                continue
+            took.add(n)
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+            # each row alone gives the same values, bitwise (verification = decoding)
+            for j in (0, n - 1):
+                one = rows_kernel.attention(
+                    q[j : j + 1].contiguous(), k, v, rows, None if limits is None else
+                    limits[:, j : j + 1].contiguous(), length, 0.3,
+                )  # fmt: skip
+                assert torch.equal(one[0], out[j])
+    # the AVX-512 body takes 1-8 positions, the portable one decode steps (1)
+    assert took == (set(range(1, 9)) if body == "native" and _avx512() else {1})
+
+
+def _avx512() -> bool:
+    return "-mavx512f" in rows_kernel._flags()
+
+
+def test_attention_declines_what_it_cannot_take(one_thread):
+    assert rows_kernel.kernel() is not None
+    g = torch.Generator().manual_seed(0)
+    q, k, v, rows, limits = _attention_case(g, 2, 2, 2, 2, 32, 20, True)
+    assert rows_kernel.attention(q, k, v, rows, limits, 20, 0.5) is not None
+    declined = [
+        (q.double(), k.double(), v.double(), rows, limits, 20),
+        (q.transpose(0, 1), k, v, rows, limits, 20),  # not contiguous
+        (q, k, v[:, :-1], rows, limits, 20),  # caches of different shapes
+        (q[..., :16].contiguous(), k, v, rows, limits, 20),  # another head size
+        (q[:, :, :3].contiguous(), k, v, rows, limits, 20),  # heads not a multiple of groups
+        (q, k, v, rows, limits, 0),
+        (q, k, v, rows, limits, k.shape[1] + 1),  # longer than the cache
+        (q, k, v, rows.int(), limits, 20),
+        (q, k, v, rows[:1], limits, 20),
+        (q, k, v, rows, limits.t(), 20),
+        (q.to("meta"), k, v, rows, limits, 20),
+        (torch.randn(9, 2, 4, 32), k, v, rows, None, 20),  # more than 8 positions
+    ]
+    for args in declined:
+        assert rows_kernel.attention(*args, 0.5) is None
+    with torch.enable_grad():
+        assert rows_kernel.attention(q.requires_grad_(), k, v, rows, limits, 20, 0.5) is None
+    q = q.detach()
+    torch.set_num_threads(2)
+    assert rows_kernel.attention(q, k, v, rows, limits, 20, 0.5) is None  # torch's threads
+    torch.set_num_threads(1)
+    with pytest.raises(IndexError, match="outside"):
+        rows_kernel.attention(q, k, v, torch.tensor([0, 5]), limits, 20, 0.5)
+    rows_kernel.set_rows_kernel(False)
+    try:
+        assert rows_kernel.attention(q, k, v, rows, limits, 20, 0.5) is None
+    finally:
+        rows_kernel.set_rows_kernel(True)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -103,7 +226,7 @@ def test_without_a_compiler_one_warning_and_torch_kernels(fresh_kernel, monkeypa
         first = projection.project(h, w)
         second = projection.project(h, w)
     warnings = [r for r in caplog.records if r.name == rows_kernel.__name__]
-    assert len(warnings) == 1 and "rows kernel unavailable" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "rows kernels unavailable" in warnings[0].getMessage()
     assert "no-such-compiler" in warnings[0].getMessage()
     assert not rows_kernel.plan(3, h, w, None)  # not tried again in this process
     torch.testing.assert_close(first, F.linear(h, w))
@@ -117,14 +240,26 @@ def test_a_kernel_that_disagrees_with_linear_is_not_used(fresh_kernel, monkeypat
     with caplog.at_level(logging.WARNING, logger=rows_kernel.__name__):
         assert rows_kernel.kernel() is None
     assert "disagrees with F.linear" in caplog.text
-    assert list(fresh_kernel.glob("kernels/rows_gemv-*.so"))  # built and cached, just not used
+    assert list(fresh_kernel.glob("kernels/rows_kernels-*.so"))  # built and cached, just not used
+
+
+def test_an_attention_that_disagrees_with_torch_is_not_used(fresh_kernel, monkeypatch, caplog,
+                                                             one_thread):  # fmt: skip
+    attend = rows_kernel._attend
+    monkeypatch.setattr(rows_kernel, "_attend", lambda *a: attend(*a) + 1e-3)
+    with caplog.at_level(logging.WARNING, logger=rows_kernel.__name__):
+        assert rows_kernel.kernel() is None
+    assert "attention disagrees with torch's" in caplog.text
+    q, k, v, rows, limits = _attention_case(torch.Generator(), 1, 1, 1, 1, 16, 8, False)
+    assert rows_kernel.attention(q, k, v, rows, limits, 8, 0.5) is None
 
 
 def test_a_built_kernel_is_reused_from_the_cache(fresh_kernel, monkeypatch, one_thread):
     assert rows_kernel.kernel() is not None
-    (lib,) = fresh_kernel.glob("kernels/rows_gemv-*.so")
+    (lib,) = fresh_kernel.glob("kernels/rows_kernels-*.so")
     stamp = lib.stat().st_mtime_ns
     monkeypatch.setattr(rows_kernel, "_fn", None)  # a new process
+    monkeypatch.setattr(rows_kernel, "_attention_fn", None)
     monkeypatch.setattr(rows_kernel.subprocess, "run", None)  # a build would raise TypeError
     assert rows_kernel.kernel() is not None and lib.stat().st_mtime_ns == stamp
 

@@ -69,6 +69,14 @@ class Chunk:
             )
         return self.attention_mask() if self._cache["needs_mask"] else None
 
+    def key_limits(self) -> torch.Tensor | None:
+        """[b, n] keys visible to each row (its position + 1), or None where every row sees
+        every cached key: the mask as the C attention takes it (rows_kernel.attention)."""
+        if "limits" not in self._cache:
+            masked = self.attention_mask_or_none() is not None
+            self._cache["limits"] = (self.pos + 1).contiguous() if masked else None
+        return self._cache["limits"]
+
     def rows_slice(self) -> slice | None:
         """The cache rows as a slice when seq_idx is a run of consecutive rows (a view
         instead of an advanced-indexing copy of every layer's cache)."""
@@ -346,11 +354,14 @@ def _attn_part(
     r_start: int,
     length: int,
     mask: torch.Tensor | None,
+    seq_rows: torch.Tensor,
+    limits: torch.Tensor | None,
 ) -> torch.Tensor:
     """Attention half of a layer on hidden [n, b, h]: the output projection before its TP
     sum and bias. K/V of rows (w_seq, w_pos) are written (w_rows: the (b, j) chunk entries
     they come from; None = every entry, row-major); keys [0, length) of the cache rows
-    r_seq (None: the run r_start.. of b rows) are attended, under `mask` [b, 1, n, T]."""
+    r_seq (None: the run r_start.. of b rows) are attended, under `mask` [b, 1, n, T].
+    seq_rows [b] and limits [b, n] say the same for the C attention (Chunk.key_limits)."""
     n, b = hidden.shape[0], hidden.shape[1]
     g, d, per = c.groups, c.head_dim, c.heads // c.groups
     x = _norm(c, hidden, w.ln1_w, w.ln1_b, c.eps1)
@@ -365,20 +376,27 @@ def _attn_part(
         k_new, v_new = k[w_rows[1], w_rows[0]], v[w_rows[1], w_rows[0]]
     k_cache.index_put_((w_seq, w_pos), k_new.to(k_cache.dtype))
     v_cache.index_put_((w_seq, w_pos), v_new.to(v_cache.dtype))
+    scale = c.scale if c.scale is not None else d**-0.5
+    ctx = rows_kernel.attention(q, k_cache, v_cache, seq_rows, limits, length, scale)
+    if ctx is not None:  # a decode step on one thread: [n, b, heads, d]
+        return project(ctx.view(n, b, c.heads * d), w.proj_w)
     if r_seq is None:
         kc, vc = k_cache[r_start : r_start + b, :length], v_cache[r_start : r_start + b, :length]
     else:
         kc, vc = k_cache[r_seq, :length], v_cache[r_seq, :length]
-    # Grouped-query attention as two batched products per KV group: the `per` query heads
-    # of a group and the chunk's n rows share the group's keys (no repeat_interleave).
+    # Grouped-query attention as one fused call per KV group: the `per` query heads of a
+    # group and the chunk's n rows share the group's keys (no repeat_interleave). One SDPA
+    # call instead of product, scale, mask, softmax, product: a third less time at decode.
     qg = q.view(n, b, g, per, d).permute(1, 2, 3, 0, 4).reshape(b, g, per * n, d)
-    scores = torch.matmul(qg, kc.permute(0, 2, 3, 1).to(q.dtype))  # [b, g, per * n, T]
-    scores = scores * (c.scale if c.scale is not None else d**-0.5)
-    if mask is not None:
-        scores = scores.view(b, g, per, n, -1).masked_fill(~mask.view(b, 1, 1, n, -1), -torch.inf)
-        scores = scores.view(b, g, per * n, -1)
-    probs = torch.softmax(scores, dim=-1)
-    ctx = torch.matmul(probs, vc.permute(0, 2, 1, 3).to(q.dtype))  # [b, g, per * n, d]
+    if mask is not None:  # [b, 1, n, T] -> [b, 1, per * n, T], rows in (head, position) order
+        mask = mask.unsqueeze(2).expand(b, 1, per, n, mask.shape[-1]).reshape(b, 1, per * n, -1)
+    ctx = F.scaled_dot_product_attention(
+        qg,
+        kc.permute(0, 2, 1, 3).to(q.dtype),  # [b, g, T, d]
+        vc.permute(0, 2, 1, 3).to(q.dtype),
+        attn_mask=mask,
+        scale=scale,
+    )  # [b, g, per * n, d]
     ctx = ctx.view(b, g, per, n, d).permute(3, 0, 1, 2, 4).reshape(n, b, c.heads * d)
     return project(ctx, w.proj_w)
 
@@ -425,7 +443,10 @@ def lean_layer_forward(
     cos = sin = None
     if freqs is not None:
         cos, sin = chunk.rope(freqs, hidden.dtype)
-    args = (cos, sin, cache.k, cache.v, *chunk.step_index(), chunk.attention_mask_or_none())
+    args = (
+        cos, sin, cache.k, cache.v, *chunk.step_index(), chunk.attention_mask_or_none(),
+        chunk.seq_idx, chunk.key_limits(),
+    )  # fmt: skip
     steps = _STEPS.get()
     w = p.w
     rows = hidden.shape[0] * hidden.shape[1]

@@ -15,10 +15,11 @@ W stored [out, in] falls short of that in two ways:
   keeps 4-8 rows near one weight read; 3 and 7 rows are slow shapes for it too, so they are
   padded to 4 and 8. On such large weights (the heads) the column-major copy takes only 1-2
   rows: at 3 rows the padded W @ x^T is faster.
-1-5 fp32 rows go to a small C kernel instead (rows_kernel.py) where the product runs on one
+1-8 fp32 rows go to a small C kernel instead (rows_kernel.py) where the product runs on one
 thread (a decode step's layers) or is a head (split across the threads): it streams the
-weight at the memory bandwidth for each of those row counts. The rules above serve where it
-does not apply (a layer at more threads, more rows, other dtypes, no C compiler).
+weight at the memory bandwidth at one row, and at 2-8 rows costs 1.1-1.6x that. The rules
+above serve where it does not apply (a layer at more threads, more rows, other dtypes, no
+C compiler).
 All kernels compute the same dot products: fp32 results within 1e-5 of F.linear.
 
 Threads: a token's layer products (1-8 rows times weights of 1-7 MB) are too small to split

@@ -1,19 +1,26 @@
-"""The C kernel for products of 1-5 fp32 rows with a CPU weight (csrc/rows_gemv.c).
+"""C kernels for decode-sized work on the CPU (csrc/rows_kernels.c): products of 1-8 fp32
+rows with a weight, and the attention of 1-8 new positions over their KV cache.
 
-Decoding multiplies one row per sequence, or the k+1 rows a verification checks, by each
-weight. Such a product is a stream over the weight: its floor is one read of the weight at
-the memory bandwidth. Torch's kernels reach about half of it on these shapes; the C kernel,
-which walks the weight once with the rows held in L1, reaches it
-(benchmarks/projection_shapes.py). `projection.project` uses it where a product runs on
-one thread (the layers of a decode step with --inference-decode-threads 1, the default, and
+Products. Decoding multiplies one row per sequence, or the k+1 rows a verification checks,
+by each weight. Such a product is a stream over the weight: its floor is one read of the
+weight at the memory bandwidth. Torch's kernels reach about half of it on these shapes; the
+C kernel, which walks the weight once with the rows held in L1, reaches it at one row, and
+with its own prefetching keeps 2-8 rows at 1.1-1.6x one row
+(benchmarks/projection_shapes.py). `projection.project` uses it where a product runs on one
+thread (the layers of a decode step with --inference-decode-threads 1, the default, and
 everything when torch has one thread) and for the heads, whose output rows are split across
 torch's thread count. The layers' products at more threads keep torch's kernels.
 
-It is compiled on first use with the system C compiler ($CC, else `cc`; under a second)
-into the cache folder ($EE_CACHE/kernels), keyed by the source, the flags and the CPU, and
-checked against F.linear once per process. Without a compiler, or if the build or the check
-fails, one warning says why and torch's kernels are used: the same products, a little slower.
-Compiled steps call it through the custom op `rows_linear` (dynamo cannot trace ctypes).
+Attention. A decode step's attention is a few thousand multiply-adds per layer, for which
+torch's batched products and SDPA spend 50-200 us, mostly outside the arithmetic; the C
+function reads the cache once (`attention`, used by the lean layer step on one thread).
+
+The library is compiled on first use with the system C compiler ($CC, else `cc`; under a
+second) into the cache folder ($EE_CACHE/kernels), keyed by the source, the flags and the
+CPU, and checked against torch once per process. Without a compiler, or if the build or the
+check fails, one warning says why and torch's kernels are used: the same results, slower.
+Compiled steps call the product through the custom op `rows_linear` (dynamo cannot trace
+ctypes).
 """
 
 from __future__ import annotations
@@ -36,15 +43,16 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-MAX_KERNEL_ROWS = 5  # 1-5 rows: a decode step, or verifying k <= 4 drafts
+MAX_KERNEL_ROWS = 8  # a decode step, verifying k <= 7 drafts, or a small decode batch
 # From 4M elements (16 MB in fp32: the LM and exit heads, not a layer's weights) a product
 # is split across torch's thread count by output rows; smaller ones stay on one thread.
 SPLIT_MIN_NUMEL = 1 << 22
-SOURCE = Path(__file__).with_name("csrc") / "rows_gemv.c"
+SOURCE = Path(__file__).with_name("csrc") / "rows_kernels.c"
 _BUILD_TIMEOUT_S = 120
 
 _enabled = True
 _fn = None  # the loaded C function; False once it proved unavailable in this process
+_attention_fn = None  # rows_attention from the same library, loaded with _fn
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
@@ -60,7 +68,7 @@ os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
 def set_rows_kernel(enabled: bool) -> None:
-    """Whether 1-5-row CPU products may use the C kernel (--no-inference-rows-kernel)."""
+    """Whether 1-8-row CPU products may use the C kernel (--no-inference-rows-kernel)."""
     global _enabled
     _enabled = enabled
 
@@ -68,8 +76,11 @@ def set_rows_kernel(enabled: bool) -> None:
 def _flags() -> list[str]:
     flags = ["-O3", "-shared", "-fPIC", "-std=c11", "-fopenmp-simd"]
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    if x86 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    capability = torch.backends.cpu.get_cpu_capability() if x86 else ""
+    if capability in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]  # every CPU torch runs its AVX2 kernels on has both
+    if capability == "AVX512":
+        flags.append("-mavx512f")  # the intrinsics body (csrc/rows_kernels.c)
     return flags
 
 
@@ -78,7 +89,7 @@ def _build(cache: Path) -> Path:
     cc = shlex.split(os.environ.get("CC") or "cc")  # e.g. CC="ccache gcc"
     flags = _flags()
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([*cc, *flags]).encode()).hexdigest()[:16]
-    lib = cache / f"rows_gemv-{platform.machine()}-{key}.so"
+    lib = cache / f"rows_kernels-{platform.machine()}-{key}.so"
     if lib.exists():
         return lib
     cache.mkdir(parents=True, exist_ok=True)
@@ -86,7 +97,7 @@ def _build(cache: Path) -> Path:
     os.close(fd)
     try:
         done = subprocess.run(
-            [*cc, *flags, str(SOURCE), "-o", tmp],
+            [*cc, *flags, str(SOURCE), "-o", tmp, "-lm"],
             capture_output=True,
             text=True,
             errors="replace",
@@ -103,6 +114,7 @@ def _build(cache: Path) -> Path:
 
 
 def _load():
+    global _attention_fn
     from megatron.early_exit.assets import cache_root
 
     lib = ctypes.CDLL(str(_build(cache_root() / "kernels")))
@@ -110,7 +122,16 @@ def _load():
     fn.restype = None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64]
-    # a miscompiled kernel must not decode: check every row count, with and without bias
+    attn = lib.rows_attention
+    attn.restype = ctypes.c_int
+    attn.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, i64, i64, i64,
+                     ctypes.c_float, ptr, ptr]  # fmt: skip
+    takes = lib.rows_attention_takes
+    takes.restype = ctypes.c_int
+    takes.argtypes = [i64, i64]
+    attn.takes = takes
+    # a miscompiled kernel must not decode: check every row count, with and without bias,
+    # and the attention at each row count it takes, with and without key limits
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(37, 53, generator=g), torch.randn(37, generator=g)
     for rows in range(1, MAX_KERNEL_ROWS + 1):
@@ -119,7 +140,109 @@ def _load():
             got = _call(fn, x, w, bias)
             if not torch.allclose(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5):
                 raise RuntimeError(f"the built kernel disagrees with F.linear at {rows} rows")
+    k, v = torch.randn(2, 2, 40, 2, 32, generator=g)
+    for n in range(1, MAX_KERNEL_ROWS + 1):
+        if not takes(n, 32):
+            continue
+        q = torch.randn(n, 2, 6, 32, generator=g)
+        limits = torch.randint(1, 38, (2, n), generator=g)
+        for lim in (None, limits):
+            got = _attend(attn, q, k, v, torch.tensor([1, 0]), lim, 37, 0.2)
+            want = reference_attention(q, k, v, torch.tensor([1, 0]), lim, 37, 0.2)
+            if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+                raise RuntimeError(f"the built attention disagrees with torch's at {n} rows")
+    _attention_fn = attn
     return fn
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_rows: torch.Tensor,
+    limits: torch.Tensor | None,
+    length: int,
+    scale: float,
+) -> torch.Tensor:
+    """What `attention` computes, in torch ops: q [n, b, heads, d] attends keys [0, limit)
+    (limits [b, n]; None: `length`) of its sequence's cache row, heads grouped over the
+    cache's groups (grouped-query attention)."""
+    n, b, heads, d = q.shape
+    per = heads // k_cache.shape[2]
+    k = k_cache[cache_rows, :length].repeat_interleave(per, dim=2)  # [b, T, heads, d]
+    v = v_cache[cache_rows, :length].repeat_interleave(per, dim=2)
+    scores = torch.einsum("nbhd,bthd->bhnt", q, k) * scale
+    if limits is not None:
+        hidden = torch.arange(length).view(1, 1, 1, -1) >= limits.view(b, 1, n, 1)
+        scores = scores.masked_fill(hidden, -torch.inf)
+    return torch.einsum("bhnt,bthd->nbhd", scores.softmax(-1), v)
+
+
+def _attend(fn, q, k_cache, v_cache, cache_rows, limits, length: int, scale: float):
+    n, b, heads, d = q.shape
+    groups = k_cache.shape[2]
+    out = q.new_empty(q.shape)
+    scratch = q.new_empty(n * heads * (length + 1))
+    s_seq, s_t, s_g = k_cache.stride()[:3]
+    rc = fn(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), s_seq, s_t, s_g,
+        cache_rows.data_ptr(), k_cache.shape[0], None if limits is None else limits.data_ptr(),
+        n, b, groups, heads // groups, d, length, scale, scratch.data_ptr(), out.data_ptr(),
+    )  # fmt: skip
+    if rc != 0:  # the shape was checked (`_attention_takes`): a row outside the cache
+        raise IndexError(f"cache rows {cache_rows.tolist()} outside [0, {k_cache.shape[0]})")
+    return out
+
+
+def _attention_takes(fn, q, k_cache, v_cache, cache_rows, limits, length: int) -> bool:
+    if fn is None or torch.get_num_threads() != 1 or q.dim() != 4 or k_cache.dim() != 4:
+        return False
+    n, b, heads, d = q.shape
+    tensors = (q, k_cache, v_cache)
+    return (
+        all(t.dtype is torch.float32 and t.device.type == "cpu" for t in tensors)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and q.is_contiguous()
+        and k_cache.shape == v_cache.shape
+        and k_cache.stride() == v_cache.stride()
+        and k_cache.stride(3) == 1
+        and k_cache.shape[3] == d
+        and heads % k_cache.shape[2] == 0
+        and 0 < length <= k_cache.shape[1]
+        and cache_rows.dtype is torch.long
+        and tuple(cache_rows.shape) == (b,)
+        and cache_rows.is_contiguous()
+        and (
+            limits is None
+            or (
+                limits.dtype is torch.long
+                and tuple(limits.shape) == (b, n)
+                and limits.is_contiguous()
+            )
+        )
+        and bool(fn.takes(n, d))
+    )
+
+
+def attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_rows: torch.Tensor,
+    limits: torch.Tensor | None,
+    length: int,
+    scale: float,
+) -> torch.Tensor | None:
+    """`reference_attention` by the C kernel where it applies (a decode step on one thread:
+    fp32 CPU tensors, no autograd, 1-8 new positions per sequence), else None. q [n, b,
+    heads, d] contiguous; caches [B, L, groups, d] with unit stride along d."""
+    if not _enabled or _fn is False or torch.compiler.is_compiling():
+        return None
+    if _fn is None and kernel() is None:
+        return None
+    if not _attention_takes(_attention_fn, q, k_cache, v_cache, cache_rows, limits, length):
+        return None
+    return _attend(_attention_fn, q, k_cache, v_cache, cache_rows, limits, length, scale)
 
 
 def kernel():
@@ -131,7 +254,7 @@ def kernel():
         try:
             _fn = _load()
         except (OSError, RuntimeError, ValueError, AttributeError, subprocess.SubprocessError) as e:
-            log.warning("rows kernel unavailable (%s); 1-5-row CPU products use torch's kernels", e)
+            log.warning("rows kernels unavailable (%s); decoding uses torch's kernels", e)
             _fn = False
     return _fn or None
 
