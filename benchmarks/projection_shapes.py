@@ -8,9 +8,11 @@ verification of k drafts costs against one decode step.
 
 Part 1 (no checkpoint needed): F.linear ("before") and projection.project ("after") of k =
 1..8 fp32 rows onto the SmolLM2-135M shapes (LM head 49152x576; qkv 960x576, gate-up
-3072x576, down 576x1536, attention output 576x576), at each thread count. Every round times
-every variant at every k in alternation; the figure is the median over rounds of the
-per-round ratio t(k rows) / t(1 row, F.linear).
+3072x576, down 576x1536, attention output 576x576), at each thread count, each weight
+called repeatedly (it stays in cache); then the four layer shapes of 30 layers in turn, as a
+decode step streams them from memory. Every round times every variant at every k in
+alternation; the figure is the median over rounds of the per-round ratio t(k rows) / t(1
+row, F.linear).
 
 Part 2 (--load, one process, PP=1): with the checkpoint's decode path (StageState), the
 verification of k = 1..4 drafts from each exit (the last draft through 1..e, k+1 positions
@@ -33,6 +35,7 @@ import time
 from megatron.early_exit.cli import add_results_args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+STREAMED = "30 layers' qkv+out+gate_up+down, streamed"
 SHAPES = {
     "lm_head 49152x576": (49152, 576),
     "qkv 960x576": (960, 576),
@@ -91,15 +94,46 @@ def row_curves(threads: int, rounds: int, max_rows: int) -> dict:
             for k, x in xs.items():
                 for v, f in variants.items():
                     t[(v, k)].append(_ms(lambda f=f, x=x: f(x), reps))
-        base = t[("before", 1)]
-        out[name] = {
-            v: {
-                "ms": [statistics.median(t[(v, k)]) for k in xs],
-                "ratio": [statistics.median(a / b for a, b in zip(t[(v, k)], base)) for k in xs],
-            }
-            for v in variants
-        }
+        out[name] = _curves(t, variants, xs)
+    out[STREAMED] = streamed_curve(rounds, max_rows, g)
     return out
+
+
+def _curves(t: dict, variants, ks) -> dict:
+    base = t[("before", 1)]
+    return {
+        v: {
+            "ms": [statistics.median(t[(v, k)]) for k in ks],
+            "ratio": [statistics.median(a / b for a, b in zip(t[(v, k)], base)) for k in ks],
+        }
+        for v in variants
+    }
+
+
+def streamed_curve(rounds: int, max_rows: int, g) -> dict:
+    """The four layer shapes of 30 layers (distinct weights, 420 MB), each projected in
+    turn as a decode step does: the weights stream from memory, unlike the single-shape
+    curves above, whose weight stays in cache (and whose 4-8 rows are compute-bound)."""
+    import torch
+    import torch.nn.functional as F
+
+    from megatron.early_exit.inference.projection import project
+
+    shapes = [SHAPES[s] for s in ("qkv 960x576", "attn_out 576x576", "gate_up 3072x576",
+                                  "down 576x1536")]  # fmt: skip
+    weights = [torch.randn(o, i, generator=g) / i**0.5 for _ in range(30) for o, i in shapes]
+    widths = {w.shape[1] for w in weights}
+    xs = {k: {i: torch.randn(k, i, generator=g) for i in widths} for k in range(1, max_rows + 1)}
+    variants = {
+        "before": lambda x: [F.linear(x[w.shape[1]], w) for w in weights],
+        "after": lambda x: [project(x[w.shape[1]], w) for w in weights],
+    }
+    t = {(v, k): [] for v in variants for k in xs}
+    for _ in range(rounds):
+        for k, x in xs.items():
+            for v, f in variants.items():
+                t[(v, k)].append(_ms(lambda f=f, x=x: f(x), 2))
+    return _curves(t, variants, xs)
 
 
 def verification(args, threads: int) -> dict:

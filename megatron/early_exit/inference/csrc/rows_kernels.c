@@ -1,5 +1,8 @@
-/* y = x @ w^T (+ bias) for a few rows of x: the decode-time product of 1-8 hidden rows with a
- * weight w [n_out, k] stored row-major, as F.linear stores it.
+/* Decode-sized CPU kernels, loaded by rows_kernel.py: rows_gemv (products of a few rows with
+ * a weight) and, further down, rows_attention (a few new positions over their KV cache).
+ *
+ * rows_gemv: y = x @ w^T (+ bias) for a few rows of x: the decode-time product of 1-8 hidden
+ * rows with a weight w [n_out, k] stored row-major, as F.linear stores it.
  *
  * Why: at 1-8 rows the product is a stream over w, and BLAS sgemm/sgemv reach about half the
  * memory bandwidth on such shapes (benchmarks/projection_shapes.py). Walking w once, with the
