@@ -141,11 +141,12 @@ def _avx512() -> bool:
 def test_attention_declines_what_it_cannot_take(one_thread):
     assert rows_kernel.kernel() is not None
     g = torch.Generator().manual_seed(0)
-    q, k, v, rows, limits = _attention_case(g, 2, 2, 2, 2, 32, 20, True)
+    n = 2 if rows_kernel._attention_fn.takes(2, 32) else 1  # the portable body: 1 position
+    q, k, v, rows, limits = _attention_case(g, n, 2, 2, 2, 32, 20, True)
     assert rows_kernel.attention(q, k, v, rows, limits, 20, 0.5) is not None
     declined = [
         (q.double(), k.double(), v.double(), rows, limits, 20),
-        (q.transpose(0, 1), k, v, rows, limits, 20),  # not contiguous
+        (torch.randn(n, 2, 4, 64)[..., :32], k, v, rows, limits, 20),  # q not contiguous
         (q, k, v[:, :-1], rows, limits, 20),  # caches of different shapes
         (q[..., :16].contiguous(), k, v, rows, limits, 20),  # another head size
         (q[:, :, :3].contiguous(), k, v, rows, limits, 20),  # heads not a multiple of groups
@@ -153,8 +154,9 @@ def test_attention_declines_what_it_cannot_take(one_thread):
         (q, k, v, rows, limits, k.shape[1] + 1),  # longer than the cache
         (q, k, v, rows.int(), limits, 20),
         (q, k, v, rows[:1], limits, 20),
-        (q, k, v, rows, limits.t(), 20),
+        (q, k, v, rows, limits.t().contiguous().t(), 20),  # limits not contiguous
         (q.to("meta"), k, v, rows, limits, 20),
+        (q, k, v, rows.to("meta"), limits, 20),
         (torch.randn(9, 2, 4, 32), k, v, rows, None, 20),  # more than 8 positions
     ]
     for args in declined:
@@ -172,6 +174,18 @@ def test_attention_declines_what_it_cannot_take(one_thread):
         assert rows_kernel.attention(q, k, v, rows, limits, 20, 0.5) is None
     finally:
         rows_kernel.set_rows_kernel(True)
+
+
+def test_attention_propagates_nan_like_torch(body, one_thread):
+    """A NaN key or query gives NaN rows, as SDPA does (not a key quietly left out)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v, rows, _ = _attention_case(g, 1, 2, 2, 2, 32, 30, False)
+    k[rows[0], 3, 0, 5] = float("nan")  # a key of group 0 in sequence 0
+    q[0, 1, 2, 0] = float("nan")  # a query head of sequence 1
+    out = rows_kernel.attention(q, k, v, rows, None, 30, 0.5)
+    want = rows_kernel.reference_attention(q, k, v, rows, None, 30, 0.5)
+    assert torch.equal(out.isnan(), want.isnan()) and bool(want.isnan().any())
+    torch.testing.assert_close(out.nan_to_num(), want.nan_to_num(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bias", [False, True])

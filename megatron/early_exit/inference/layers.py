@@ -377,7 +377,8 @@ def _attn_part(
     k_cache.index_put_((w_seq, w_pos), k_new.to(k_cache.dtype))
     v_cache.index_put_((w_seq, w_pos), v_new.to(v_cache.dtype))
     scale = c.scale if c.scale is not None else d**-0.5
-    ctx = rows_kernel.attention(q, k_cache, v_cache, seq_rows, limits, length, scale)
+    # q is a view (not a copy) with one KV group: the C attention takes contiguous rows
+    ctx = rows_kernel.attention(q.contiguous(), k_cache, v_cache, seq_rows, limits, length, scale)
     if ctx is not None:  # a decode step on one thread: [n, b, heads, d]
         return project(ctx.view(n, b, c.heads * d), w.proj_w)
     if r_seq is None:

@@ -133,22 +133,24 @@ def _load():
     # a miscompiled kernel must not decode: check every row count, with and without bias,
     # and the attention at each row count it takes, with and without key limits
     g = torch.Generator().manual_seed(0)
-    w, b = torch.randn(37, 53, generator=g), torch.randn(37, generator=g)
+    cpu = dict(generator=g, dtype=torch.float32, device="cpu")  # whatever the defaults
+    w, b = torch.randn(37, 53, **cpu), torch.randn(37, **cpu)
     for rows in range(1, MAX_KERNEL_ROWS + 1):
-        x = torch.randn(rows, 53, generator=g)
+        x = torch.randn(rows, 53, **cpu)
         for bias in (None, b):
             got = _call(fn, x, w, bias)
             if not torch.allclose(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5):
                 raise RuntimeError(f"the built kernel disagrees with F.linear at {rows} rows")
-    k, v = torch.randn(2, 2, 40, 2, 32, generator=g)
+    k, v = torch.randn(2, 2, 40, 2, 32, **cpu)
+    rows_idx = torch.tensor([1, 0], device="cpu")
     for n in range(1, MAX_KERNEL_ROWS + 1):
         if not takes(n, 32):
             continue
-        q = torch.randn(n, 2, 6, 32, generator=g)
-        limits = torch.randint(1, 38, (2, n), generator=g)
+        q = torch.randn(n, 2, 6, 32, **cpu)
+        limits = torch.randint(1, 38, (2, n), generator=g, device="cpu")
         for lim in (None, limits):
-            got = _attend(attn, q, k, v, torch.tensor([1, 0]), lim, 37, 0.2)
-            want = reference_attention(q, k, v, torch.tensor([1, 0]), lim, 37, 0.2)
+            got = _attend(attn, q, k, v, rows_idx, lim, 37, 0.2)
+            want = reference_attention(q, k, v, rows_idx, lim, 37, 0.2)
             if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
                 raise RuntimeError(f"the built attention disagrees with torch's at {n} rows")
     _attention_fn = attn
@@ -194,6 +196,15 @@ def _attend(fn, q, k_cache, v_cache, cache_rows, limits, length: int, scale: flo
     return out
 
 
+def _index_ok(t: torch.Tensor, shape: tuple) -> bool:
+    return (
+        t.dtype is torch.long
+        and t.device.type == "cpu"
+        and tuple(t.shape) == shape
+        and t.is_contiguous()
+    )
+
+
 def _attention_takes(fn, q, k_cache, v_cache, cache_rows, limits, length: int) -> bool:
     if fn is None or torch.get_num_threads() != 1 or q.dim() != 4 or k_cache.dim() != 4:
         return False
@@ -207,19 +218,11 @@ def _attention_takes(fn, q, k_cache, v_cache, cache_rows, limits, length: int) -
         and k_cache.stride() == v_cache.stride()
         and k_cache.stride(3) == 1
         and k_cache.shape[3] == d
+        and k_cache.shape[2] > 0
         and heads % k_cache.shape[2] == 0
         and 0 < length <= k_cache.shape[1]
-        and cache_rows.dtype is torch.long
-        and tuple(cache_rows.shape) == (b,)
-        and cache_rows.is_contiguous()
-        and (
-            limits is None
-            or (
-                limits.dtype is torch.long
-                and tuple(limits.shape) == (b, n)
-                and limits.is_contiguous()
-            )
-        )
+        and _index_ok(cache_rows, (b,))
+        and (limits is None or _index_ok(limits, (b, n)))
         and bool(fn.takes(n, d))
     )
 

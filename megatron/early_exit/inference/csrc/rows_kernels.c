@@ -171,7 +171,7 @@ void rows_gemv(const float *restrict x, int64_t ldx, const float *restrict w,
 #if defined(__AVX512F__)
 
 static inline __m512 exp_nonpositive16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(EXP_FLOOR));
+  x = _mm512_max_ps(_mm512_set1_ps(EXP_FLOOR), x); /* a NaN (2nd operand) stays NaN */
   const __m512 n = _mm512_roundscale_ps(
       _mm512_fmadd_ps(x, _mm512_set1_ps(LOG2E), _mm512_set1_ps(0.5f)),
       _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
@@ -238,7 +238,8 @@ static inline float exp_nonpositive(float x) {
   p = p * r + EXP_P4;
   p = p * r + EXP_P5;
   p = p * r * r + r + 1.0f;
-  union { int32_t i; float f; } two_n = {.i = ((int32_t)n + 127) << 23};
+  /* a NaN x (NaN n) makes p NaN already: the cast must only stay defined */
+  union { int32_t i; float f; } two_n = {.i = ((n == n ? (int32_t)n : 0) + 127) << 23};
   return p * two_n.f;
 }
 
