@@ -654,13 +654,14 @@ def test_compile_failure_falls_back_to_eager_with_one_log_line(engine, monkeypat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_compiled_step_equals_eager_step(engine, dtype):
+def test_compiled_step_equals_eager_step(engine, dtype, monkeypatch):
     """The torch.compile'd step (inductor) computes the eager step's function: in float64
     the same tokens and logprobs to 1e-12 in every mode, batched with mixed prompt lengths;
     in float32 the same tokens. fp32 logprobs are not compared to a fixed tolerance: the
     fused kernels order the arithmetic differently (measured up to 2.6e-5 on the Llama-style
-    model). Slow: compiling takes a minute."""
-    from megatron.early_exit.inference import layers
+    model). In float32 the graphs call the C attention through its op. Slow: compiling
+    takes a minute."""
+    from megatron.early_exit.inference import layers, rows_kernel
 
     if dtype == torch.float64:
         engine.model.double()
@@ -674,6 +675,11 @@ def test_compiled_step_equals_eager_step(engine, dtype):
 
     try:
         want = [engine.generate(reqs) for reqs in modes()]
+        computed = []  # by the C attention, called from the graphs' decode_attention op
+        attention = rows_kernel.attention
+        monkeypatch.setattr(
+            rows_kernel, "attention", lambda *a: computed.append(attention(*a)) or computed[-1]
+        )
         layers.set_compile_mode("inductor")
         try:
             got = [engine.generate(reqs) for reqs in modes()]
@@ -682,6 +688,7 @@ def test_compiled_step_equals_eager_step(engine, dtype):
             layers.set_compile_mode("none")
     finally:
         engine.model.float()
+    assert any(c is not None for c in computed) == (dtype == torch.float32)
     for a, b in zip(want, got):
         assert [r.token_ids for r in a] == [r.token_ids for r in b]
         if dtype == torch.float64:

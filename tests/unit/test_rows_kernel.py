@@ -301,6 +301,40 @@ def test_a_compiled_graph_calls_the_kernel_as_an_op(one_thread, monkeypatch):
     assert calls == [(1, 1, 16), (1, 3, 16)]
 
 
+def test_a_compiled_graph_calls_the_attention_as_an_op(one_thread, monkeypatch):
+    """The lean step's attention in a compiled graph is the op `ee_megatron::decode_attention`:
+    the C kernel where it takes the rows, torch's SDPA where it declines (here: 2 threads),
+    both equal to torch's attention."""
+    from megatron.early_exit.inference import layers  # noqa: F401  (registers the op)
+
+    assert rows_kernel.kernel() is not None
+    calls = []
+    attention = rows_kernel.attention
+
+    def recording(q, *args):
+        out = attention(q, *args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(rows_kernel, "attention", recording)
+
+    def step(q, k, v, rows, limits, length: int):
+        assert rows_kernel.attention_in_graph(q, k)
+        return torch.ops.ee_megatron.decode_attention(q, k, v, rows, limits, length, 0.3)
+
+    torch._dynamo.reset()
+    f = torch.compile(step, backend="eager", fullgraph=True)
+    g = torch.Generator().manual_seed(4)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for masked in (False, True):
+            q, k, v, rows, limits = _attention_case(g, 1, 2, 2, 2, 32, 25, masked)
+            want = rows_kernel.reference_attention(q, k, v, rows, limits, 25, 0.3)
+            torch.testing.assert_close(f(q, k, v, rows, limits, 25), want, rtol=1e-5, atol=1e-5)
+    torch.set_num_threads(1)
+    assert calls == [True, True, False, False]  # the kernel on one thread, SDPA on two
+
+
 def test_inputs_the_kernel_cannot_take_go_to_torch(one_thread):
     """Wrong inner size, a bias that is short or would broadcast, a trainable bias, an input
     off the CPU, no columns: the kernel declines, so F.linear raises or answers as usual."""

@@ -377,17 +377,33 @@ def _attn_part(
     k_cache.index_put_((w_seq, w_pos), k_new.to(k_cache.dtype))
     v_cache.index_put_((w_seq, w_pos), v_new.to(v_cache.dtype))
     scale = c.scale if c.scale is not None else d**-0.5
-    # q is a view (not a copy) with one KV group: the C attention takes contiguous rows
-    ctx = rows_kernel.attention(q.contiguous(), k_cache, v_cache, seq_rows, limits, length, scale)
-    if ctx is not None:  # a decode step on one thread: [n, b, heads, d]
-        return project(ctx.view(n, b, c.heads * d), w.proj_w)
+    q = q.contiguous()  # a view (not a copy) with one KV group; the C attention takes rows
+    if torch.compiler.is_compiling():  # the kernel as an op (dynamo cannot trace ctypes)
+        if rows_kernel.attention_in_graph(q, k_cache):
+            ctx = torch.ops.ee_megatron.decode_attention(
+                q, k_cache, v_cache, seq_rows, limits, length, scale
+            )
+            return project(ctx.view(n, b, c.heads * d), w.proj_w)
+    else:
+        ctx = rows_kernel.attention(q, k_cache, v_cache, seq_rows, limits, length, scale)
+        if ctx is not None:  # a decode step on one thread: [n, b, heads, d]
+            return project(ctx.view(n, b, c.heads * d), w.proj_w)
     if r_seq is None:
         kc, vc = k_cache[r_start : r_start + b, :length], v_cache[r_start : r_start + b, :length]
     else:
         kc, vc = k_cache[r_seq, :length], v_cache[r_seq, :length]
-    # Grouped-query attention as one fused call per KV group: the `per` query heads of a
-    # group and the chunk's n rows share the group's keys (no repeat_interleave). One SDPA
-    # call instead of product, scale, mask, softmax, product: a third less time at decode.
+    return project(_sdpa(q, kc, vc, mask, scale).reshape(n, b, c.heads * d), w.proj_w)
+
+
+def _sdpa(q, kc, vc, mask, scale: float) -> torch.Tensor:
+    """q [n, b, heads, d] over kc, vc [b, T, groups, d] (each sequence's keys), under mask
+    [b, 1, n, T] (None: every key): [n, b, heads, d]. Grouped-query attention as one fused
+    call per KV group: the `per` query heads of a group and the chunk's n rows share the
+    group's keys (no repeat_interleave); one SDPA call instead of product, scale, mask,
+    softmax, product."""
+    n, b, heads, d = q.shape
+    g = kc.shape[2]
+    per = heads // g
     qg = q.view(n, b, g, per, d).permute(1, 2, 3, 0, 4).reshape(b, g, per * n, d)
     if mask is not None:  # [b, 1, n, T] -> [b, 1, per * n, T], rows in (head, position) order
         mask = mask.unsqueeze(2).expand(b, 1, per, n, mask.shape[-1]).reshape(b, 1, per * n, -1)
@@ -398,8 +414,36 @@ def _attn_part(
         attn_mask=mask,
         scale=scale,
     )  # [b, g, per * n, d]
-    ctx = ctx.view(b, g, per, n, d).permute(3, 0, 1, 2, 4).reshape(n, b, c.heads * d)
-    return project(ctx, w.proj_w)
+    return ctx.view(b, g, per, n, d).permute(3, 0, 1, 2, 4).reshape(n, b, heads, d)
+
+
+@torch.library.custom_op("ee_megatron::decode_attention", mutates_args=(), device_types="cpu")
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_rows: torch.Tensor,
+    limits: torch.Tensor | None,
+    length: int,
+    scale: float,
+) -> torch.Tensor:
+    """The C attention as an op a compiled step can call (rows_kernel.attention_in_graph),
+    deciding at run time like the eager step: torch's SDPA where the kernel declines."""
+    ctx = rows_kernel.attention(q, k_cache, v_cache, seq_rows, limits, length, scale)
+    if ctx is not None:
+        return ctx
+    n, b = q.shape[0], q.shape[1]
+    mask = None
+    if limits is not None:
+        keys = torch.arange(length, device=q.device)
+        mask = (keys.view(1, 1, 1, -1) < limits.view(b, 1, n, 1)).view(b, 1, n, length)
+    out = _sdpa(q, k_cache[seq_rows, :length], v_cache[seq_rows, :length], mask, scale)
+    return out.contiguous()  # the strides the fake (empty_like) promised
+
+
+@decode_attention.register_fake
+def _(q, k_cache, v_cache, seq_rows, limits, length, scale):
+    return torch.empty_like(q)
 
 
 def _mlp_part(

@@ -387,3 +387,19 @@ def in_graph(rows, h: torch.Tensor, weight: torch.Tensor) -> bool:
         and h.dtype == torch.float32
         and weight.device.type == "cpu"
     )
+
+
+def attention_in_graph(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether a compiled graph calls the attention op (layers.decode_attention) for these
+    rows: only checks dynamo can trace (the library must have been loaded before compiling);
+    the op decides the rest at run time, with torch's SDPA where the kernel declines."""
+    return (
+        _enabled
+        and _fn is not None
+        and _fn is not False
+        and _attention_fn is not None
+        and q.shape[0] <= MAX_KERNEL_ROWS
+        and q.dtype == torch.float32
+        and k_cache.dtype == torch.float32
+        and q.device.type == "cpu"
+    )
