@@ -54,10 +54,7 @@ class Chunk:
     def attention_mask(self) -> torch.Tensor:
         """[b, 1, n, T] True where a row may attend (key position <= its position)."""
         if "mask" not in self._cache:
-            keys = torch.arange(self.max_pos + 1, device=self.pos.device)
-            self._cache["mask"] = keys.view(1, 1, 1, -1) <= self.pos.view(
-                self.pos.shape[0], 1, -1, 1
-            )
+            self._cache["mask"] = rows_kernel.visible_keys(self.pos + 1, self.max_pos + 1)
         return self._cache["mask"]
 
     def attention_mask_or_none(self) -> torch.Tensor | None:
@@ -432,11 +429,7 @@ def decode_attention(
     ctx = rows_kernel.attention(q, k_cache, v_cache, seq_rows, limits, length, scale)
     if ctx is not None:
         return ctx
-    n, b = q.shape[0], q.shape[1]
-    mask = None
-    if limits is not None:
-        keys = torch.arange(length, device=q.device)
-        mask = (keys.view(1, 1, 1, -1) < limits.view(b, 1, n, 1)).view(b, 1, n, length)
+    mask = None if limits is None else rows_kernel.visible_keys(limits, length)
     out = _sdpa(q, k_cache[seq_rows, :length], v_cache[seq_rows, :length], mask, scale)
     return out.contiguous()  # the strides the fake (empty_like) promised
 

@@ -130,10 +130,16 @@ def _load():
     takes.restype = ctypes.c_int
     takes.argtypes = [i64, i64]
     attn.takes = takes
-    # a miscompiled kernel must not decode: check every row count, with and without bias,
-    # and the attention at each row count it takes, with and without key limits
-    g = torch.Generator().manual_seed(0)
-    cpu = dict(generator=g, dtype=torch.float32, device="cpu")  # whatever the defaults
+    # a miscompiled kernel must not decode
+    cpu = dict(generator=torch.Generator().manual_seed(0), dtype=torch.float32, device="cpu")
+    _check_products(fn, cpu)
+    _check_attention(attn, cpu)
+    _attention_fn = attn
+    return fn
+
+
+def _check_products(fn, cpu: dict) -> None:
+    """Every row count, with and without bias (cpu: randn arguments, whatever the defaults)."""
     w, b = torch.randn(37, 53, **cpu), torch.randn(37, **cpu)
     for rows in range(1, MAX_KERNEL_ROWS + 1):
         x = torch.randn(rows, 53, **cpu)
@@ -141,10 +147,15 @@ def _load():
             got = _call(fn, x, w, bias)
             if not torch.allclose(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5):
                 raise RuntimeError(f"the built kernel disagrees with F.linear at {rows} rows")
+
+
+def _check_attention(attn, cpu: dict) -> None:
+    """Each row count the attention takes, with and without key limits."""
+    g = cpu["generator"]
     k, v = torch.randn(2, 2, 40, 2, 32, **cpu)
     rows_idx = torch.tensor([1, 0], device="cpu")
     for n in range(1, MAX_KERNEL_ROWS + 1):
-        if not takes(n, 32):
+        if not attn.takes(n, 32):
             continue
         q = torch.randn(n, 2, 6, 32, **cpu)
         limits = torch.randint(1, 38, (2, n), generator=g, device="cpu")
@@ -153,8 +164,14 @@ def _load():
             want = reference_attention(q, k, v, rows_idx, lim, 37, 0.2)
             if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
                 raise RuntimeError(f"the built attention disagrees with torch's at {n} rows")
-    _attention_fn = attn
-    return fn
+
+
+def visible_keys(limits: torch.Tensor, length: int) -> torch.Tensor:
+    """[b, 1, n, length] True where a row may attend a key: key < its limit (limits [b, n],
+    a row's position + 1). The one definition of the decode mask (layers.Chunk too)."""
+    b, n = limits.shape
+    keys = torch.arange(length, device=limits.device)
+    return keys.view(1, 1, 1, -1) < limits.view(b, 1, n, 1)
 
 
 def reference_attention(
@@ -175,8 +192,7 @@ def reference_attention(
     v = v_cache[cache_rows, :length].repeat_interleave(per, dim=2)
     scores = torch.einsum("nbhd,bthd->bhnt", q, k) * scale
     if limits is not None:
-        hidden = torch.arange(length).view(1, 1, 1, -1) >= limits.view(b, 1, n, 1)
-        scores = scores.masked_fill(hidden, -torch.inf)
+        scores = scores.masked_fill(~visible_keys(limits, length), -torch.inf)
     return torch.einsum("bhnt,bthd->nbhd", scores.softmax(-1), v)
 
 
